@@ -1,0 +1,20 @@
+"""The agent's typed configuration, read once and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str
+    node_id: str
+    listen: str = "tcp://127.0.0.1:0"
+    advertise: Optional[str] = None
+    allocated_processors: Optional[int] = None
+    data_dir: Optional[str] = None
+    ready_file: Optional[str] = None
+    worker_restart_budget: int = 3         # restarts allowed per window before a route is failed
+    worker_restart_window_s: float = 60.0
+    stop_grace_s: float = 5.0

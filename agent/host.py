@@ -1,0 +1,152 @@
+"""The model host: one per deployment per node. It loads the TorchScript model once, never runs
+it, and forks allocation workers that share its weights copy-on-write. It talks to its agent
+over stdin/stdout in JSON lines and has no threads of its own (fork-safe):
+
+    agent -> host  {"cmd": "spawn", "worker_id", "identity"} | {"cmd": "kill", "worker_id"} | {"cmd": "exit"}
+    host -> agent  {"event": "loaded", "pid"} | {"event": "failed", "reason"}
+                   {"event": "spawned", "worker_id", "pid"} | {"event": "exited", "worker_id", "pid", "code"}
+
+stdin closing (the agent died) ends the host and its workers; so does the agent's death signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+from common.proc import set_parent_death_signal
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.host")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--priority", default="normal")
+    ap.add_argument("--grace", type=float, default=5.0)
+    args = ap.parse_args(argv)
+
+    set_parent_death_signal(signal.SIGKILL)
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints must not corrupt the protocol
+
+    def emit(**event) -> None:
+        proto.write(json.dumps(event) + "\n")
+        proto.flush()
+
+    try:
+        import torch
+        model = torch.jit.load(args.model, map_location="cpu")
+        model.eval()
+        from agent.worker import worker_main  # imported before forking: shared by every worker
+    except Exception as e:
+        emit(event="failed", reason=f"could not load model: {type(e).__name__}: {e}"[:1000])
+        return 2
+    emit(event="loaded", pid=os.getpid())
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: None)  # the agent ends us with "exit" or stdin EOF
+    workers: dict[int, str] = {}
+    host_pid = os.getpid()
+    stdin = sys.stdin.buffer
+    buf = b""
+
+    def spawn(worker_id: str, identity: str) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.close(wake_r)
+                os.close(wake_w)
+                proto.close()
+                os.close(0)
+                code = worker_main(model, endpoint=args.endpoint, identity=identity.encode(),
+                                   threads=args.threads, low_priority=args.priority == "low",
+                                   parent_pid=host_pid)
+            except BaseException as e:  # noqa: BLE001 - report and leave without unwinding the host
+                print(f"worker {worker_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        workers[pid] = worker_id
+        emit(event="spawned", worker_id=worker_id, pid=pid)
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            wid = workers.pop(pid, None)
+            if wid is not None:
+                emit(event="exited", worker_id=wid, pid=pid, code=os.waitstatus_to_exitcode(status))
+
+    def stop_all() -> None:
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + args.grace
+        while workers and time.monotonic() < deadline:
+            reap()
+            time.sleep(0.01)
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while workers:
+            reap()
+            time.sleep(0.01)
+
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select([stdin, wake_r], [], [])
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                reap()
+            if stdin in ready:
+                chunk = os.read(stdin.fileno(), 65536)
+                if not chunk:
+                    return 0
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    cmd = json.loads(line)
+                    if cmd["cmd"] == "spawn":
+                        spawn(cmd["worker_id"], cmd["identity"])
+                    elif cmd["cmd"] == "kill":
+                        for pid, wid in list(workers.items()):
+                            if wid == cmd["worker_id"]:
+                                try:
+                                    os.kill(pid, signal.SIGKILL if cmd.get("force") else signal.SIGTERM)
+                                except ProcessLookupError:
+                                    pass
+                    elif cmd["cmd"] == "exit":
+                        return 0
+            reap()
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

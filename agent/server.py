@@ -1,0 +1,367 @@
+"""The agent daemon. One thread, one poll loop over:
+
+* a DEALER to the coordinator (register, heartbeats carrying route reports and stats, model
+  chunks; the coordinator pushes ``sync`` with the node's wanted assignments),
+* the inference ROUTER clients send to directly,
+* the worker ROUTER (ipc) its allocation workers connect to,
+* the stdout pipes of its model hosts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket as pysocket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import zmq
+
+from agent.config import AgentConfig
+from agent.modelcache import ModelCache
+from agent.runtime import DeploymentRuntime, Phase
+from common import messages as m
+from common.clock import Clock
+from common.errors import ApiError, BadRequest, NotFound, ServerError
+from common.proc import sd_notify, write_ready_file
+from common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
+                             unpack)
+from common.zmqutil import Timers, bind, make_socket
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or Clock()
+        self.node_id = cfg.node_id
+        self.data_dir = Path(cfg.data_dir or f"./mlfleet-data/agent-{cfg.node_id}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = zmq.Context.instance()
+        self.infer_sock = make_socket(self.ctx, zmq.ROUTER)
+        self.worker_sock = make_socket(self.ctx, zmq.ROUTER)
+        self.coord: zmq.Socket | None = None
+        self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")
+        self.worker_endpoint = f"ipc://{self.run_dir}/workers"
+        self.endpoint = ""
+        self.advertise = ""
+        self.timers = Timers(self.clock.monotonic)
+        self.runtimes: dict[str, DeploymentRuntime] = {}
+        self.routing_versions: dict[str, int] = {}
+        self.pending: dict[int, Callable[[int, dict], None]] = {}
+        self._ids = itertools.count(1)
+        self.registered = False
+        self.last_heard = self.clock.monotonic()
+        self.heartbeat_interval_s = 1.0
+        self.node_timeout_s = 10.0
+        self._running = False
+        self.models = ModelCache(self.data_dir / "models", self._request_chunk)
+        cpus = psutil.cpu_count(logical=True) or 1
+        self.allocated_processors = cfg.allocated_processors or cpus
+        self.poller = zmq.Poller()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def bind(self) -> str:
+        self.endpoint = bind(self.infer_sock, self.cfg.listen)
+        self.advertise = self.cfg.advertise or self.endpoint
+        bind(self.worker_sock, self.worker_endpoint)
+        self._connect_coordinator()
+        log.info("agent [%s] serving inference on %s (advertised %s), %d allocated processors, "
+                 "coordinator %s", self.node_id, self.endpoint, self.advertise,
+                 self.allocated_processors, self.cfg.coordinator)
+        return self.endpoint
+
+    def _connect_coordinator(self) -> None:
+        if self.coord is not None:
+            self.poller.unregister(self.coord)
+            self.coord.close(0)
+        self.coord = make_socket(self.ctx, zmq.DEALER, identity=b"agent/" + self.node_id.encode())
+        self.coord.connect(self.cfg.coordinator)
+        self.poller.register(self.coord, zmq.POLLIN)
+        self.pending.clear()
+        self.registered = False
+        self.last_heard = self.clock.monotonic()
+        self._register()
+
+    def run(self) -> None:
+        if not self.endpoint:
+            self.bind()
+        self.poller.register(self.infer_sock, zmq.POLLIN)
+        self.poller.register(self.worker_sock, zmq.POLLIN)
+        self.timers.every(0.1, self._tick)
+        self.timers.every(self.heartbeat_interval_s, self._heartbeat)
+        self._running = True
+        if self.cfg.ready_file:
+            write_ready_file(self.cfg.ready_file, self.advertise)
+        sd_notify("READY=1")
+        try:
+            while self._running:
+                host_fds = {rt.host_fd(): rt for rt in self.runtimes.values() if rt.host_fd() is not None}
+                for fd in host_fds:
+                    self.poller.register(fd, zmq.POLLIN)
+                try:
+                    events = dict(self.poller.poll(self.timers.timeout_ms(100)))
+                finally:
+                    for fd in host_fds:
+                        self.poller.unregister(fd)
+                if self.coord in events:
+                    self._drain(self.coord, self._on_coordinator)
+                if self.worker_sock in events:
+                    self._drain(self.worker_sock, self._on_worker)
+                if self.infer_sock in events:
+                    self._drain(self.infer_sock, self._on_client)
+                for fd, rt in host_fds.items():
+                    if fd in events:
+                        rt.on_host_readable()
+                self.timers.run_due()
+                self._reap_stopped()
+        finally:
+            self.close()
+
+    def stop(self, *_: Any) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        for rt in self.runtimes.values():
+            rt.kill()
+        for rt in self.runtimes.values():
+            if rt.host is not None:
+                try:
+                    rt.host.wait(self.cfg.stop_grace_s)
+                except Exception:
+                    rt.host.kill()
+                    rt.host.wait()
+        for s in (self.infer_sock, self.worker_sock, self.coord):
+            if s is not None:
+                s.close(0)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("agent [%s] stopped", self.node_id)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:
+                log.exception("failed to handle a message")
+
+    # ---- coordinator ---------------------------------------------------------------------------
+    def _request(self, op: str, body: dict, on_reply: Callable[[int, dict], None] | None = None) -> None:
+        rid = next(self._ids)
+        if on_reply is not None:
+            self.pending[rid] = on_reply
+        try:
+            self.coord.send(encode_request(op, rid, body), zmq.NOBLOCK)
+        except zmq.Again:
+            self.pending.pop(rid, None)
+            log.warning("coordinator queue full; dropped [%s]", op)
+
+    def _request_chunk(self, sha256: str, offset: int, length: int, cb: Callable) -> None:
+        self._request("model_chunk", {"sha256": sha256, "offset": offset, "length": length}, cb)
+
+    def _reports(self) -> list[dict]:
+        return [rt.report() for rt in self.runtimes.values()]
+
+    def _memory(self) -> dict:
+        vm = psutil.virtual_memory()
+        return {"total_bytes": vm.total, "available_bytes": vm.available}
+
+    def _register(self) -> None:
+        self._request("register", m.encode(m.Register(
+            node_id=self.node_id, hostname=pysocket.gethostname(), transport_address=self.advertise,
+            allocated_processors=self.allocated_processors,
+            cpu={"physical": psutil.cpu_count(logical=False) or 1,
+                 "logical": psutil.cpu_count(logical=True) or 1},
+            memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_sync_reply)
+
+    def _heartbeat(self) -> None:
+        if self.clock.monotonic() - self.last_heard > self.node_timeout_s:
+            log.warning("no answer from the coordinator for %.1fs; reconnecting",
+                        self.clock.monotonic() - self.last_heard)
+            self._connect_coordinator()
+            return
+        if self.registered:
+            self._request("heartbeat", m.encode(m.Heartbeat(node_id=self.node_id, memory=self._memory(),
+                                                            deployments=self._reports())),
+                          self._on_sync_reply)
+        else:
+            self._register()
+
+    def _on_coordinator(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            return
+        msg = unpack(frames[0])
+        if not isinstance(msg, dict):
+            return
+        self.last_heard = self.clock.monotonic()
+        if "op" in msg:  # a push
+            op, body = msg.get("op"), msg.get("body") or {}
+            if op == "sync":
+                self._apply_sync(body)
+            elif op == "clear_cache":
+                rt = self.runtimes.get(body.get("deployment_id", ""))
+                if rt:
+                    rt.clear_cache()
+            return
+        cb = self.pending.pop(msg.get("id"), None)
+        if cb is not None:
+            cb(int(msg.get("status", 500)), msg.get("body") or {})
+
+    def _on_sync_reply(self, status: int, body: dict) -> None:
+        if status != 200:
+            log.warning("coordinator answered %s: %s", status, body)
+            return
+        if body.get("reregister"):
+            self.registered = False
+            self._register()
+            return
+        if not self.registered:
+            log.info("agent [%s] registered with the coordinator", self.node_id)
+        self.registered = True
+        self._apply_sync(body)
+
+    def _apply_sync(self, body: dict) -> None:
+        self.heartbeat_interval_s = float(body.get("heartbeat_interval_s", self.heartbeat_interval_s))
+        self.node_timeout_s = float(body.get("node_timeout_s", self.node_timeout_s))
+        wanted: dict[str, m.NodeAssignment] = {}
+        for raw in body.get("assignments", []):
+            try:
+                a = m.decode(m.NodeAssignment, raw, "sync")
+            except ApiError as e:
+                log.error("ignoring a malformed assignment: %s", e.reason)
+                continue
+            wanted[a.deployment_id] = a
+            self.routing_versions[a.deployment_id] = a.routing_version
+        for dep_id, a in wanted.items():
+            rt = self.runtimes.get(dep_id)
+            if rt is None:
+                if a.stopping or a.target_allocations <= 0:
+                    continue
+                self._create(a)
+            else:
+                rt.update(a)
+        for dep_id, rt in list(self.runtimes.items()):
+            if dep_id not in wanted and rt.phase not in (Phase.STOPPED,):
+                log.info("deployment [%s] is no longer wanted on node [%s]; stopping it", dep_id, self.node_id)
+                rt.kill()
+
+    def _create(self, a: m.NodeAssignment) -> None:
+        dep_id = a.deployment_id
+
+        def reply(client: bytes, rid: int, status: int, body: dict) -> None:
+            self._reply_client(client, rid, status, body, rv=self.routing_versions.get(dep_id, 0))
+        rt = DeploymentRuntime(a, node_id=self.node_id, worker_endpoint=self.worker_endpoint,
+                               clock=self.clock, reply=reply, send_worker=self._send_worker,
+                               restart_budget=self.cfg.worker_restart_budget,
+                               restart_window_s=self.cfg.worker_restart_window_s)
+        self.runtimes[a.deployment_id] = rt
+        log.info("deployment [%s] of model [%s] assigned to node [%s]: %d allocations x %d threads",
+                 a.deployment_id, a.model_id, self.node_id, a.target_allocations, a.threads_per_allocation)
+
+        def loaded(path: str | None, error: str | None) -> None:
+            if self.runtimes.get(a.deployment_id) is not rt:
+                return
+            if error:
+                rt.fail(error)
+            else:
+                rt.model_ready(path)
+        self.models.ensure(a.sha256, loaded)
+
+    def _reap_stopped(self) -> None:
+        for dep_id, rt in list(self.runtimes.items()):
+            if rt.phase == Phase.STOPPED and (rt.host is None or rt.host.poll() is not None):
+                if rt.host is not None and rt.host.stdout and not rt.host.stdout.closed:
+                    continue  # wait for the host's pipe to close so its workers are accounted
+                del self.runtimes[dep_id]
+                log.info("deployment [%s] stopped on node [%s]", dep_id, self.node_id)
+                self._heartbeat_now()
+
+    def _heartbeat_now(self) -> None:
+        if self.registered:
+            self._request("heartbeat", m.encode(m.Heartbeat(node_id=self.node_id, memory=self._memory(),
+                                                            deployments=self._reports())),
+                          self._on_sync_reply)
+
+    def _tick(self) -> None:
+        for rt in list(self.runtimes.values()):
+            before = (rt.routing_state(), rt.ready_count())
+            rt.tick()
+            if (rt.routing_state(), rt.ready_count()) != before:
+                self._heartbeat_now()
+
+    # ---- workers -------------------------------------------------------------------------------
+    def _send_worker(self, identity: bytes, msg: dict) -> None:
+        try:
+            self.worker_sock.send_multipart([identity, pack(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("worker %r unreachable: %s", identity, e)
+
+    def _on_worker(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident = frames[0]
+        try:
+            dep_id, _node, wid = ident.decode().split("|")
+        except ValueError:
+            return
+        rt = self.runtimes.get(dep_id)
+        if rt is None:
+            self._send_worker(ident, {"op": "stop"})
+            return
+        before = rt.ready_count()
+        rt.on_worker_message(wid, unpack(frames[1]))
+        if rt.ready_count() != before:
+            self._heartbeat_now()
+
+    # ---- clients -------------------------------------------------------------------------------
+    def _reply_client(self, ident: bytes, rid: int, status: int, body: dict, **extra: Any) -> None:
+        try:
+            self.infer_sock.send_multipart([ident, encode_reply(rid, status, body, **extra)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            log.debug("client %r went away before its answer", ident)
+
+    def _on_client(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        if len(frames) != 2:
+            self._reply_client(ident, 0, 400, BadRequest(
+                f"malformed message: expected 1 frame, got {len(frames) - 1}").to_body())
+            return
+        rid = request_id_of(frames[1])
+        try:
+            req = decode_request(frames[1])
+            if req.op == "ping":
+                self._reply_client(ident, rid, 200, {"node_id": self.node_id})
+                return
+            if req.op != "infer":
+                raise BadRequest(f"unknown op [{req.op[:64]}] on the inference endpoint")
+            msg = m.decode(m.Infer, req.body, "infer")
+            if msg.timeout_ms <= 0:
+                raise BadRequest("[timeout] must be positive")
+            rt = self.runtimes.get(msg.deployment_id)
+            if rt is None:
+                raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "
+                               f"[{self.node_id}]", retryable=True)
+            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0)
+        except ApiError as e:
+            self._reply_client(ident, rid, e.status, e.to_body())
+        except Exception as e:
+            log.exception("inference request %s failed", rid)
+            self._reply_client(ident, rid, 500, ServerError(f"internal error: {e}").to_body())
+
+
+def serve(cfg: AgentConfig) -> None:
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    agent.bind()
+    agent.run()

@@ -1,0 +1,429 @@
+"""The ``mlfleet`` command: the daemons (``up``, ``coordinator``, ``agent``) and the admin CLI.
+
+With ``--format json`` (the default when stdout is not a terminal) stdout holds exactly the
+response body; on an error stdout is empty, the error body is the last line on stderr and the
+exit code is 1 (the server answered with an error) or 3 (no answer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from common.errors import ApiError, NoAnswer
+
+DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
+
+app = typer.Typer(help="mlfleet: deploy TorchScript models across hosts and serve inference.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Store, list and delete model definitions.", no_args_is_help=True)
+deployments_app = typer.Typer(help="Start, update, stop and inspect deployments.", no_args_is_help=True)
+nodes_app = typer.Typer(help="Inspect the agents of the cluster.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(deployments_app, name="deployments")
+app.add_typer(nodes_app, name="nodes")
+
+
+class Format(str, Enum):
+    json = "json"
+    table = "table"
+
+
+CoordOpt = typer.Option(None, "--coordinator", envvar="MLFLEET_COORDINATOR",
+                        help="Coordinator address (default tcp://127.0.0.1:7600).")
+FormatOpt = typer.Option(None, "--format", help="json or table (json when stdout is not a terminal).")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("MLFLEET_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _client(coordinator: Optional[str]):
+    from common.client import Client
+    return Client(coordinator or DEFAULT_COORDINATOR)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _tabulate(body: dict[str, Any]) -> str:
+    if "nodes" in body and isinstance(body["nodes"], dict):
+        rows = [{"node": k, "hostname": v["hostname"], "address": v["transport_address"],
+                 "processors": v["allocated_processors"],
+                 "memory_gb": f'{v["memory"]["total_bytes"] / 2**30:.1f}',
+                 "deployments": ",".join(v["deployments"])} for k, v in body["nodes"].items()]
+        return _table(rows, ["node", "hostname", "address", "processors", "memory_gb", "deployments"])
+    if "trained_model_stats" in body:
+        rows = []
+        for e in body["trained_model_stats"]:
+            d = e["deployment_stats"]
+            a = d["allocation_status"]
+            rows.append({"deployment": d["deployment_id"], "model": d["model_id"], "state": d["state"],
+                         "allocations": f'{a["allocation_count"]}/{a["target_allocation_count"]}',
+                         "inferences": d["inference_count"], "errors": d["error_count"],
+                         "avg_ms": f'{d["average_inference_time_ms"]:.2f}'})
+        return _table(rows, ["deployment", "model", "state", "allocations", "inferences", "errors", "avg_ms"])
+    if "trained_model_configs" in body:
+        rows = [{"model": c["model_id"], "task": c["task"], "bytes": c["model_size_bytes"],
+                 "sha256": c["sha256"][:12]} for c in body["trained_model_configs"]]
+        return _table(rows, ["model", "task", "bytes", "sha256"])
+    return json.dumps(body, indent=2)
+
+
+def _emit(body: dict[str, Any], fmt: Optional[Format]) -> None:
+    from common.protocol import to_jsonable
+    body = to_jsonable(body)
+    use = fmt or (Format.table if sys.stdout.isatty() else Format.json)
+    if use == Format.json:
+        sys.stdout.write(json.dumps(body) + "\n")
+    else:
+        sys.stdout.write(_tabulate(body) + "\n")
+
+
+def _run(fmt: Optional[Format], fn) -> None:
+    try:
+        body = fn()
+    except NoAnswer as e:
+        sys.stderr.write(json.dumps(e.to_body()) + "\n")
+        raise typer.Exit(3)
+    except ApiError as e:
+        sys.stderr.write(json.dumps(e.to_body()) + "\n")
+        raise typer.Exit(1)
+    _emit(body, fmt)
+
+
+# ---- daemons -------------------------------------------------------------------------------------
+
+@app.command()
+def coordinator(
+    listen: str = typer.Option(DEFAULT_COORDINATOR, help="Address to bind (port 0: the OS picks)."),
+    data_dir: Path = typer.Option(Path("./mlfleet-data/coordinator"), help="State and model files."),
+    ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
+    heartbeat_interval: str = typer.Option("1s", help="How often agents report."),
+    node_timeout: str = typer.Option("10s", help="A node silent this long is lost."),
+    adaptive_interval: str = typer.Option("10s", help="Adaptive allocations tick."),
+    scale_up_cooldown: str = typer.Option("5m", help="No scale-down this long after a scale-up."),
+    scale_to_zero_after: str = typer.Option("15m", help="Idle time before scaling to zero (min 0)."),
+) -> None:
+    """Run the coordinator daemon.
+
+    Example: mlfleet coordinator --listen tcp://127.0.0.1:7600 --data-dir /var/lib/mlfleet
+    """
+    from common.units import parse_time
+    from common.zmqutil import is_loopback
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import serve
+    _setup_logging()
+    if not is_loopback(listen):
+        _refuse_without_keys(listen)
+    serve(CoordinatorConfig(
+        listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
+        heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),
+        node_timeout_s=parse_time(node_timeout, "node_timeout"),
+        adaptive_interval_s=parse_time(adaptive_interval, "adaptive_interval"),
+        scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown"),
+        scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after")))
+
+
+def _refuse_without_keys(listen: str) -> None:
+    sys.stderr.write(
+        f"refusing to listen on {listen} without CURVE keys: off loopback every connection must be "
+        "authenticated. Create keys with `mlfleet keys generate NAME --out DIR` and pass "
+        "--curve-secret-key (key support lands with the access-control work; until then bind "
+        "127.0.0.1).\n")
+    raise typer.Exit(2)
+
+
+@app.command()
+def agent(
+    coordinator: str = typer.Option(DEFAULT_COORDINATOR, help="Coordinator address."),
+    node_id: str = typer.Option(..., help="This node's unique id."),
+    listen: str = typer.Option("tcp://127.0.0.1:0", help="Inference endpoint to bind (port 0: the OS picks)."),
+    advertise: Optional[str] = typer.Option(None, help="Address clients are given (default: the bound one)."),
+    allocated_processors: Optional[int] = typer.Option(None, min=1, help="Processors for allocations (default: CPU count)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Model cache directory."),
+    ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
+) -> None:
+    """Run a node agent.
+
+    Example: mlfleet agent --coordinator tcp://10.0.0.1:7600 --node-id gpu-host-1
+    """
+    from agent.config import AgentConfig
+    from agent.server import serve
+    from common.zmqutil import is_loopback
+    _setup_logging()
+    if not is_loopback(listen):
+        _refuse_without_keys(listen)
+    serve(AgentConfig(coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
+                      allocated_processors=allocated_processors,
+                      data_dir=str(data_dir) if data_dir else None,
+                      ready_file=str(ready_file) if ready_file else None))
+
+
+def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[3]} exited with code {proc.returncode} before it was ready")
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.args[3]} was not ready within {timeout_s:.0f}s")
+
+
+@app.command()
+def up(
+    data_dir: Path = typer.Option(Path("./mlfleet-data"), help="Where both daemons keep their state."),
+    listen: str = typer.Option(DEFAULT_COORDINATOR, help="Coordinator address (loopback)."),
+    node_id: str = typer.Option("local", help="The local agent's node id."),
+    allocated_processors: Optional[int] = typer.Option(None, min=1, help="Processors for allocations."),
+    ready_file: Optional[Path] = typer.Option(None, help="Written as JSON once both daemons serve."),
+) -> None:
+    """The embedded default: a coordinator and one agent on loopback. Ctrl-C stops both.
+
+    Example: mlfleet up --data-dir /tmp/mlfleet
+    """
+    _setup_logging()
+    log = logging.getLogger("mlfleet.up")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix="mlfleet-up-"))
+    exe = [sys.executable, "-m", "common.cli"]
+    procs: list[subprocess.Popen] = []
+    stopping = False
+
+    def shutdown(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    code = 0
+    try:
+        coord = subprocess.Popen(exe + ["coordinator", "--listen", listen, "--data-dir",
+                                        str(data_dir / "coordinator"), "--ready-file", str(run / "c.json")],
+                                 start_new_session=True)
+        procs.append(coord)
+        c = _wait_ready(run / "c.json", coord)
+        args = ["agent", "--coordinator", c["endpoint"], "--node-id", node_id, "--data-dir",
+                str(data_dir / f"agent-{node_id}"), "--ready-file", str(run / "a.json")]
+        if allocated_processors:
+            args += ["--allocated-processors", str(allocated_processors)]
+        ag = subprocess.Popen(exe + args, start_new_session=True)
+        procs.append(ag)
+        a = _wait_ready(run / "a.json", ag)
+        log.info("mlfleet is up: coordinator %s, agent [%s] %s", c["endpoint"], node_id, a["endpoint"])
+        if ready_file:
+            from common.proc import write_ready_file
+            write_ready_file(str(ready_file), c["endpoint"], agent=a["endpoint"])
+        while not stopping:
+            if any(p.poll() is not None for p in procs):
+                log.error("a daemon exited on its own; stopping the other")
+                code = 1
+                break
+            time.sleep(0.2)
+    except RuntimeError as e:
+        log.error("%s", e)
+        code = 1
+    finally:
+        from common.proc import stop_process
+        for p in reversed(procs):
+            stop_process(p, grace_s=10.0)
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+        log.info("mlfleet stopped")
+    raise typer.Exit(code)
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+class Task(str, Enum):
+    pass_through = "pass_through"
+    text_embedding = "text_embedding"
+
+
+@models_app.command("put")
+def models_put(model_id: str, file: Path = typer.Option(..., "--file", exists=True, dir_okay=False),
+               task: Task = typer.Option(Task.pass_through),
+               tokenizer: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+               coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """Store a TorchScript model. Example: mlfleet models put my-model --file model.pt"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.put_model(model_id, file, task=task.value, tokenizer=tokenizer))
+
+
+@models_app.command("list")
+def models_list(coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """List stored models. Example: mlfleet models list --format table"""
+    with _client(coordinator) as c:
+        _run(format, c.get_models)
+
+
+@models_app.command("get")
+def models_get(model_id: str, coordinator: Optional[str] = CoordOpt,
+               format: Optional[Format] = FormatOpt) -> None:
+    """Show one model. Example: mlfleet models get my-model"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.get_models(model_id))
+
+
+@models_app.command("delete")
+def models_delete(model_id: str, coordinator: Optional[str] = CoordOpt,
+                  format: Optional[Format] = FormatOpt) -> None:
+    """Delete a model that is not deployed. Example: mlfleet models delete my-model"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.delete_model(model_id))
+
+
+# ---- deployments -----------------------------------------------------------------------------------
+
+@deployments_app.command("start")
+def deployments_start(
+    model_id: str,
+    deployment_id: Optional[str] = typer.Option(None),
+    number_of_allocations: Optional[int] = typer.Option(None),
+    threads_per_allocation: int = typer.Option(1),
+    queue_capacity: int = typer.Option(1024),
+    priority: str = typer.Option("normal"),
+    cache_size: Optional[str] = typer.Option(None),
+    timeout: str = typer.Option("30s"),
+    wait_for: str = typer.Option("started"),
+    adaptive_allocations: bool = typer.Option(False, "--adaptive-allocations"),
+    min_number_of_allocations: Optional[int] = typer.Option(None),
+    max_number_of_allocations: Optional[int] = typer.Option(None),
+    coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt,
+) -> None:
+    """Start a deployment and wait for it (--wait-for starting|started|fully_allocated).
+
+    Example: mlfleet deployments start my-model --number-of-allocations 2 --wait-for fully_allocated
+    """
+    adaptive = None
+    if adaptive_allocations or min_number_of_allocations is not None or max_number_of_allocations is not None:
+        adaptive = {"enabled": adaptive_allocations,
+                    "min_number_of_allocations": min_number_of_allocations,
+                    "max_number_of_allocations": max_number_of_allocations}
+    with _client(coordinator) as c:
+        _run(format, lambda: c.start_deployment(
+            model_id, deployment_id=deployment_id, number_of_allocations=number_of_allocations,
+            threads_per_allocation=threads_per_allocation, queue_capacity=queue_capacity,
+            priority=priority, cache_size=cache_size, timeout=timeout, wait_for=wait_for,
+            adaptive_allocations=adaptive))
+
+
+@deployments_app.command("update")
+def deployments_update(
+    deployment_id: str,
+    number_of_allocations: Optional[int] = typer.Option(None),
+    adaptive_allocations: Optional[bool] = typer.Option(None, "--adaptive-allocations/--no-adaptive-allocations"),
+    min_number_of_allocations: Optional[int] = typer.Option(None),
+    max_number_of_allocations: Optional[int] = typer.Option(None),
+    coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt,
+) -> None:
+    """Change a deployment's allocations. Example: mlfleet deployments update my-model --number-of-allocations 4"""
+    adaptive: dict[str, Any] | None = None
+    if adaptive_allocations is not None or min_number_of_allocations is not None or max_number_of_allocations is not None:
+        adaptive = {}
+        if adaptive_allocations is not None:
+            adaptive["enabled"] = adaptive_allocations
+        if min_number_of_allocations is not None:
+            adaptive["min_number_of_allocations"] = min_number_of_allocations
+        if max_number_of_allocations is not None:
+            adaptive["max_number_of_allocations"] = max_number_of_allocations
+    with _client(coordinator) as c:
+        _run(format, lambda: c.update_deployment(deployment_id, number_of_allocations, adaptive))
+
+
+@deployments_app.command("stop")
+def deployments_stop(
+    deployment_id: str, force: bool = typer.Option(False, "--force"),
+    allow_no_match: bool = typer.Option(True, "--allow-no-match/--no-allow-no-match"),
+    finish_pending_work: bool = typer.Option(False, "--finish-pending-work"),
+    coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt,
+) -> None:
+    """Stop a deployment. Example: mlfleet deployments stop my-model --finish-pending-work"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.stop_deployment(deployment_id, force=force, allow_no_match=allow_no_match,
+                                               finish_pending_work=finish_pending_work))
+
+
+@deployments_app.command("clear-cache")
+def deployments_clear_cache(deployment_id: str, coordinator: Optional[str] = CoordOpt,
+                            format: Optional[Format] = FormatOpt) -> None:
+    """Clear a deployment's inference cache on every node. Example: mlfleet deployments clear-cache my-model"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.clear_cache(deployment_id))
+
+
+@deployments_app.command("stats")
+def deployments_stats(deployment_id: Optional[str] = typer.Argument(None),
+                      coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """Deployment statistics. Example: mlfleet deployments stats my-model --format table"""
+    with _client(coordinator) as c:
+        _run(format, lambda: c.get_stats(deployment_id))
+
+
+# ---- inference and nodes -----------------------------------------------------------------------------
+
+def _docs_from_json(text: str) -> list[dict[str, Any]]:
+    import numpy as np
+    try:
+        docs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--docs is not valid JSON: {e}")
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise typer.BadParameter("--docs must be a JSON list of objects")
+
+    def arr(v: Any) -> Any:
+        a = np.asarray(v)
+        return a.astype(np.float32) if a.dtype == np.float64 else a
+
+    out = []
+    for d in docs:
+        d = dict(d)
+        if "input" in d:
+            d["input"] = arr(d["input"])
+        if "inputs" in d and isinstance(d["inputs"], list):
+            d["inputs"] = [arr(x) for x in d["inputs"]]
+        out.append(d)
+    return out
+
+
+@app.command()
+def infer(deployment_id: str, docs: str = typer.Option(..., "--docs", help="JSON list of docs."),
+          timeout: str = typer.Option("10s"), coordinator: Optional[str] = CoordOpt,
+          format: Optional[Format] = FormatOpt) -> None:
+    """Run inference. Example: mlfleet infer my-model --docs '[{"input": [[1.0, 2.0]]}]'"""
+    parsed = _docs_from_json(docs)
+    with _client(coordinator) as c:
+        _run(format, lambda: c.infer(deployment_id, parsed, timeout=timeout))
+
+
+@nodes_app.command("list")
+def nodes_list(coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """List live nodes. Example: mlfleet nodes list --format table"""
+    with _client(coordinator) as c:
+        _run(format, c.get_nodes)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The Python client: the public API of mlfleet.
+
+One background I/O thread owns every ZeroMQ socket (DEALERs to the coordinator and to each agent
+it sends inference to); callers on any thread hand it requests and wait on futures, so a Client
+may be shared between threads and keeps many requests in flight. Inference goes straight to an
+agent picked from the deployment's routing table (weighted by current allocations); the table
+is cached and refreshed when an agent reports a newer routing version or a node answers that it
+no longer serves the deployment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import concurrent.futures as cf
+import hashlib
+import itertools
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import zmq
+
+from common import errors
+from common.errors import ApiError, NoAnswer, ServiceUnavailable
+from common.protocol import decode_reply, decode_tree, encode_request, encode_tree
+from common.units import parse_time
+from common.zmqutil import make_socket
+
+DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
+UPLOAD_CHUNK = 4 << 20
+START_MARGIN_S = 10.0
+INFER_MARGIN_S = 5.0
+ROUTING_TTL_S = 60.0
+
+
+class _IO(threading.Thread):
+    """Owns the sockets. Requests come in through a deque plus a wake-up pipe."""
+
+    def __init__(self) -> None:
+        super().__init__(name="mlfleet-client-io", daemon=True)
+        self.ctx = zmq.Context()
+        self.inbox: collections.deque = collections.deque()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.socks: dict[str, zmq.Socket] = {}
+        self.pending: dict[int, cf.Future] = {}
+        self.running = True
+        self.poller = zmq.Poller()
+        self.poller.register(self.wake_r, zmq.POLLIN)
+
+    def submit(self, address: str, frame: bytes, rid: int) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self.inbox.append(("send", address, frame, rid, fut))
+        self._wake()
+        return fut
+
+    def forget(self, rid: int, address: str | None = None) -> None:
+        self.inbox.append(("forget", address, None, rid, None))
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _sock(self, address: str) -> zmq.Socket:
+        s = self.socks.get(address)
+        if s is None:
+            s = make_socket(self.ctx, zmq.DEALER)
+            s.connect(address)
+            self.socks[address] = s
+            self.poller.register(s, zmq.POLLIN)
+        return s
+
+    def _reset(self, address: str) -> None:
+        s = self.socks.pop(address, None)
+        if s is not None:
+            self.poller.unregister(s)
+            s.close(0)
+
+    def run(self) -> None:
+        while self.running:
+            events = dict(self.poller.poll(500))
+            if self.wake_r in events:
+                try:
+                    os.read(self.wake_r, 65536)
+                except BlockingIOError:
+                    pass
+            while self.inbox:
+                kind, address, frame, rid, fut = self.inbox.popleft()
+                if kind == "send":
+                    if fut.set_running_or_notify_cancel():
+                        self.pending[rid] = fut
+                        try:
+                            self._sock(address).send(frame, zmq.NOBLOCK)
+                        except zmq.ZMQError as e:
+                            self.pending.pop(rid, None)
+                            fut.set_exception(NoAnswer(f"could not send to {address}: {e}"))
+                elif kind == "forget":
+                    self.pending.pop(rid, None)
+                    if address is not None:
+                        self._reset(address)
+            for s in list(self.socks.values()):
+                if s in events:
+                    for _ in range(1024):
+                        try:
+                            frame = s.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        try:
+                            rep = decode_reply(frame)
+                        except ApiError:
+                            continue
+                        fut = self.pending.pop(rep.id, None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(rep)
+        for s in self.socks.values():
+            s.close(0)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(NoAnswer("client closed"))
+        self.ctx.term()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def stop(self) -> None:
+        self.running = False
+        self._wake()
+
+
+class Routes:
+    """A deployment's routing table as the client caches it."""
+
+    def __init__(self, body: dict[str, Any], fetched: float) -> None:
+        self.version = int(body.get("version", 0))
+        self.fetched = fetched
+        routes = [r for r in body.get("routes", []) if r.get("routing_state") == "started"
+                  and r.get("current_allocations", 0) > 0]
+        if not routes:  # Elasticsearch falls back to stopping routes
+            routes = [r for r in body.get("routes", []) if r.get("current_allocations", 0) > 0]
+        self.routes = routes
+        self.cumulative = list(itertools.accumulate(r["current_allocations"] for r in routes))
+
+    def pick(self, exclude: set[str]) -> Optional[dict[str, Any]]:
+        choices = [(r, w) for r, w in zip(self.routes, (r["current_allocations"] for r in self.routes))
+                   if r["address"] not in exclude]
+        if not choices:
+            return None
+        if len(choices) == 1:
+            return choices[0][0]
+        cum = list(itertools.accumulate(w for _, w in choices))
+        return choices[bisect.bisect_left(cum, random.randint(1, cum[-1]))][0]
+
+
+class Client:
+    def __init__(self, coordinator: str | None = None, *, request_timeout: str | float = "30s",
+                 secret_key: str | None = None, server_public_key: str | None = None) -> None:
+        self.coordinator = coordinator or os.environ.get("MLFLEET_COORDINATOR") or DEFAULT_COORDINATOR
+        self.request_timeout_s = parse_time(request_timeout, "request_timeout")
+        self._ids = itertools.count(1)
+        self._io = _IO()
+        self._io.start()
+        self._routing: dict[str, Routes] = {}
+        self._routing_lock = threading.Lock()
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._io.stop()
+        self._io.join(5)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _send(self, address: str, op: str, body: dict[str, Any], wait_s: float):
+        rid = next(self._ids)
+        fut = self._io.submit(address, encode_request(op, rid, body), rid)
+        try:
+            rep = fut.result(wait_s)
+        except cf.TimeoutError:
+            self._io.forget(rid, address)  # a fresh socket next time (lazy pirate)
+            raise NoAnswer(f"no answer from {address} to [{op}] within {wait_s:g}s") from None
+        return rep
+
+    def _call(self, op: str, body: dict[str, Any], wait_s: float | None = None) -> dict[str, Any]:
+        rep = self._send(self.coordinator, op, body, wait_s or self.request_timeout_s)
+        if rep.status != 200:
+            raise errors.from_body(rep.body)
+        return rep.body
+
+    # ---- models --------------------------------------------------------------------------------
+    def put_model(self, model_id: str, path: str | os.PathLike[str], task: str = "pass_through",
+                  tokenizer: str | os.PathLike[str] | None = None,
+                  model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+        upload_id = os.urandom(16).hex()
+        h = hashlib.sha256()
+        offset = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK):
+                h.update(chunk)
+                self._call("put_model_chunk", {"upload_id": upload_id, "offset": offset, "data": chunk})
+                offset += len(chunk)
+        body: dict[str, Any] = {"model_id": model_id, "upload_id": upload_id, "sha256": h.hexdigest(),
+                                "task": task}
+        if tokenizer is not None:
+            body["tokenizer"] = Path(tokenizer).read_bytes()
+        if model_config is not None:
+            body["model_config"] = model_config
+        return self._call("put_model", body)
+
+    def get_models(self, model_id: str | None = None) -> dict[str, Any]:
+        return self._call("get_models", {"model_id": model_id} if model_id else {})
+
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        return self._call("delete_model", {"model_id": model_id})
+
+    # ---- deployments ---------------------------------------------------------------------------
+    def start_deployment(self, model_id: str, deployment_id: str | None = None,
+                         number_of_allocations: int | None = None, threads_per_allocation: int = 1,
+                         queue_capacity: int = 1024, priority: str = "normal",
+                         cache_size: str | None = None, timeout: str = "30s",
+                         wait_for: str = "started",
+                         adaptive_allocations: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_id": model_id, "threads_per_allocation": threads_per_allocation,
+                                "queue_capacity": queue_capacity, "priority": priority,
+                                "timeout": timeout, "wait_for": wait_for}
+        for k, v in (("deployment_id", deployment_id), ("number_of_allocations", number_of_allocations),
+                     ("cache_size", cache_size), ("adaptive_allocations", adaptive_allocations)):
+            if v is not None:
+                body[k] = v
+        try:
+            wait = parse_time(timeout) + START_MARGIN_S
+        except ValueError:
+            wait = self.request_timeout_s  # the server names the bad value
+        return self._call("start_deployment", body, max(wait, self.request_timeout_s))
+
+    def update_deployment(self, deployment_id: str, number_of_allocations: int | None = None,
+                          adaptive_allocations: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"deployment_id": deployment_id}
+        if number_of_allocations is not None:
+            body["number_of_allocations"] = number_of_allocations
+        if adaptive_allocations is not None:
+            body["adaptive_allocations"] = adaptive_allocations
+        return self._call("update_deployment", body)
+
+    def stop_deployment(self, deployment_id: str, force: bool = False, allow_no_match: bool = True,
+                        finish_pending_work: bool = False) -> dict[str, Any]:
+        with self._routing_lock:
+            self._routing.pop(deployment_id, None)
+        return self._call("stop_deployment", {"deployment_id": deployment_id, "force": force,
+                                              "allow_no_match": allow_no_match,
+                                              "finish_pending_work": finish_pending_work},
+                          max(self.request_timeout_s, 40.0))
+
+    def clear_cache(self, deployment_id: str) -> dict[str, Any]:
+        return self._call("clear_cache", {"deployment_id": deployment_id})
+
+    def get_stats(self, deployment_id: str | None = None) -> dict[str, Any]:
+        return self._call("get_stats", {"deployment_id": deployment_id} if deployment_id else {})
+
+    def get_nodes(self) -> dict[str, Any]:
+        return self._call("get_nodes", {})
+
+    def get_routing(self, deployment_id: str) -> dict[str, Any]:
+        return self._call("get_routing", {"deployment_id": deployment_id})
+
+    # ---- inference -----------------------------------------------------------------------------
+    def _routes(self, deployment_id: str, refresh: bool = False) -> Routes:
+        with self._routing_lock:
+            r = self._routing.get(deployment_id)
+        if r is None or refresh or time.monotonic() - r.fetched > ROUTING_TTL_S:
+            r = Routes(self.get_routing(deployment_id), time.monotonic())
+            with self._routing_lock:
+                self._routing[deployment_id] = r
+        return r
+
+    def infer(self, deployment_id: str, docs: list[dict[str, Any]], timeout: str | float = "10s") -> dict[str, Any]:
+        """Run ``docs`` through a deployment; arrays in and out are numpy arrays."""
+        timeout_s = parse_time(timeout, "timeout")
+        if timeout_s <= 0:
+            raise errors.BadRequest("[timeout] must be positive")
+        body = {"deployment_id": deployment_id, "docs": encode_tree(docs),
+                "timeout_ms": max(1, int(timeout_s * 1000))}
+        deadline = time.monotonic() + timeout_s + INFER_MARGIN_S
+        routes = self._routes(deployment_id)
+        tried: set[str] = set()
+        last: ApiError | None = None
+        for attempt in range(8):
+            route = routes.pick(tried)
+            if route is None:
+                routes = self._routes(deployment_id, refresh=True)
+                route = routes.pick(tried)
+                if route is None:
+                    if last is not None:
+                        raise last
+                    raise ServiceUnavailable(f"Trained model deployment [{deployment_id}] is not "
+                                             "allocated to any nodes")
+            address = route["address"]
+            rep = self._send(address, "infer", body, max(0.1, deadline - time.monotonic()))
+            if rep.rv > routes.version:
+                with self._routing_lock:
+                    self._routing.pop(deployment_id, None)
+            if rep.status == 200:
+                rep.body["inference_results"] = decode_tree(rep.body.get("inference_results", []))
+                return rep.body
+            err = errors.from_body(rep.body)
+            if not err.retryable:
+                raise err
+            last = err  # the node no longer serves it; the request never ran: try another
+            tried.add(address)
+            routes = self._routes(deployment_id, refresh=True)
+        raise last or ServiceUnavailable(f"no node could serve deployment [{deployment_id}]")

@@ -1,0 +1,1 @@
+"""The mlfleet coordinator: models, deployments, the planner and routing tables."""

@@ -1,0 +1,21 @@
+"""The coordinator's typed configuration, read once and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    listen: str = DEFAULT_COORDINATOR
+    data_dir: str = "./mlfleet-data/coordinator"
+    ready_file: Optional[str] = None
+    heartbeat_interval_s: float = 1.0
+    node_timeout_s: float = 10.0
+    adaptive_interval_s: float = 10.0
+    scale_up_cooldown_s: float = 300.0
+    scale_to_zero_after_s: float = 900.0
+    stop_timeout_s: float = 30.0

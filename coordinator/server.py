@@ -1,0 +1,643 @@
+"""The coordinator daemon: one ROUTER socket for clients and agents, a single-threaded loop,
+one handler per op. Handlers either answer at once or park a waiter (``wait_for``, stop) that
+is re-checked after every state change and answered at its deadline at the latest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import zipfile
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import zmq
+
+from common import messages as m
+from common.clock import Clock
+from common.errors import (ApiError, BadRequest, Conflict, NotFound, RequestTimeout, ServerError,
+                           TooManyRequests)
+from common.params import id_problem, validate_start, validate_update, wait_for_reached
+from common.proc import sd_notify, write_ready_file
+from common.protocol import decode_request, encode_reply, encode_request, request_id_of
+from common.units import format_time
+from common.zmqutil import Timers, bind, make_socket
+from coordinator import planner
+from coordinator.config import CoordinatorConfig
+from coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
+                               RouteReport, RoutingState, allocation_status, assignment_body,
+                               assignment_state, deployment_stats_body, routes_of)
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+AGENT_PREFIX = b"agent/"
+TASKS = ("pass_through", "text_embedding")
+_UPLOAD_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+DEFER = object()
+
+
+@dataclass
+class Waiter:
+    ident: bytes
+    rid: int
+    deadline: float
+    check: Callable[[], Optional[tuple[int, dict[str, Any]]]]
+    on_timeout: Callable[[], tuple[int, dict[str, Any]]]
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, clock: Clock | None = None) -> None:
+        self.cfg = config
+        self.clock = clock or Clock()
+        self.store = Store(config.data_dir)
+        self.models: dict[str, ModelRecord] = {r.model_id: r for r in self.store.load_models()}
+        self.deployments: dict[str, DeploymentRecord] = {
+            d.deployment_id: d for d in self.store.load_deployments()}
+        self.nodes: dict[str, NodeRecord] = {}
+        self._route_sigs: dict[str, tuple] = {}
+        self.waiters: list[Waiter] = []
+        self.timers = Timers(self.clock.monotonic)
+        self.ctx = zmq.Context.instance()
+        self.sock = make_socket(self.ctx, zmq.ROUTER)
+        self.endpoint = ""
+        self.started_at = self.clock.monotonic()
+        self._running = False
+        self._current_rid = 0
+        self.handlers: dict[str, tuple[type, Callable[..., Any]]] = {
+            "put_model_chunk": (m.PutModelChunk, self.on_put_model_chunk),
+            "put_model": (m.PutModel, self.on_put_model),
+            "get_models": (m.GetModels, self.on_get_models),
+            "delete_model": (m.DeleteModel, self.on_delete_model),
+            "start_deployment": (m.StartDeployment, self.on_start),
+            "update_deployment": (m.UpdateDeployment, self.on_update),
+            "stop_deployment": (m.StopDeployment, self.on_stop),
+            "clear_cache": (m.DeploymentRef, self.on_clear_cache),
+            "get_stats": (m.GetStats, self.on_get_stats),
+            "get_nodes": (m.Empty, self.on_get_nodes),
+            "get_routing": (m.DeploymentRef, self.on_get_routing),
+            "ping": (m.Empty, lambda ident, msg: {"ok": True}),
+            # agent protocol
+            "register": (m.Register, self.on_register),
+            "heartbeat": (m.Heartbeat, self.on_heartbeat),
+            "model_chunk": (m.ModelChunk, self.on_model_chunk),
+        }
+        self.agent_ops = {"register", "heartbeat", "model_chunk"}
+        for d in self.deployments.values():
+            self._route_sigs[d.deployment_id] = ()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def bind(self) -> str:
+        self.endpoint = bind(self.sock, self.cfg.listen)
+        log.info("coordinator listening on %s (data dir %s, %d models, %d deployments)",
+                 self.endpoint, self.cfg.data_dir, len(self.models), len(self.deployments))
+        return self.endpoint
+
+    def run(self) -> None:
+        if not self.endpoint:
+            self.bind()
+        self.timers.every(self.cfg.heartbeat_interval_s, self._check_nodes)
+        self.timers.every(0.05, self._check_waiters)
+        self._running = True
+        if self.cfg.ready_file:
+            write_ready_file(self.cfg.ready_file, self.endpoint)
+        sd_notify("READY=1")
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while self._running:
+                events = dict(poller.poll(self.timers.timeout_ms(200)))
+                if self.sock in events:
+                    for _ in range(256):
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(frames)
+                self.timers.run_due()
+        finally:
+            self.close()
+
+    def stop(self, *_: Any) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.store.close()
+        log.info("coordinator stopped")
+
+    # ---- transport -----------------------------------------------------------------------------
+    def _send(self, ident: bytes, frame: bytes) -> bool:
+        try:
+            self.sock.send_multipart([ident, frame], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            log.debug("could not send to %r: %s", ident, e)
+            return False
+
+    def _reply(self, ident: bytes, rid: int, status: int, body: dict[str, Any]) -> None:
+        self._send(ident, encode_reply(rid, status, body))
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return  # nothing to answer: the ROUTER always prefixes an identity
+        ident = frames[0]
+        if len(frames) != 2:
+            self._reply(ident, 0, 400, BadRequest(
+                f"malformed message: expected 1 frame, got {len(frames) - 1}").to_body())
+            return
+        rid = request_id_of(frames[1])
+        try:
+            req = decode_request(frames[1])
+            rid = req.id
+            entry = self.handlers.get(req.op)
+            if entry is None:
+                raise BadRequest(f"unknown op [{req.op[:64]}]")
+            if req.op in self.agent_ops and not ident.startswith(AGENT_PREFIX):
+                raise BadRequest(f"op [{req.op}] is for agents only")
+            cls, handler = entry
+            msg = m.decode(cls, req.body, req.op)
+            self._current_rid = rid
+            result = handler(ident, msg)
+            if result is not DEFER:
+                self._reply(ident, rid, 200, result)
+        except ApiError as e:
+            self._reply(ident, rid, e.status, e.to_body())
+        except Exception as e:  # a handler bug must not take the daemon down
+            log.exception("handler failed for request %s", rid)
+            self._reply(ident, rid, 500, ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
+        self._after_change()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _model(self, model_id: str) -> ModelRecord:
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFound(f"Could not find trained model [{model_id}]")
+        return model
+
+    def _deployment(self, deployment_id: str) -> DeploymentRecord:
+        dep = self.deployments.get(deployment_id)
+        if dep is None:
+            raise NotFound(f"No known model deployment with id [{deployment_id}]")
+        return dep
+
+    def _routes(self, dep: DeploymentRecord):
+        return routes_of(dep, self.nodes)
+
+    def _alive(self) -> list[NodeRecord]:
+        return [n for n in self.nodes.values() if n.alive]
+
+    def _plan_deployment(self, d: DeploymentRecord, allocations: int | None = None) -> planner.PlanDeployment:
+        model = self.models[d.model_id]
+        return planner.PlanDeployment(
+            deployment_id=d.deployment_id,
+            allocations=d.number_of_allocations if allocations is None else allocations,
+            threads=d.threads_per_allocation,
+            memory_bytes=planner.memory_estimate(model.size, d.cache_bytes(model)),
+            priority=d.priority, current=dict(d.targets))
+
+    def _plan(self, override: dict[str, planner.PlanDeployment] | None = None) -> planner.Plan:
+        override = override or {}
+        nodes = [planner.PlanNode(n.node_id, n.allocated_processors,
+                                  int(n.memory.get("total_bytes", 0))) for n in self._alive()]
+        deps = [override.get(d.deployment_id) or self._plan_deployment(d)
+                for d in self.deployments.values() if not d.stopping]
+        deps += [p for k, p in override.items() if k not in self.deployments]
+        return planner.plan(nodes, deps)
+
+    def _apply(self, p: planner.Plan, why: str) -> None:
+        """Adopt a plan's targets and reasons, persist them and tell the agents concerned."""
+        touched: set[str] = set()
+        for dep_id, targets in p.assignments.items():
+            dep = self.deployments.get(dep_id)
+            if dep is None:
+                continue
+            reason = p.reasons.get(dep_id, "")
+            if targets != dep.targets or reason != dep.reason:
+                touched |= set(targets) | set(dep.targets)
+                if targets != dep.targets:
+                    log.info("rebalanced allocations of deployment [%s] because [%s]: %s -> %s",
+                             dep_id, why, dep.targets, targets)
+                dep.targets, dep.reason = dict(targets), reason
+                self.store.save_deployment(dep)
+        for node_id in touched:
+            self._push_sync(node_id)
+
+    def _rebalance(self, why: str) -> None:
+        self._apply(self._plan(), why)
+
+    def _next_version(self) -> int:
+        return max(self.clock.wall_ms(), max((d.routing_version for d in self.deployments.values()),
+                                             default=0) + 1)
+
+    def _after_change(self) -> None:
+        """Bump the routing version of every deployment whose routable set changed."""
+        for dep in self.deployments.values():
+            routes = self._routes(dep)
+            sig = tuple((r.node_id, r.current_allocations) for r in routes if r.routable)
+            if dep.stopping:
+                sig = ("stopping",)
+            if self._route_sigs.get(dep.deployment_id) != sig:
+                self._route_sigs[dep.deployment_id] = sig
+                dep.routing_version = self._next_version()
+                current = sum(r.current_allocations for r in routes if r.routable)
+                dep.max_assigned_allocations = max(dep.max_assigned_allocations, current)
+        self._check_waiters()
+
+    def _check_waiters(self) -> None:
+        if not self.waiters:
+            return
+        now = self.clock.monotonic()
+        keep = []
+        for w in self.waiters:
+            try:
+                result = w.check()
+                if result is None and now >= w.deadline:
+                    result = w.on_timeout()
+            except ApiError as e:
+                result = (e.status, e.to_body())
+            if result is None:
+                keep.append(w)
+            else:
+                self._reply(w.ident, w.rid, *result)
+        self.waiters = keep
+
+    def _park(self, ident: bytes, timeout_s: float, check, on_timeout) -> object:
+        # the waiting request's id is the one being handled: read it from the current frame
+        self.waiters.append(Waiter(ident, self._current_rid, self.clock.monotonic() + timeout_s,
+                                   check, on_timeout))
+        return DEFER
+
+    # ---- agent sync ----------------------------------------------------------------------------
+    def _node_assignments(self, node_id: str) -> list[dict[str, Any]]:
+        out = []
+        for dep in self.deployments.values():
+            target = dep.targets.get(node_id, 0)
+            if target <= 0 and not (dep.stopping and node_id in self._reporting_nodes(dep)):
+                continue
+            model = self.models[dep.model_id]
+            out.append(m.encode(m.NodeAssignment(
+                deployment_id=dep.deployment_id, model_id=dep.model_id, sha256=model.sha256,
+                model_bytes=model.size, task=model.task,
+                threads_per_allocation=dep.threads_per_allocation, target_allocations=target,
+                queue_capacity=dep.queue_capacity, cache_size_bytes=dep.cache_bytes(model),
+                priority=dep.priority, stopping=dep.stopping,
+                finish_pending_work=dep.finish_pending_work, routing_version=dep.routing_version,
+                tokenizer_sha256=model.tokenizer_sha256, model_config=model.model_config)))
+        return out
+
+    def _reporting_nodes(self, dep: DeploymentRecord) -> set[str]:
+        return {n.node_id for n in self._alive() if dep.deployment_id in n.reports}
+
+    def _sync_body(self, node_id: str) -> dict[str, Any]:
+        return {"assignments": self._node_assignments(node_id),
+                "heartbeat_interval_s": self.cfg.heartbeat_interval_s,
+                "node_timeout_s": self.cfg.node_timeout_s}
+
+    def _push_sync(self, node_id: str) -> None:
+        node = self.nodes.get(node_id)
+        if node and node.alive:
+            self._send(AGENT_PREFIX + node_id.encode(), encode_request("sync", 0, self._sync_body(node_id)))
+
+    def _push_all(self) -> None:
+        for node in self._alive():
+            self._push_sync(node.node_id)
+
+    # ---- agent protocol ------------------------------------------------------------------------
+    def _ingest_reports(self, node: NodeRecord, reports: list[Any]) -> None:
+        parsed: dict[str, RouteReport] = {}
+        for raw in reports:
+            if not isinstance(raw, dict):
+                raise BadRequest("[deployments] must be a list of maps")
+            r = m.decode(m.RouteReport, raw, "deployments")
+            try:
+                state = RoutingState(r.routing_state)
+            except ValueError:
+                raise BadRequest(f"unknown routing_state [{r.routing_state}]") from None
+            parsed[r.deployment_id] = RouteReport(state, r.current_allocations, r.target_allocations,
+                                                  r.reason, r.stats)
+        node.reports = parsed
+
+    def on_register(self, ident: bytes, msg: m.Register) -> dict[str, Any]:
+        if ident != AGENT_PREFIX + msg.node_id.encode():
+            raise BadRequest(f"agent identity does not match [node_id] [{msg.node_id}]")
+        known = self.nodes.get(msg.node_id)
+        node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
+                          msg.cpu, msg.memory, msg.pid, self.clock.monotonic())
+        self._ingest_reports(node, msg.deployments)
+        self.nodes[msg.node_id] = node
+        log.info("node [%s] %s at %s with %d allocated processors (%d deployments running)",
+                 msg.node_id, "re-registered" if known else "registered", msg.transport_address,
+                 msg.allocated_processors, len(node.reports))
+        # Adopt what the node already runs when we planned it there (e.g. after our restart).
+        self._rebalance(f"node [{msg.node_id}] joined")
+        self._push_sync(msg.node_id)
+        return self._sync_body(msg.node_id)
+
+    def on_heartbeat(self, ident: bytes, msg: m.Heartbeat) -> dict[str, Any]:
+        node = self.nodes.get(msg.node_id)
+        if node is None or not node.alive or ident != AGENT_PREFIX + msg.node_id.encode():
+            return {"reregister": True}
+        node.last_seen = self.clock.monotonic()
+        node.memory = msg.memory
+        self._ingest_reports(node, msg.deployments)
+        self._finish_stops()
+        return self._sync_body(msg.node_id)
+
+    def on_model_chunk(self, ident: bytes, msg: m.ModelChunk) -> dict[str, Any]:
+        if not _SHA_RE.match(msg.sha256):
+            raise BadRequest("[sha256] must be 64 lowercase hex characters")
+        path = self.store.blob_path(msg.sha256)
+        if path is None:
+            raise NotFound(f"Could not find model definition [{msg.sha256}]")
+        if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
+            raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
+        with open(path, "rb") as f:
+            f.seek(msg.offset)
+            data = f.read(msg.length)
+        return {"data": data, "size": path.stat().st_size}
+
+    def _check_nodes(self) -> None:
+        now = self.clock.monotonic()
+        lost = [n for n in self._alive() if now - n.last_seen > self.cfg.node_timeout_s]
+        for n in lost:
+            n.alive = False
+            n.reports = {}
+            log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)
+        if lost:
+            self._rebalance("nodes left: " + ",".join(n.node_id for n in lost))
+            self._finish_stops()
+            self._after_change()
+
+    # ---- models --------------------------------------------------------------------------------
+    def on_put_model_chunk(self, ident: bytes, msg: m.PutModelChunk) -> dict[str, Any]:
+        if not _UPLOAD_RE.match(msg.upload_id):
+            raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
+        path = self.store.uploads_dir / msg.upload_id
+        size = path.stat().st_size if path.exists() else 0
+        if msg.offset != size:
+            raise BadRequest(f"[offset] must be [{size}], the bytes received so far, got [{msg.offset}]")
+        with open(path, "ab") as f:
+            f.write(msg.data)
+        return {"upload_id": msg.upload_id, "size": size + len(msg.data)}
+
+    def on_put_model(self, ident: bytes, msg: m.PutModel) -> dict[str, Any]:
+        if (p := id_problem("model_id", msg.model_id)):
+            raise BadRequest(p)
+        if msg.model_id in self.models:
+            raise BadRequest(f"Trained machine learning model [{msg.model_id}] already exists",
+                             type="resource_already_exists_exception")
+        if msg.model_id in self.deployments:
+            raise BadRequest(f"Model id [{msg.model_id}] is the id of an existing deployment")
+        if msg.task not in TASKS:
+            raise BadRequest(f"invalid [task] [{msg.task}]; must be one of [{','.join(TASKS)}]")
+        if msg.task == "text_embedding" and not msg.tokenizer:
+            raise BadRequest("[tokenizer] is required for task [text_embedding]")
+        if not _UPLOAD_RE.match(msg.upload_id):
+            raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
+        upload = self.store.uploads_dir / msg.upload_id
+        if not upload.exists():
+            raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
+        try:
+            h = hashlib.sha256()
+            with open(upload, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != msg.sha256:
+                raise BadRequest(f"[sha256] does not match the uploaded bytes (got {h.hexdigest()})")
+            if not _is_torchscript(upload):
+                raise BadRequest("[file] is not a TorchScript model (expected a torch.jit.save archive)")
+            dest = self.store.model_path(msg.sha256)
+            size = upload.stat().st_size
+            if dest.exists():
+                upload.unlink()
+            else:
+                os.replace(upload, dest)
+        finally:
+            upload.unlink(missing_ok=True)
+        tok_sha = self.store.put_blob(msg.tokenizer, ".tokenizer.json") if msg.tokenizer else None
+        rec = ModelRecord(msg.model_id, msg.sha256, size, msg.task, tok_sha, msg.model_config,
+                          self.clock.wall_ms())
+        self.store.save_model(rec)
+        self.models[rec.model_id] = rec
+        log.info("stored model [%s] (%d bytes, sha256 %s, task %s)", rec.model_id, size, rec.sha256, rec.task)
+        return {"model_id": rec.model_id, "model_size_bytes": size, "task": rec.task, "sha256": rec.sha256}
+
+    def on_get_models(self, ident: bytes, msg: m.GetModels) -> dict[str, Any]:
+        if msg.model_id is not None and msg.model_id not in ("_all", "*"):
+            recs = [self._model(msg.model_id)]
+        else:
+            recs = sorted(self.models.values(), key=lambda r: r.model_id)
+        return {"count": len(recs), "trained_model_configs": [r.config_body() for r in recs]}
+
+    def on_delete_model(self, ident: bytes, msg: m.DeleteModel) -> dict[str, Any]:
+        rec = self._model(msg.model_id)
+        if any(d.model_id == rec.model_id for d in self.deployments.values()):
+            raise Conflict(f"Cannot delete model [{rec.model_id}] as it is currently deployed")
+        self.store.delete_model(rec)
+        del self.models[rec.model_id]
+        log.info("deleted model [%s]", rec.model_id)
+        return {"acknowledged": True}
+
+    # ---- deployments ---------------------------------------------------------------------------
+    def on_start(self, ident: bytes, msg: m.StartDeployment) -> Any:
+        p = validate_start(msg)
+        model = self._model(p.model_id)
+        if p.deployment_id in self.deployments:
+            raise BadRequest("Could not start model deployment because an existing deployment with "
+                             f"the same id [{p.deployment_id}] exist")
+        if p.deployment_id != p.model_id and p.deployment_id in self.models:
+            raise BadRequest(f"Deployment id [{p.deployment_id}] is the same as an another model which "
+                             "is not the model being deployed. Deployment id can be the same as the "
+                             "model being deployed but cannot match a different model")
+        dep = DeploymentRecord(
+            deployment_id=p.deployment_id, model_id=model.model_id,
+            number_of_allocations=p.number_of_allocations,
+            threads_per_allocation=p.threads_per_allocation, queue_capacity=p.queue_capacity,
+            priority=p.priority, cache_size=p.cache_size, adaptive=p.adaptive,
+            start_time_ms=self.clock.wall_ms())
+        pd = planner.PlanDeployment(dep.deployment_id, dep.number_of_allocations,
+                                    dep.threads_per_allocation,
+                                    planner.memory_estimate(model.size, dep.cache_bytes(model)),
+                                    dep.priority)
+        plan = self._plan({dep.deployment_id: pd})
+        placed = plan.placed(dep.deployment_id)
+        if placed == 0:
+            raise TooManyRequests("Could not start deployment because no ML nodes with sufficient "
+                                  "capacity were found")
+        if placed < dep.number_of_allocations:
+            raise TooManyRequests("Could not start deployment because there are not enough resources "
+                                  "to provide all requested allocations")
+        self.deployments[dep.deployment_id] = dep
+        self._route_sigs[dep.deployment_id] = ()
+        dep.routing_version = self._next_version()
+        self.store.save_deployment(dep)
+        log.info("started deployment [%s] of model [%s]: %d allocations x %d threads, priority %s",
+                 dep.deployment_id, dep.model_id, dep.number_of_allocations,
+                 dep.threads_per_allocation, dep.priority)
+        self._apply(plan, f"model deployment [{dep.deployment_id}] started")
+        return self._park(ident, p.timeout_s,
+                          lambda: self._start_progress(dep.deployment_id, p.wait_for),
+                          lambda: self._start_timeout(dep.deployment_id, p.timeout_s))
+
+    def _start_progress(self, deployment_id: str, wait_for: str) -> Optional[tuple[int, dict]]:
+        dep = self.deployments.get(deployment_id)
+        if dep is None:
+            raise BadRequest("Error waiting for the model deployment to start. The trained model "
+                             "assignment was removed while waiting")
+        routes = self._routes(dep)
+        failed = {r.node_id: r.reason for r in routes if r.routing_state == RoutingState.FAILED}
+        if failed:
+            self._begin_stop(dep, force=True, finish_pending_work=False)
+            raise ServerError("Could not start trained model deployment, the following nodes failed "
+                              f"with errors [{', '.join(f'{k}: {v}' for k, v in sorted(failed.items()))}]")
+        state = allocation_status(dep, routes)["state"]
+        if wait_for_reached(wait_for, state):
+            return 200, assignment_body(dep, self.models[dep.model_id], routes)
+        return None
+
+    def _start_timeout(self, deployment_id: str, timeout_s: float) -> tuple[int, dict]:
+        e = RequestTimeout(
+            f"Timed out after [{format_time(timeout_s)}] waiting for trained model deployment "
+            f"[{deployment_id}] to start. Use the trained model stats API to track the state of the "
+            "deployment and try again once it has started.")
+        return e.status, e.to_body()
+
+    def on_update(self, ident: bytes, msg: m.UpdateDeployment) -> dict[str, Any]:
+        dep = self._deployment(msg.deployment_id)
+        n, adaptive = validate_update(msg.number_of_allocations, msg.adaptive_allocations, dep.adaptive)
+        model = self.models[dep.model_id]
+        routes = self._routes(dep)
+        if (n is None or n == dep.number_of_allocations) and adaptive == dep.adaptive:
+            return assignment_body(dep, model, routes)
+        if assignment_state(dep, routes) != AssignmentState.STARTED:
+            raise Conflict("cannot update deployment that is not in [started] state")
+        if n is not None and n != dep.number_of_allocations:
+            plan = self._plan({dep.deployment_id: self._plan_deployment(dep, n)})
+            if plan.placed(dep.deployment_id) < n and n > dep.number_of_allocations:
+                raise TooManyRequests("Could not update deployment because there are not enough "
+                                      "resources to provide all requested allocations")
+            dep.number_of_allocations = n
+            dep.adaptive = adaptive
+            self.store.save_deployment(dep)
+            self._apply(plan, f"model deployment [{dep.deployment_id}] updated")
+        else:
+            dep.adaptive = adaptive
+        self.store.save_deployment(dep)
+        return assignment_body(dep, model, self._routes(dep))
+
+    def on_stop(self, ident: bytes, msg: m.StopDeployment) -> Any:
+        dep = self.deployments.get(msg.deployment_id)
+        if dep is None:
+            if msg.allow_no_match:
+                return {"stopped": True}
+            raise NotFound(f"No known model deployment with id [{msg.deployment_id}]")
+        self._begin_stop(dep, force=msg.force, finish_pending_work=msg.finish_pending_work)
+        return self._park(ident, self.cfg.stop_timeout_s,
+                          lambda: None if dep.deployment_id in self.deployments else (200, {"stopped": True}),
+                          lambda: self._force_remove(dep.deployment_id))
+
+    def _begin_stop(self, dep: DeploymentRecord, *, force: bool, finish_pending_work: bool) -> None:
+        if not dep.stopping:
+            log.info("stopping deployment [%s] (force=%s, finish_pending_work=%s)",
+                     dep.deployment_id, force, finish_pending_work)
+        dep.stopping = True
+        dep.finish_pending_work = finish_pending_work and not force
+        self.store.save_deployment(dep)
+        self._after_change()
+        for node_id in set(dep.targets) | self._reporting_nodes(dep):
+            self._push_sync(node_id)
+        self._finish_stops()
+
+    def _finish_stops(self) -> None:
+        """Forget stopping deployments that no live node runs any more."""
+        done = [d for d in self.deployments.values() if d.stopping and not self._reporting_nodes(d)]
+        for dep in done:
+            self._remove(dep)
+        if done:
+            self._rebalance("deployments stopped: " + ",".join(d.deployment_id for d in done))
+
+    def _remove(self, dep: DeploymentRecord) -> None:
+        self.store.delete_deployment(dep.deployment_id)
+        self.deployments.pop(dep.deployment_id, None)
+        self._route_sigs.pop(dep.deployment_id, None)
+        log.info("Stopped deployment [%s]", dep.deployment_id)
+        for node_id in set(dep.targets) | {n.node_id for n in self._alive()}:
+            self._push_sync(node_id)
+
+    def _force_remove(self, deployment_id: str) -> tuple[int, dict]:
+        dep = self.deployments.get(deployment_id)
+        if dep is not None:
+            log.warning("deployment [%s]: nodes %s did not confirm the stop in time; removing it",
+                        deployment_id, sorted(self._reporting_nodes(dep)))
+            self._remove(dep)
+            self._rebalance(f"deployment [{deployment_id}] stopped")
+        return 200, {"stopped": True}
+
+    def on_clear_cache(self, ident: bytes, msg: m.DeploymentRef) -> dict[str, Any]:
+        dep = self._deployment(msg.deployment_id)
+        for node_id in self._reporting_nodes(dep):
+            self._send(AGENT_PREFIX + node_id.encode(),
+                       encode_request("clear_cache", 0, {"deployment_id": dep.deployment_id}))
+        return {"cleared": True}
+
+    def on_get_stats(self, ident: bytes, msg: m.GetStats) -> dict[str, Any]:
+        if msg.deployment_id is not None and msg.deployment_id not in ("_all", "*"):
+            dep = self.deployments.get(msg.deployment_id)
+            if dep is None:
+                deps = [d for d in self.deployments.values() if d.model_id == msg.deployment_id]
+                if not deps:
+                    raise NotFound(f"No known model deployment with id [{msg.deployment_id}]")
+            else:
+                deps = [dep]
+        else:
+            deps = sorted(self.deployments.values(), key=lambda d: d.deployment_id)
+        entries = [deployment_stats_body(d, self.models[d.model_id], self._routes(d), self.nodes)
+                   for d in deps]
+        for e, d in zip(entries, deps):
+            model = self.models[d.model_id]
+            e["model_size_stats"]["required_native_memory_bytes"] = planner.memory_estimate(
+                model.size, d.cache_bytes(model))
+        return {"count": len({d.model_id for d in deps}), "trained_model_stats": entries}
+
+    def on_get_nodes(self, ident: bytes, msg: m.Empty) -> dict[str, Any]:
+        out = {}
+        for n in sorted(self._alive(), key=lambda n: n.node_id):
+            deps = sorted(d.deployment_id for d in self.deployments.values()
+                          if any(r.node_id == n.node_id and r.current_allocations > 0
+                                 for r in self._routes(d)))
+            out[n.node_id] = n.body(deps)
+        return {"nodes": out}
+
+    def on_get_routing(self, ident: bytes, msg: m.DeploymentRef) -> dict[str, Any]:
+        dep = self._deployment(msg.deployment_id)
+        routes = self._routes(dep)
+        return {"deployment_id": dep.deployment_id, "version": dep.routing_version,
+                "assignment_state": "stopping" if dep.stopping else
+                ("started" if any(r.routable for r in routes) else "starting"),
+                "routes": [{"node_id": r.node_id,
+                            "address": self.nodes[r.node_id].transport_address,
+                            "routing_state": r.routing_state.value,
+                            "current_allocations": r.current_allocations}
+                           for r in routes if r.routing_state in (RoutingState.STARTED,
+                                                                   RoutingState.STOPPING)]}
+
+
+def _is_torchscript(path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and any("/code/" in n or n.endswith(
+        "/constants.pkl") for n in names)
+
+
+def serve(config: CoordinatorConfig) -> None:
+    coord = Coordinator(config)
+    signal.signal(signal.SIGTERM, coord.stop)
+    signal.signal(signal.SIGINT, coord.stop)
+    coord.bind()
+    coord.run()
