@@ -35,6 +35,7 @@ UPLOAD_CHUNK = 4 << 20
 START_MARGIN_S = 10.0
 INFER_MARGIN_S = 5.0
 ROUTING_TTL_S = 60.0
+CONNECT_TIMEOUT_S = 5.0
 
 
 class _IO(threading.Thread):
@@ -49,6 +50,7 @@ class _IO(threading.Thread):
         os.set_blocking(self.wake_w, False)
         self.socks: dict[str, zmq.Socket] = {}
         self.pending: dict[int, cf.Future] = {}
+        self.unsent: list[tuple[str, bytes, int, cf.Future, float]] = []
         self.running = True
         self.poller = zmq.Poller()
         self.poller.register(self.wake_r, zmq.POLLIN)
@@ -73,6 +75,7 @@ class _IO(threading.Thread):
         s = self.socks.get(address)
         if s is None:
             s = make_socket(self.ctx, zmq.DEALER)
+            s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: fail fast otherwise
             s.connect(address)
             self.socks[address] = s
             self.poller.register(s, zmq.POLLIN)
@@ -84,9 +87,28 @@ class _IO(threading.Thread):
             self.poller.unregister(s)
             s.close(0)
 
+    def _try_send(self, address: str, frame: bytes, rid: int, fut: cf.Future, deadline: float) -> None:
+        try:
+            self._sock(address).send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            if time.monotonic() < deadline:
+                self.unsent.append((address, frame, rid, fut, deadline))
+            else:
+                self.pending.pop(rid, None)
+                self._reset(address)
+                fut.set_exception(NoAnswer(f"no answer from {address}: could not connect within "
+                                           f"{CONNECT_TIMEOUT_S:g}s"))
+        except zmq.ZMQError as e:
+            self.pending.pop(rid, None)
+            fut.set_exception(NoAnswer(f"could not send to {address}: {e}"))
+
     def run(self) -> None:
         while self.running:
-            events = dict(self.poller.poll(500))
+            events = dict(self.poller.poll(20 if self.unsent else 500))
+            retry, self.unsent = self.unsent, []
+            for address, frame, rid, fut, deadline in retry:
+                if rid in self.pending:
+                    self._try_send(address, frame, rid, fut, deadline)
             if self.wake_r in events:
                 try:
                     os.read(self.wake_r, 65536)
@@ -97,11 +119,7 @@ class _IO(threading.Thread):
                 if kind == "send":
                     if fut.set_running_or_notify_cancel():
                         self.pending[rid] = fut
-                        try:
-                            self._sock(address).send(frame, zmq.NOBLOCK)
-                        except zmq.ZMQError as e:
-                            self.pending.pop(rid, None)
-                            fut.set_exception(NoAnswer(f"could not send to {address}: {e}"))
+                        self._try_send(address, frame, rid, fut, time.monotonic() + CONNECT_TIMEOUT_S)
                 elif kind == "forget":
                     self.pending.pop(rid, None)
                     if address is not None:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import Cluster, Mlp, save_model
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(Mlp(), tmp_path_factory.mktemp("models") / "mlp.pt")
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory):
+    """A coordinator and two agents with 4 allocated processors each, shared by a test module."""
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start_coordinator()
+        c.start_agent("node-a", 4)
+        c.start_agent("node-b", 4)
+        c.wait_nodes(2)
+        yield c
+    finally:
+        leftovers = c.shutdown()
+        assert not leftovers, f"processes outlived their daemons: {leftovers}"
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path):
+    """A cluster of one's own (coordinator only; the test adds agents)."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        leftovers = c.shutdown()
+        assert not leftovers, f"processes outlived their daemons: {leftovers}"

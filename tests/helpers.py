@@ -1,0 +1,179 @@
+"""Real daemons for tests: processes on loopback, ports chosen by the OS, ended by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import psutil
+import torch
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--heartbeat-interval", "200ms", "--node-timeout", "3s"]
+
+
+def wait_until(cond: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05,
+               what: str = "condition") -> T:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = e
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen
+    endpoint: str
+    log: Path
+    descendants: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def remember_children(self) -> None:
+        self.descendants |= {p.pid for p in self.children()}
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> int:
+        self.remember_children()
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL any descendant still alive (by pid); returns the ones that were."""
+        left = []
+        for pid in self.descendants:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+
+def start_daemon(kind: str, args: list[str], workdir: Path, name: str) -> Daemon:
+    ready = workdir / f"{name}.ready.json"
+    ready.unlink(missing_ok=True)
+    log = workdir / f"{name}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", kind, *args,
+                                 "--ready-file", str(ready)], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env)
+    def ready_now():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        return ready.exists() and json.loads(ready.read_text())
+    info = wait_until(ready_now, 60, what=f"{name} to be ready")
+    assert info["pid"] == proc.pid
+    return Daemon(name, proc, info["endpoint"], log)
+
+
+class Cluster:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.coordinator: Daemon | None = None
+        self.agents: dict[str, Daemon] = {}
+        self.retired: list[Daemon] = []
+
+    def start_coordinator(self, listen: str = "tcp://127.0.0.1:0", extra: list[str] | None = None) -> Daemon:
+        self.coordinator = start_daemon("coordinator", ["--listen", listen, "--data-dir",
+                                                        str(self.workdir / "coordinator"), *FAST,
+                                                        *(extra or [])], self.workdir, "coordinator")
+        return self.coordinator
+
+    def start_agent(self, node_id: str, processors: int = 4) -> Daemon:
+        assert self.coordinator is not None
+        d = start_daemon("agent", ["--coordinator", self.coordinator.endpoint, "--node-id", node_id,
+                                   "--allocated-processors", str(processors), "--data-dir",
+                                   str(self.workdir / f"agent-{node_id}")], self.workdir, node_id)
+        self.agents[node_id] = d
+        return d
+
+    def client(self):
+        from common.client import Client
+        return Client(self.coordinator.endpoint, request_timeout="20s")
+
+    def wait_nodes(self, n: int, timeout_s: float = 30.0) -> None:
+        with self.client() as c:
+            wait_until(lambda: len(c.get_nodes()["nodes"]) == n, timeout_s, what=f"{n} nodes")
+
+    def worker_pids(self, node_id: str) -> list[int]:
+        """Processes under an agent (model hosts and their allocation workers)."""
+        return [p.pid for p in self.agents[node_id].children()]
+
+    def shutdown(self) -> list[int]:
+        leftovers = []
+        daemons = [*self.agents.values(), *([self.coordinator] if self.coordinator else []), *self.retired]
+        for d in daemons:
+            d.stop()
+        for d in daemons:
+            leftovers += d.kill_leftovers()
+        return leftovers
+
+
+# ---- tiny real TorchScript models -------------------------------------------------------------
+
+class Mlp(torch.nn.Module):
+    def __init__(self, n_in: int = 8, n_out: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(n_in, hidden)
+        self.b = torch.nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class TwoInOut(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + y, x * y
+
+
+class Slow(torch.nn.Module):
+    """Busy for about ``x[0]`` seconds (a float tensor), then echoes it: for queue and timeout tests."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x[0].item() * 2000.0)
+        acc = torch.zeros(64, 64)
+        for _ in range(n):
+            acc = acc + torch.ones(64, 64) * 1e-9
+        return x + acc.sum() * 0.0
+
+
+def save_model(module: torch.nn.Module, path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    scripted = torch.jit.script(module)
+    torch.jit.save(scripted, str(path))
+    return path

@@ -1,0 +1,65 @@
+"""The admin CLI against a live coordinator, output parsed as JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def mlfleet(cluster, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "common.cli", *args, "--coordinator",
+                        cluster.coordinator.endpoint, "--format", "json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=90)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_cli_end_to_end(cluster2, mlp_path):
+    put = json.loads(mlfleet(cluster2, "models", "put", "cli-mlp", "--file", str(mlp_path)).stdout)
+    assert put["model_id"] == "cli-mlp" and put["task"] == "pass_through" and len(put["sha256"]) == 64
+    listed = json.loads(mlfleet(cluster2, "models", "list").stdout)
+    assert "cli-mlp" in [m["model_id"] for m in listed["trained_model_configs"]]
+
+    started = json.loads(mlfleet(cluster2, "deployments", "start", "cli-mlp", "--number-of-allocations",
+                                 "2", "--wait-for", "fully_allocated").stdout)
+    assert sum(r["current_allocations"] for r in started["assignment"]["routing_table"].values()) == 2
+
+    out = json.loads(mlfleet(cluster2, "infer", "cli-mlp", "--docs",
+                             json.dumps([{"input": [[0.1] * 8]}, {"input": [[0.2] * 8, [0.3] * 8]}])).stdout)
+    res = out["inference_results"]
+    assert len(res) == 2 and len(res[0]["predicted_value"]) == 1 and len(res[1]["predicted_value"]) == 2
+    assert all(isinstance(v, float) for v in res[1]["predicted_value"][0])
+
+    stats = json.loads(mlfleet(cluster2, "deployments", "stats", "cli-mlp").stdout)
+    assert stats["count"] == 1
+    assert stats["trained_model_stats"][0]["deployment_stats"]["allocation_status"]["allocation_count"] == 2
+    nodes = json.loads(mlfleet(cluster2, "nodes", "list").stdout)
+    assert set(nodes["nodes"]) == {"node-a", "node-b"}
+
+    # errors: empty stdout, the error body on stderr's last line, non-zero exit
+    bad = mlfleet(cluster2, "deployments", "start", "cli-mlp", "--deployment-id", "x2",
+                  "--threads-per-allocation", "3", ok=False)
+    assert bad.returncode == 1 and bad.stdout == ""
+    err = json.loads(bad.stderr.strip().splitlines()[-1])
+    assert err["status"] == 400 and "[threads_per_allocation] must be a power of 2" in err["error"]["reason"]
+    missing = mlfleet(cluster2, "deployments", "stop", "nope", "--no-allow-no-match", ok=False)
+    assert json.loads(missing.stderr.strip().splitlines()[-1])["status"] == 404
+
+    assert json.loads(mlfleet(cluster2, "deployments", "stop", "cli-mlp").stdout) == {"stopped": True}
+    assert json.loads(mlfleet(cluster2, "models", "delete", "cli-mlp").stdout) == {"acknowledged": True}
+
+
+def test_cli_without_coordinator_fails_fast_with_a_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "common.cli", "nodes", "list", "--coordinator",
+                        "tcp://127.0.0.1:1", "--format", "json"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=90, env={**__import__("os").environ})
+    assert p.returncode == 3 and p.stdout == ""
+    assert "no answer from tcp://127.0.0.1:1" in json.loads(p.stderr.strip().splitlines()[-1])["error"]["reason"]

@@ -1,0 +1,622 @@
+"""Pure unit tests of the wire codec (common.protocol), typed messages (common.messages), units
+(common.units) and the error tree (common.errors)."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from common import PROTOCOL_VERSION
+from common import errors as E
+from common import messages as M
+from common import protocol as P
+from common.units import format_time, normalize_bytes, parse_bytes, parse_time
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ---- request / reply envelopes ----------------------------------------------------------------
+
+def test_request_round_trip():
+    body = {"model_id": "m", "number_of_allocations": 2, "nested": {"a": [1, 2.5, None, True]},
+            "blob": b"\x00\x01\xff"}
+    frame = P.encode_request("start_deployment", 42, body)
+    assert isinstance(frame, bytes)
+    req = P.decode_request(frame)
+    assert req == P.Request(op="start_deployment", id=42, body=body)
+
+
+def test_request_envelope_shape():
+    frame = P.encode_request("ping", 7, {})
+    assert msgpack.unpackb(frame, raw=False) == {"v": PROTOCOL_VERSION, "op": "ping", "id": 7,
+                                                 "body": {}}
+
+
+def test_request_missing_or_null_body_is_empty():
+    frame = P.pack({"v": PROTOCOL_VERSION, "op": "x", "id": 1})
+    assert P.decode_request(frame).body == {}
+    frame = P.pack({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "body": None})
+    assert P.decode_request(frame).body == {}
+
+
+@pytest.mark.parametrize("rid", [0, 1, 2**31, 2**63 - 1, -5])
+def test_request_ids(rid):
+    assert P.decode_request(P.encode_request("x", rid, {})).id == rid
+
+
+def test_reply_round_trip():
+    frame = P.encode_reply(9, 200, {"acknowledged": True})
+    rep = P.decode_reply(frame)
+    assert rep == P.Reply(id=9, status=200, body={"acknowledged": True}, rv=0)
+
+
+def test_reply_with_routing_version():
+    rep = P.decode_reply(P.encode_reply(3, 200, {"x": 1}, rv=17))
+    assert rep.rv == 17 and rep.body == {"x": 1}
+
+
+def test_reply_error_body_round_trip():
+    err = E.NotFound("No known model deployment with id [d]")
+    rep = P.decode_reply(P.encode_reply(5, err.status, err.to_body()))
+    assert rep.status == 404
+    back = E.from_body(rep.body)
+    assert isinstance(back, E.NotFound) and back.reason == err.reason
+
+
+def test_reply_non_int_rv_ignored():
+    frame = P.pack({"v": PROTOCOL_VERSION, "id": 1, "status": 200, "body": {}, "rv": "x"})
+    assert P.decode_reply(frame).rv == 0
+
+
+@pytest.mark.parametrize("msg", [
+    {"v": PROTOCOL_VERSION, "id": 1, "status": "200", "body": {}},
+    {"v": PROTOCOL_VERSION, "id": 1, "status": 200, "body": []},
+    {"v": PROTOCOL_VERSION, "id": 1, "body": {}},
+    {"v": PROTOCOL_VERSION, "id": 1, "status": 200},
+])
+def test_malformed_reply(msg):
+    with pytest.raises(E.BadRequest, match="malformed reply"):
+        P.decode_reply(P.pack(msg))
+
+
+# ---- malformed requests -----------------------------------------------------------------------
+
+def bad(frame: bytes) -> E.BadRequest:
+    with pytest.raises(E.BadRequest) as ei:
+        P.decode_request(frame)
+    e = ei.value
+    assert e.status == 400
+    assert e.reason
+    return e
+
+
+@pytest.mark.parametrize("frame", [b"", b"\xc1", b"\x92\x01", b"\xde\xad\xbe\xef\x00\x01",
+                                   b"\x81\xa1v", b"not msgpack at all" * 3])
+def test_garbage_bytes(frame):
+    e = bad(frame)
+    assert "malformed message" in e.reason or "protocol version" in e.reason
+
+
+def test_invalid_msgpack_names_msgpack():
+    assert "msgpack" in bad(b"\xc1").reason
+
+
+def test_trailing_data_is_malformed():
+    frame = P.encode_request("x", 1, {}) + b"\x00"
+    assert "msgpack" in bad(frame).reason
+
+
+@pytest.mark.parametrize("obj", [[1, 2, 3], "hello", 42, None, b"bytes", 1.5, True])
+def test_non_map_msgpack(obj):
+    e = bad(P.pack(obj))
+    assert "expected a map" in e.reason
+
+
+@pytest.mark.parametrize("v", [0, 2, 99, "1", None])
+def test_wrong_version(v):
+    msg = {"op": "x", "id": 1, "body": {}}
+    if v is not None:
+        msg["v"] = v
+    e = bad(P.pack(msg))
+    assert "unsupported protocol version" in e.reason
+    assert f"[{PROTOCOL_VERSION}]" in e.reason
+
+
+@pytest.mark.parametrize("rid", ["missing", "1", 1.0, None, True, [1]])
+def test_bad_id(rid):
+    msg = {"v": PROTOCOL_VERSION, "op": "x", "body": {}}
+    if rid != "missing":
+        msg["id"] = rid
+    e = bad(P.pack(msg))
+    assert "[id] must be an integer" in e.reason
+
+
+@pytest.mark.parametrize("op", ["missing", 1, None, b"op", ["x"], {"a": 1}])
+def test_bad_op(op):
+    msg = {"v": PROTOCOL_VERSION, "id": 1, "body": {}}
+    if op != "missing":
+        msg["op"] = op
+    e = bad(P.pack(msg))
+    assert "[op] must be a string" in e.reason
+
+
+@pytest.mark.parametrize("body", [[1], "x", 3, b"b", True])
+def test_body_not_a_map(body):
+    e = bad(P.pack({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "body": body}))
+    assert "[body] must be a map" in e.reason
+
+
+def test_request_id_of_best_effort():
+    assert P.request_id_of(P.pack({"v": 99, "id": 12})) == 12
+    assert P.request_id_of(b"\xc1") == 0
+    assert P.request_id_of(P.pack([1, 2])) == 0
+    assert P.request_id_of(P.pack({"id": "x"})) == 0
+    assert P.request_id_of(P.pack({"id": True})) == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=256))
+def test_decode_request_arbitrary_bytes_only_bad_request(frame):
+    try:
+        req = P.decode_request(frame)
+    except E.BadRequest as e:
+        assert e.status == 400 and e.reason
+    else:
+        assert isinstance(req.op, str) and isinstance(req.body, dict)
+        assert isinstance(req.id, int) and not isinstance(req.id, bool)
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=10) | st.binary(max_size=10),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=5) | st.integers(-10, 10), children, max_size=4),
+    max_leaves=15)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["v", "op", "id", "body", "x"]), msgpack_values,
+                       max_size=5))
+def test_decode_request_arbitrary_maps_only_bad_request(msg):
+    frame = P.pack(msg)
+    try:
+        req = P.decode_request(frame)
+    except E.BadRequest as e:
+        assert e.status == 400 and e.reason
+    else:
+        assert isinstance(req.op, str) and isinstance(req.body, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=256))
+def test_decode_reply_arbitrary_bytes_only_bad_request(frame):
+    try:
+        P.decode_reply(frame)
+    except E.BadRequest:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_request_id_of_never_raises(frame):
+    assert isinstance(P.request_id_of(frame), int)
+
+
+# ---- arrays -----------------------------------------------------------------------------------
+
+def same_array(a: np.ndarray, b: np.ndarray) -> None:
+    assert isinstance(b, np.ndarray)
+    assert b.dtype == a.dtype
+    assert b.shape == a.shape
+    assert np.ascontiguousarray(b).tobytes() == np.ascontiguousarray(a).tobytes()
+
+
+ARRAYS = [
+    np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+    np.array([np.pi, -0.0, np.inf, -np.inf, np.nan, 5e-324], dtype=np.float64),
+    np.array([[-(2**63), 2**63 - 1], [0, -1]], dtype=np.int64),
+    np.arange(256, dtype=np.uint8).reshape(4, 8, 8),
+    np.array([True, False, True]),
+    np.array([[1, 2], [3, 4]], dtype=np.int32),
+    np.array([1.5, -2.25], dtype=np.float16),
+    np.array([1 + 2j], dtype=np.complex64),
+    np.array([1, -1], dtype=np.int8),
+    np.zeros((0,), dtype=np.float32),
+    np.zeros((2, 0, 3), dtype=np.int64),
+    np.ones((1, 1, 1, 1), dtype=np.float64),
+]
+ARRAY_IDS = [f"{a.dtype}-{'x'.join(map(str, a.shape)) or 'scalar'}" for a in ARRAYS]
+
+
+@pytest.mark.parametrize("arr", ARRAYS, ids=ARRAY_IDS)
+def test_array_round_trip_tree(arr):
+    wire = P.encode_tree(arr)
+    assert P.is_array(wire)
+    assert wire["shape"] == list(arr.shape)
+    assert isinstance(wire["data"], bytes)
+    same_array(arr, P.decode_tree(wire))
+
+
+@pytest.mark.parametrize("arr", ARRAYS, ids=ARRAY_IDS)
+def test_array_round_trip_msgpack(arr):
+    frame = P.pack({"docs": [{"input": P.encode_tree(arr)}]})
+    back = P.decode_tree(P.unpack(frame))
+    same_array(arr, back["docs"][0]["input"])
+
+
+@pytest.mark.parametrize("arr", [np.array(3.5, dtype=np.float32), np.array(7, dtype=np.int64),
+                                 np.array(True), np.array(200, dtype=np.uint8)],
+                         ids=["float32", "int64", "bool", "uint8"])
+def test_zero_dim_array_round_trip(arr):
+    """SPEC: arrays reach the model unchanged; a 0-d array must stay 0-d (shape ())."""
+    wire = P.encode_tree(arr)
+    assert wire["shape"] == []
+    back = P.decode_tree(P.unpack(P.pack(wire)))
+    same_array(arr, back)
+
+
+def test_big_endian_array_round_trip():
+    arr = np.arange(6, dtype=">i4").reshape(2, 3)
+    back = P.decode_tree(P.unpack(P.pack(P.encode_tree(arr))))
+    assert back.dtype == np.dtype(">i4")
+    assert np.array_equal(back, arr)
+
+
+def test_fortran_and_strided_arrays_are_sent_in_c_order():
+    f = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
+    back = P.decode_tree(P.encode_tree(f))
+    assert np.array_equal(back, f)
+    s = np.arange(20, dtype=np.int64)[::3]
+    back = P.decode_tree(P.encode_tree(s))
+    assert np.array_equal(back, s)
+    t = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    wire = P.encode_tree(t)
+    assert wire["data"] == np.ascontiguousarray(t).tobytes()
+    assert np.array_equal(P.decode_tree(wire), t)
+
+
+def test_tree_with_nested_arrays_and_plain_values():
+    tree = {"inputs": [np.ones((2, 2), np.float32), np.arange(3)], "text": "hi", "n": 3,
+            "inner": {"mask": np.array([True, False])}, "tuple": (np.zeros(1, np.uint8), 1)}
+    back = P.decode_tree(P.unpack(P.pack(P.encode_tree(tree))))
+    same_array(tree["inputs"][0], back["inputs"][0])
+    same_array(tree["inputs"][1], back["inputs"][1])
+    same_array(tree["inner"]["mask"], back["inner"]["mask"])
+    same_array(tree["tuple"][0], back["tuple"][0])
+    assert back["text"] == "hi" and back["n"] == 3 and back["tuple"][1] == 1
+
+
+def test_map_with_extra_keys_is_not_an_array():
+    obj = {"dtype": "float32", "shape": [1], "data": b"\x00" * 4, "extra": 1}
+    assert not P.is_array(obj)
+    assert P.decode_tree(obj) == obj
+
+
+@pytest.mark.parametrize("obj,needle", [
+    ({"dtype": "nope", "shape": [1], "data": b"\x00" * 4}, "dtype"),
+    ({"dtype": "float32", "shape": [3], "data": b"\x00" * 4}, ""),
+    ({"dtype": "float32", "shape": [1], "data": b"\x00" * 3}, ""),
+    ({"dtype": "float32", "shape": [1], "data": "text"}, "bytes"),
+    ({"dtype": "object", "shape": [1], "data": b"\x00" * 8}, ""),
+    ({"dtype": "float32", "shape": "x", "data": b"\x00" * 4}, ""),
+    ({"dtype": "float32", "shape": [-1, 5], "data": b"\x00" * 4}, ""),
+    ({"dtype": None, "shape": [1], "data": b"\x00" * 4}, ""),
+])
+def test_invalid_wire_arrays_are_bad_requests(obj, needle):
+    with pytest.raises(E.BadRequest) as ei:
+        P.decode_array(obj, where="inputs[0]")
+    assert "[inputs[0]] is not a valid array" in ei.value.reason
+    assert needle in ei.value.reason
+
+
+def test_to_jsonable():
+    tree = {"a": np.array([[1, 2], [3, 4]]), "b": np.float32(1.5), "c": b"\x01\xff",
+            "d": P.encode_array(np.array([1.0, 2.0])), "e": (1, 2)}
+    assert P.to_jsonable(tree) == {"a": [[1, 2], [3, 4]], "b": 1.5, "c": "01ff", "d": [1.0, 2.0],
+                                   "e": [1, 2]}
+
+
+_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8,
+           np.uint16, np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hnp.arrays(dtype=st.sampled_from(_DTYPES).map(np.dtype),
+                  shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5)))
+def test_property_array_round_trip(arr):
+    via_tree = P.decode_tree(P.encode_tree(arr))
+    same_array(arr, via_tree)
+    via_msgpack = P.decode_tree(P.unpack(P.pack(P.encode_tree({"x": [arr]}))))["x"][0]
+    same_array(arr, via_msgpack)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hnp.arrays(dtype=st.sampled_from(_DTYPES).map(np.dtype),
+                  shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+def test_property_array_round_trip_including_0d(arr):
+    same_array(arr, P.decode_tree(P.unpack(P.pack(P.encode_tree(arr)))))
+
+
+# ---- typed messages ---------------------------------------------------------------------------
+
+def test_decode_start_deployment_defaults():
+    msg = M.decode(M.StartDeployment, {"model_id": "m"})
+    assert msg == M.StartDeployment(model_id="m")
+    assert msg.threads_per_allocation == 1 and msg.queue_capacity == 1024
+    assert msg.timeout == "30s" and msg.wait_for == "started" and msg.priority == "normal"
+
+
+def test_encode_decode_round_trip_all_fields():
+    msg = M.StartDeployment(model_id="m", deployment_id="d", number_of_allocations=2,
+                            threads_per_allocation=4, queue_capacity=10, priority="low",
+                            cache_size="10kb", timeout="1m", wait_for="starting",
+                            adaptive_allocations={"enabled": True})
+    body = M.encode(msg)
+    assert M.decode(M.StartDeployment, P.unpack(P.pack(body))) == msg
+
+
+def test_round_trip_bytes_and_defaults_factory():
+    msg = M.PutModelChunk(upload_id="u", offset=0, data=b"\x00\x01")
+    assert M.decode(M.PutModelChunk, P.unpack(P.pack(M.encode(msg)))) == msg
+    reg = M.Register(node_id="n", hostname="h", transport_address="tcp://x:1",
+                     allocated_processors=4, cpu={"physical": 2, "logical": 4},
+                     memory={"total_bytes": 1, "available_bytes": 1}, pid=1)
+    assert M.decode(M.Register, M.encode(reg)) == reg
+    assert reg.deployments == []
+
+
+def test_decode_bytes_like():
+    assert M.decode(M.PutModelChunk, {"upload_id": "u", "offset": 0,
+                                      "data": bytearray(b"ab")}).data == b"ab"
+
+
+def test_decode_unknown_field_named():
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(M.StartDeployment, {"model_id": "m", "bogus": 1}, op="start_deployment")
+    assert ei.value.reason == "request [start_deployment] does not support parameter [bogus]"
+
+
+def test_decode_several_unknown_fields_named_sorted():
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(M.GetStats, {"zz": 1, "aa": 2})
+    assert "[aa, zz]" in ei.value.reason and "GetStats" in ei.value.reason
+
+
+def test_decode_missing_required():
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(M.StartDeployment, {})
+    assert ei.value.reason == "[model_id] is required"
+
+
+@pytest.mark.parametrize("cls,body,field,kind", [
+    (M.StartDeployment, {"model_id": 5}, "model_id", "a string"),
+    (M.StartDeployment, {"model_id": "m", "threads_per_allocation": "2"}, "threads_per_allocation",
+     "an integer"),
+    (M.StartDeployment, {"model_id": "m", "threads_per_allocation": 2.0},
+     "threads_per_allocation", "an integer"),
+    (M.StartDeployment, {"model_id": "m", "threads_per_allocation": True},
+     "threads_per_allocation", "an integer"),
+    (M.StartDeployment, {"model_id": "m", "number_of_allocations": "1"}, "number_of_allocations",
+     "an integer"),
+    (M.StartDeployment, {"model_id": "m", "number_of_allocations": False},
+     "number_of_allocations", "an integer"),
+    (M.StartDeployment, {"model_id": "m", "adaptive_allocations": [1]}, "adaptive_allocations",
+     "a map"),
+    (M.StartDeployment, {"model_id": "m", "cache_size": [1]}, "cache_size", ""),
+    (M.StartDeployment, {"model_id": "m", "timeout": None}, "timeout", ""),
+    (M.StopDeployment, {"deployment_id": "d", "force": 1}, "force", "a boolean"),
+    (M.StopDeployment, {"deployment_id": "d", "force": "true"}, "force", "a boolean"),
+    (M.Infer, {"deployment_id": "d", "docs": {"a": 1}}, "docs", "a list"),
+    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": "10s"}, "timeout_ms",
+     "an integer"),
+    (M.PutModelChunk, {"upload_id": "u", "offset": 0, "data": "text"}, "data", "bytes"),
+    (M.Heartbeat, {"node_id": "n", "memory": []}, "memory", "a map"),
+])
+def test_decode_wrong_types_name_field(cls, body, field, kind):
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(cls, body)
+    reason = ei.value.reason
+    assert ei.value.status == 400
+    assert reason.startswith(f"[{field}] must be"), reason
+    assert kind in reason
+
+
+def test_decode_accepts_union_and_optional():
+    assert M.decode(M.StartDeployment, {"model_id": "m", "cache_size": 1024}).cache_size == 1024
+    assert M.decode(M.StartDeployment, {"model_id": "m", "cache_size": "1kb"}).cache_size == "1kb"
+    assert M.decode(M.StartDeployment, {"model_id": "m", "cache_size": None}).cache_size is None
+    assert M.decode(M.StartDeployment, {"model_id": "m", "timeout": 5}).timeout == 5
+    assert M.decode(M.StartDeployment, {"model_id": "m", "number_of_allocations": None}) \
+        .number_of_allocations is None
+
+
+def test_decode_empty_message():
+    assert M.decode(M.Empty, {}) == M.Empty()
+    with pytest.raises(E.BadRequest):
+        M.decode(M.Empty, {"x": 1})
+
+
+# ---- units ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,seconds", [
+    ("500ms", 0.5), ("30s", 30.0), ("1m", 60.0), ("2h", 7200.0), ("1d", 86400.0),
+    ("0s", 0.0), ("1.5s", 1.5), ("-1s", -1.0), ("100micros", 1e-4), ("1000nanos", 1e-6),
+    (" 10s ", 10.0), ("10S", 10.0), (5, 5.0), (2.5, 2.5),
+])
+def test_parse_time(value, seconds):
+    assert parse_time(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "10", "abc", "10 parsecs", "s", "1.s", True, "1m1s"])
+def test_parse_time_errors(value):
+    with pytest.raises(ValueError) as ei:
+        parse_time(value, "timeout")
+    assert f"failed to parse setting [timeout] with value [{value}]" in str(ei.value)
+
+
+def test_parse_time_names_setting():
+    with pytest.raises(ValueError, match=r"\[node_timeout\]"):
+        parse_time("x", "node_timeout")
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (30, "30s"), (60, "1m"), (0.5, "500ms"), (7200, "2h"), (86400, "1d"), (90, "90s"),
+    (1.5, "1500ms"), (300, "5m"), (0.001, "1ms"), (3600 * 25, "25h"),
+])
+def test_format_time(seconds, text):
+    assert format_time(seconds) == text
+
+
+@pytest.mark.parametrize("text", ["500ms", "30s", "1m", "2h", "1d", "90s", "1500ms"])
+def test_format_parse_time_round_trip(text):
+    assert format_time(parse_time(text)) == text
+
+
+@pytest.mark.parametrize("value,n", [
+    ("1kb", 1024), ("1KB", 1024), ("1mb", 1 << 20), ("1gb", 1 << 30), ("1tb", 1 << 40),
+    ("1pb", 1 << 50), ("0b", 0), ("0", 0), ("1630b", 1630), ("512kb", 512 * 1024),
+    ("100mb", 100 << 20), ("1.5kb", 1536), (" 10 kb ", 10240), (1630, 1630), (0, 0),
+])
+def test_parse_bytes(value, n):
+    assert parse_bytes(value) == n
+
+
+@pytest.mark.parametrize("value", ["abc", "-1kb", "1 parsec", "kb", "", -1, True, "1.2.3kb"])
+def test_parse_bytes_errors(value):
+    with pytest.raises(ValueError) as ei:
+        parse_bytes(value, "cache_size")
+    assert f"failed to parse setting [cache_size] with value [{value}]" in str(ei.value)
+
+
+@pytest.mark.parametrize("value,text", [
+    (1630, "1630b"), (0, "0b"), ("10KB", "10kb"), (" 512 kb ", "512kb"), ("0", "0"),
+    ("1gb", "1gb"),
+])
+def test_normalize_bytes(value, text):
+    assert normalize_bytes(value) == text
+
+
+def test_normalize_bytes_rejects_invalid():
+    with pytest.raises(ValueError):
+        normalize_bytes("lots")
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+ERRORS = [
+    (E.BadRequest("bad thing"), E.BadRequest, 400, "status_exception"),
+    (E.ValidationError(["[x] must be positive"]), E.BadRequest, 400,
+     "action_request_validation_exception"),
+    (E.Unauthorized("no key"), E.Unauthorized, 401, "security_exception"),
+    (E.Forbidden("role infer may not"), E.Forbidden, 403, "security_exception"),
+    (E.NotFound("Could not find trained model [m]"), E.NotFound, 404,
+     "resource_not_found_exception"),
+    (E.RequestTimeout("Timed out after [30s]"), E.RequestTimeout, 408, "status_exception"),
+    (E.Conflict("not started"), E.Conflict, 409, "status_exception"),
+    (E.TooManyRequests("queue full", retry_after_ms=250), E.TooManyRequests, 429,
+     "es_rejected_execution_exception"),
+    (E.TooManyRequests("Could not start deployment because no ML nodes with sufficient capacity "
+                       "were found"), E.TooManyRequests, 429, "status_exception"),
+    (E.ServerError("node [a] failed: boom"), E.ServerError, 500, "status_exception"),
+    (E.ServiceUnavailable("every route failed"), E.ServiceUnavailable, 503, "status_exception"),
+]
+
+
+@pytest.mark.parametrize("err,cls,status,etype", ERRORS, ids=[f"{e[2]}-{e[3]}" for e in ERRORS])
+def test_error_body_round_trip(err, cls, status, etype):
+    assert err.status == status and err.type == etype
+    body = err.to_body()
+    assert body["status"] == status
+    assert body["error"]["type"] == etype
+    assert body["error"]["reason"] == err.reason
+    wire = P.unpack(P.pack(body))
+    back = E.from_body(wire)
+    assert type(back) is cls
+    assert isinstance(back, E.ApiError)
+    assert (back.status, back.type, back.reason, back.retry_after_ms) == \
+        (err.status, err.type, err.reason, err.retry_after_ms)
+    assert back.to_body() == body
+
+
+def test_error_body_shape_has_no_extra_fields_by_default():
+    assert E.NotFound("x").to_body() == {"error": {"type": "resource_not_found_exception",
+                                                   "reason": "x"}, "status": 404}
+
+
+def test_too_many_requests_retry_after():
+    full = E.TooManyRequests("queue full", retry_after_ms=100)
+    assert full.retry_after_ms == 100
+    assert full.type == "es_rejected_execution_exception"
+    assert full.to_body()["error"]["retry_after_ms"] == 100
+    cap = E.TooManyRequests("no capacity")
+    assert cap.retry_after_ms is None
+    assert cap.type == "status_exception"
+    assert "retry_after_ms" not in cap.to_body()["error"]
+    back = E.from_body(full.to_body())
+    assert isinstance(back, E.TooManyRequests) and back.retry_after_ms == 100
+    assert back.type == "es_rejected_execution_exception"
+    back = E.from_body(cap.to_body())
+    assert isinstance(back, E.TooManyRequests) and back.retry_after_ms is None
+    assert back.type == "status_exception"
+
+
+def test_too_many_requests_zero_retry_after_is_queue_full():
+    e = E.TooManyRequests("queue full", retry_after_ms=0)
+    assert e.type == "es_rejected_execution_exception"
+    assert E.from_body(e.to_body()).retry_after_ms == 0
+
+
+def test_retryable_round_trip():
+    e = E.ServiceUnavailable("try another", retryable=True)
+    body = e.to_body()
+    assert body["error"]["retryable"] is True
+    back = E.from_body(body)
+    assert back.retryable is True and isinstance(back, E.ServiceUnavailable)
+    q = E.TooManyRequests("full", retry_after_ms=5, retryable=True)
+    assert E.from_body(q.to_body()).retryable is True
+    assert E.from_body(E.NotFound("x").to_body()).retryable is False
+
+
+def test_subclass_tree():
+    assert issubclass(E.ValidationError, E.BadRequest)
+    assert issubclass(E.NoAnswer, E.ServiceUnavailable)
+    for cls in (E.BadRequest, E.Unauthorized, E.Forbidden, E.NotFound, E.RequestTimeout,
+                E.Conflict, E.TooManyRequests, E.ServerError, E.ServiceUnavailable):
+        assert issubclass(cls, E.ApiError)
+
+
+def test_no_answer():
+    e = E.NoAnswer("no answer from tcp://x")
+    assert e.status == 503 and e.type == "transport_exception"
+    back = E.from_body(e.to_body())
+    assert isinstance(back, E.ServiceUnavailable) and back.type == "transport_exception"
+
+
+def test_unknown_status_and_custom_type():
+    back = E.from_body({"error": {"type": "weird_exception", "reason": "teapot"}, "status": 418})
+    assert type(back) is E.ApiError
+    assert (back.status, back.type, back.reason) == (418, "weird_exception", "teapot")
+
+
+def test_status_override_keeps_class():
+    e = E.ApiError("x", status=418, type="t")
+    assert e.to_body() == {"error": {"type": "t", "reason": "x"}, "status": 418}
+
+
+@pytest.mark.parametrize("body", [None, {}, {"status": 404}, {"error": {"type": "t"}, "status": 1},
+                                  {"error": "x", "status": 404}, "string",
+                                  {"error": {"type": "t", "reason": "r"}, "status": "abc"}])
+def test_from_body_malformed(body):
+    e = E.from_body(body)
+    assert isinstance(e, E.ApiError)
+    assert "malformed error body" in e.reason
+
+
+def test_str_and_repr():
+    e = E.NotFound("gone")
+    assert str(e) == "[404] resource_not_found_exception: gone"
+    assert "NotFound" in repr(e) and "404" in repr(e)
