@@ -60,6 +60,7 @@ class Agent:
         self.last_heard = self.clock.monotonic()
         self.heartbeat_interval_s = 1.0
         self.node_timeout_s = 10.0
+        self._last_heartbeat = 0.0
         self._running = False
         self.models = ModelCache(self.data_dir / "models", self._request_chunk)
         cpus = psutil.cpu_count(logical=True) or 1
@@ -95,7 +96,7 @@ class Agent:
         self.poller.register(self.infer_sock, zmq.POLLIN)
         self.poller.register(self.worker_sock, zmq.POLLIN)
         self.timers.every(0.1, self._tick)
-        self.timers.every(self.heartbeat_interval_s, self._heartbeat)
+        self.timers.every(0.05, self._maybe_heartbeat)
         self._running = True
         if self.cfg.ready_file:
             write_ready_file(self.cfg.ready_file, self.advertise)
@@ -183,6 +184,13 @@ class Agent:
             cpu={"physical": psutil.cpu_count(logical=False) or 1,
                  "logical": psutil.cpu_count(logical=True) or 1},
             memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_sync_reply)
+
+    def _maybe_heartbeat(self) -> None:
+        """Heartbeats follow the interval the coordinator sets (it may differ from our default)."""
+        now = self.clock.monotonic()
+        if now - self._last_heartbeat >= self.heartbeat_interval_s:
+            self._last_heartbeat = now
+            self._heartbeat()
 
     def _heartbeat(self) -> None:
         if self.clock.monotonic() - self.last_heard > self.node_timeout_s:

@@ -63,7 +63,7 @@ def _envelope(frame: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise BadRequest("malformed message: expected a map with [v], [op], [id] and [body]")
     v = msg.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise BadRequest(f"unsupported protocol version [{v}]; this server speaks [{PROTOCOL_VERSION}]")
     rid = msg.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
@@ -108,9 +108,9 @@ _ARRAY_KEYS = frozenset(("dtype", "shape", "data"))
 
 
 def encode_array(a: Any) -> dict[str, Any]:
-    arr = np.ascontiguousarray(a)
+    arr = np.asarray(a)  # ascontiguousarray would turn a 0-d array into shape (1,)
     return {"dtype": arr.dtype.str if arr.dtype.byteorder == ">" else arr.dtype.name,
-            "shape": list(arr.shape), "data": arr.tobytes()}
+            "shape": list(arr.shape), "data": arr.tobytes(order="C")}
 
 
 def is_array(obj: Any) -> bool:
@@ -120,7 +120,10 @@ def is_array(obj: Any) -> bool:
 def decode_array(obj: dict[str, Any], where: str = "input") -> np.ndarray:
     try:
         dtype = np.dtype(obj["dtype"])
-        shape = tuple(int(s) for s in obj["shape"])
+        if not isinstance(obj["shape"], list) or not all(
+                type(s) is int and s >= 0 for s in obj["shape"]):
+            raise ValueError("shape must be a list of non-negative integers")
+        shape = tuple(obj["shape"])
         data = obj["data"]
         if dtype.hasobject or not isinstance(data, (bytes, bytearray)):
             raise ValueError("data must be bytes of a numeric dtype")

@@ -165,10 +165,11 @@ class Slow(torch.nn.Module):
     """Busy for about ``x[0]`` seconds (a float tensor), then echoes it: for queue and timeout tests."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = int(x[0].item() * 2000.0)
-        acc = torch.zeros(64, 64)
+        n = int(x[0].item() * 2700.0)
+        w = torch.eye(192) * 0.5
+        acc = torch.ones(192, 192)
         for _ in range(n):
-            acc = acc + torch.ones(64, 64) * 1e-9
+            acc = torch.tanh(acc @ w) + 0.5
         return x + acc.sum() * 0.0
 
 

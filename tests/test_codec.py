@@ -297,7 +297,7 @@ def test_map_with_extra_keys_is_not_an_array():
 
 
 @pytest.mark.parametrize("obj,needle", [
-    ({"dtype": "nope", "shape": [1], "data": b"\x00" * 4}, "dtype"),
+    ({"dtype": "nope", "shape": [1], "data": b"\x00" * 4}, "nope"),
     ({"dtype": "float32", "shape": [3], "data": b"\x00" * 4}, ""),
     ({"dtype": "float32", "shape": [1], "data": b"\x00" * 3}, ""),
     ({"dtype": "float32", "shape": [1], "data": "text"}, "bytes"),
@@ -311,6 +311,22 @@ def test_invalid_wire_arrays_are_bad_requests(obj, needle):
         P.decode_array(obj, where="inputs[0]")
     assert "[inputs[0]] is not a valid array" in ei.value.reason
     assert needle in ei.value.reason
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({
+    "dtype": st.sampled_from(["float32", "int64", "bool", "uint8", "object", "O", "U4", "x", "",
+                              "<f8", ">i2", "V3"]) | msgpack_values,
+    "shape": st.lists(st.integers(-2**63, 2**64 - 1) | st.integers(-3, 6), max_size=4)
+    | msgpack_values,
+    "data": st.binary(max_size=64) | msgpack_values}))
+def test_decode_array_arbitrary_maps_only_bad_request(obj):
+    try:
+        arr = P.decode_array(obj)
+    except E.BadRequest as e:
+        assert "is not a valid array" in e.reason
+    else:
+        assert isinstance(arr, np.ndarray) and not arr.dtype.hasobject
 
 
 def test_to_jsonable():

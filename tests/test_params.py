@@ -479,3 +479,13 @@ def test_update_does_not_mutate_current():
     cur = Adaptive(True, 1, 4)
     validate_update(None, {"max_number_of_allocations": 8}, cur)
     assert cur == Adaptive(True, 1, 4)
+
+
+def test_wire_body_decoded_then_validated():
+    from common.messages import decode
+    from common.protocol import pack, unpack
+    body = unpack(pack({"model_id": "m", "threads_per_allocation": 0, "queue_capacity": 0,
+                        "timeout": "0s"}))
+    msg = decode(StartDeployment, body, op="start_deployment")
+    assert errors_of(validate_start, msg).messages == [TPA_POSITIVE, TPA_POW2, QC_POSITIVE,
+                                                       TIMEOUT_POSITIVE]

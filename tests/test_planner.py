@@ -492,3 +492,15 @@ def test_scale_500_deployments_over_1000_nodes():
     # With this much room nearly everything fits.
     placed = sum(1 for d in deps if p.placed(d.deployment_id) == d.allocations)
     assert placed >= 0.9 * len(deps)
+
+
+def test_overcommitted_current_state_is_repaired():
+    # Both say they run on a (4 processors) with 6 allocations between them: the larger keeps its
+    # place, the smaller is moved where it fits.
+    nodes = [node("a"), node("b")]
+    deps = [dep("x", allocations=4, current={"a": 4}), dep("y", allocations=2, current={"a": 2})]
+    p = plan(nodes, deps)
+    assert nonzero(p.assignments["x"]) == {"a": 4}
+    assert nonzero(p.assignments["y"]) == {"b": 2}
+    assert p.reasons == {}
+    check_invariants(p, nodes, deps)

@@ -1,0 +1,90 @@
+"""Stopping under load: with finish_pending_work every queued request is served; without it,
+queued requests get a clear 409 and running ones finish. Nothing hangs."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+
+from common.errors import ApiError, TooManyRequests
+from tests.helpers import Slow, save_model, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def slow_cluster(tmp_path_factory):
+    from tests.helpers import Cluster
+    c = Cluster(tmp_path_factory.mktemp("stopcluster"))
+    try:
+        c.start_coordinator()
+        c.start_agent("node-a", 2)
+        c.wait_nodes(1)
+        with c.client() as client:
+            client.put_model("slow", save_model(Slow(), c.workdir / "slow.pt"))
+        yield c
+    finally:
+        assert not c.shutdown()
+
+
+def _pending(client, dep: str) -> int:
+    nodes = client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["nodes"]
+    return sum(n["number_of_pending_requests"] for n in nodes)
+
+
+def test_stop_with_finish_pending_work_serves_every_queued_request(slow_cluster):
+    with slow_cluster.client() as client:
+        client.start_deployment("slow", deployment_id="drain", wait_for="fully_allocated")
+        x = np.array([0.3], np.float32)
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(client.infer, "drain", [{"input": x}], "30s") for _ in range(4)]
+            wait_until(lambda: _pending(client, "drain") == 4, 15, what="4 requests pending")
+            assert client.stop_deployment("drain", finish_pending_work=True) == {"stopped": True}
+            results = [f.result(30) for f in futs]
+        assert all(np.allclose(r["inference_results"][0]["predicted_value"], x) for r in results)
+        wait_until(lambda: slow_cluster.worker_pids("node-a") == [], 20, what="workers gone")
+
+
+def test_stop_without_finish_pending_work_answers_queued_requests(slow_cluster):
+    with slow_cluster.client() as client:
+        client.start_deployment("slow", deployment_id="cut", wait_for="fully_allocated")
+        x = np.array([0.5], np.float32)
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(client.infer, "cut", [{"input": x}], "30s") for _ in range(4)]
+            wait_until(lambda: _pending(client, "cut") == 4, 15, what="4 requests pending")
+            assert client.stop_deployment("cut") == {"stopped": True}
+            outcomes = []
+            for f in futs:
+                try:
+                    f.result(30)
+                    outcomes.append(200)
+                except ApiError as e:
+                    outcomes.append(e.status)
+        assert outcomes.count(200) >= 1          # the running request finished
+        assert set(outcomes) <= {200, 409}       # the queued ones were told, none hung
+        assert 409 in outcomes
+
+
+def test_full_queue_is_429_with_a_retry_hint(slow_cluster):
+    with slow_cluster.client() as client:
+        client.start_deployment("slow", deployment_id="tight", queue_capacity=1, wait_for="fully_allocated")
+        x = np.array([0.4], np.float32)
+        try:
+            with cf.ThreadPoolExecutor(2) as pool:
+                first = pool.submit(client.infer, "tight", [{"input": x}], "30s")
+                wait_until(lambda: _pending(client, "tight") == 1, 15, what="one running")
+                second = pool.submit(client.infer, "tight", [{"input": x}], "30s")
+                wait_until(lambda: _pending(client, "tight") == 2, 15, what="one queued")
+                with pytest.raises(TooManyRequests) as e:
+                    client.infer("tight", [{"input": x}])
+                assert e.value.type == "es_rejected_execution_exception"
+                assert isinstance(e.value.retry_after_ms, int) and e.value.retry_after_ms > 0
+                first.result(30), second.result(30)
+            stats = wait_until(lambda: (s := client.get_stats("tight")["trained_model_stats"][0]
+                                        ["deployment_stats"])["inference_count"] == 2 and s,
+                               10, what="both served requests counted")
+            assert stats["rejected_execution_count"] == 1
+        finally:
+            client.stop_deployment("tight")
