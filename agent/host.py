@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--priority", default="normal")
     ap.add_argument("--grace", type=float, default=5.0)
+    ap.add_argument("--task", default="pass_through")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--model-config", default="{}")
+    ap.add_argument("--parent-pid", type=int, default=0)
     args = ap.parse_args(argv)
 
     set_parent_death_signal(signal.SIGKILL)
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1  # the agent died before we could ask to die with it
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no tokenizer threads: we fork
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints must not corrupt the protocol
 
@@ -43,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         model = torch.jit.load(args.model, map_location="cpu")
         model.eval()
+        from agent.tasks import make_task
         from agent.worker import worker_main  # imported before forking: shared by every worker
+        task = make_task(args.task, model, json.loads(args.model_config), args.tokenizer)
     except Exception as e:
         emit(event="failed", reason=f"could not load model: {type(e).__name__}: {e}"[:1000])
         return 2
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.close(wake_w)
                 proto.close()
                 os.close(0)
-                code = worker_main(model, endpoint=args.endpoint, identity=identity.encode(),
+                code = worker_main(task, endpoint=args.endpoint, identity=identity.encode(),
                                    threads=args.threads, low_priority=args.priority == "low",
                                    parent_pid=host_pid)
             except BaseException as e:  # noqa: BLE001 - report and leave without unwinding the host
@@ -131,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                 buf += chunk
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    cmd = json.loads(line)
+                    try:
+                        cmd = json.loads(line)
+                        if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
+                            raise ValueError("not a command")
+                    except ValueError as e:
+                        print(f"model host: ignoring a malformed command: {e}", file=sys.stderr)
+                        continue
                     if cmd["cmd"] == "spawn":
                         spawn(cmd["worker_id"], cmd["identity"])
                     elif cmd["cmd"] == "kill":

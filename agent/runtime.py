@@ -1,6 +1,7 @@
 """One deployment as this node runs it: its model host process, its allocation workers, its
-queue and its stats. The agent's loop feeds it events (assignment changes, host events, worker
-messages, client requests, ticks); it answers clients and commands its host through callbacks.
+queue, its inference cache and its stats. The agent's loop feeds it events (assignment
+changes, host events, worker messages, client requests, ticks); it answers clients and
+commands its host and workers through callbacks.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from agent.cache import LruCache
 from common import messages as m
 from common.errors import ApiError, Conflict, NotFound, RequestTimeout, ServerError, TooManyRequests
-from common.proc import describe_exit, set_parent_death_signal
+from common.proc import describe_exit
+from common.protocol import pack
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -28,7 +31,7 @@ class Phase(str, enum.Enum):
     FETCHING = "fetching"     # model bytes on their way from the coordinator
     LOADING = "loading"       # host process loading the weights
     RUNNING = "running"
-    STOPPING = "stopping"
+    STOPPING = "stopping"     # no new requests; finishing (or failing) what it holds
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -47,7 +50,7 @@ class Worker:
     identity: bytes
     state: WorkerState = WorkerState.SPAWNING
     pid: Optional[int] = None
-    job: Optional[int] = None
+    jobs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,11 +60,13 @@ class Job:
     docs: list
     deadline: float
     enqueued: float
+    key: Optional[bytes] = None
     answered: bool = False
 
 
 @dataclass
 class Stats:
+    """Counts documents (inferences), as Elasticsearch does; cache hits count as inferences."""
     start_time_ms: int
     inference_count: int = 0
     error_count: int = 0
@@ -69,15 +74,21 @@ class Stats:
     rejected_execution_count: int = 0
     cache_hit_count: int = 0
     total_time_ms: float = 0.0
+    compute_time_ms: float = 0.0
+    queue_time_ms: float = 0.0
     last_access_ms: Optional[int] = None
     peak_per_minute: int = 0
     recent: collections.deque = field(default_factory=collections.deque)
 
-    def record(self, now: float, wall_ms: int, time_ms: float) -> None:
-        self.inference_count += 1
+    def record(self, now: float, wall_ms: int, docs: int, time_ms: float, hit: bool) -> None:
+        self.inference_count += docs
         self.total_time_ms += time_ms
+        if hit:
+            self.cache_hit_count += docs
+        else:
+            self.compute_time_ms += time_ms
         self.last_access_ms = wall_ms
-        self.recent.append(now)
+        self.recent.extend([now] * docs)
 
     def last_minute(self, now: float) -> int:
         while self.recent and self.recent[0] < now - 60.0:
@@ -93,6 +104,7 @@ Reply = Callable[[bytes, int, int, dict], None]
 class DeploymentRuntime:
     def __init__(self, a: m.NodeAssignment, *, node_id: str, worker_endpoint: str, clock,
                  reply: Reply, send_worker: Callable[[bytes, dict], None],
+                 schedule: Callable[[float, Callable[[], None]], None],
                  restart_budget: int = 3, restart_window_s: float = 60.0) -> None:
         self.a = a
         self.node_id = node_id
@@ -100,17 +112,22 @@ class DeploymentRuntime:
         self.clock = clock
         self.reply = reply
         self.send_worker = send_worker
+        self.schedule = schedule
         self.phase = Phase.FETCHING
         self.reason = ""
         self.host: Optional[subprocess.Popen] = None
         self.host_buf = b""
+        self.host_exit_sent = False
         self.workers: dict[str, Worker] = {}
         self.queue: collections.deque[Job] = collections.deque()
         self.jobs: dict[int, Job] = {}
+        self.cache = LruCache(a.cache_size_bytes)
         self.stats = Stats(start_time_ms=clock.wall_ms())
         self.restarts: collections.deque[float] = collections.deque()
         self.restart_budget = restart_budget
         self.restart_window_s = restart_window_s
+        self.finish_pending_work = False
+        self._batch_wake_at: Optional[float] = None
 
     # ---- lifecycle --------------------------------------------------------------------------
     @property
@@ -125,45 +142,57 @@ class DeploymentRuntime:
 
     def update(self, a: m.NodeAssignment) -> None:
         self.a = a
+        if a.cache_size_bytes != self.cache.capacity:
+            self.cache = LruCache(a.cache_size_bytes)
         if a.stopping and self.phase not in (Phase.STOPPING, Phase.STOPPED):
             self.begin_stop(a.finish_pending_work)
+        else:
+            self.tick()
 
-    def model_ready(self, model_path: str) -> None:
-        """The model file is cached and verified: start the host that loads it."""
+    def model_ready(self, model_path: str, tokenizer_path: Optional[str]) -> None:
+        """The model file (and tokenizer) are cached and verified: start the host that loads them."""
         if self.phase != Phase.FETCHING:
             return
         self._set_phase(Phase.LOADING)
-        self.host = subprocess.Popen(
-            [sys.executable, "-m", "agent.host", "--model", model_path,
-             "--endpoint", self.worker_endpoint, "--threads", str(self.a.threads_per_allocation),
-             "--priority", self.a.priority],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=set_parent_death_signal,
-            close_fds=True)
+        args = [sys.executable, "-m", "agent.host", "--model", model_path,
+                "--endpoint", self.worker_endpoint, "--threads", str(self.a.threads_per_allocation),
+                "--priority", self.a.priority, "--task", self.a.task,
+                "--model-config", json.dumps(self.a.model_config or {}), "--parent-pid", str(os.getpid())]
+        if tokenizer_path:
+            args += ["--tokenizer", tokenizer_path]
+        # no preexec_fn (unsafe beside ZeroMQ's threads): the host asks for its own death signal
+        self.host = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         os.set_blocking(self.host.stdout.fileno(), False)
 
     def fail(self, reason: str) -> None:
         self._set_phase(Phase.FAILED, reason)
         self._fail_queue(ServerError(f"deployment [{self.deployment_id}] failed on node "
                                      f"[{self.node_id}]: {reason}"))
-        self._host_cmd({"cmd": "exit"})
+        self._host_exit()
 
     def begin_stop(self, finish_pending_work: bool) -> None:
+        """Take no new requests; finish the queue (or answer it with a retryable 409), then stop."""
+        self.finish_pending_work = finish_pending_work
+        if self.phase in (Phase.FETCHING, Phase.LOADING, Phase.FAILED) and self.host is None:
+            self._fail_queue(self._stopping_error())
+            self._set_phase(Phase.STOPPED)
+            return
         self._set_phase(Phase.STOPPING)
         if not finish_pending_work:
-            self._fail_queue(Conflict(f"Trained model deployment [{self.deployment_id}] is [stopping]",
-                                      retryable=True))
+            self._fail_queue(self._stopping_error())
         self.tick()
 
+    def _stopping_error(self) -> ApiError:
+        return Conflict(f"Trained model deployment [{self.deployment_id}] is [stopping]", retryable=True)
+
     def kill(self) -> None:
-        """Stop now: fail what waits, end the host (its workers die with it)."""
-        self._fail_queue(Conflict(f"Trained model deployment [{self.deployment_id}] is [stopping]",
-                                  retryable=True))
-        for job_id, job in list(self.jobs.items()):
+        """Stop now (agent shutdown): answer everything, end the host (its workers die with it)."""
+        self._fail_queue(self._stopping_error())
+        for job in self.jobs.values():
             self._answer_error(job, ServerError(f"deployment [{self.deployment_id}] was stopped on "
                                                 f"node [{self.node_id}] while running this request"))
         self.jobs.clear()
-        if self.host and self.host.poll() is None:
-            self._host_cmd({"cmd": "exit"})
+        self._host_exit()
         self._set_phase(Phase.STOPPED)
 
     # ---- host -----------------------------------------------------------------------------------
@@ -175,8 +204,14 @@ class DeploymentRuntime:
             except (BrokenPipeError, OSError):
                 pass
 
+    def _host_exit(self) -> None:
+        if not self.host_exit_sent:
+            self.host_exit_sent = True
+            self._host_cmd({"cmd": "exit"})
+
     def host_fd(self) -> Optional[int]:
-        return self.host.stdout.fileno() if self.host and self.host.stdout and not self.host.stdout.closed else None
+        h = self.host
+        return h.stdout.fileno() if h and h.stdout and not h.stdout.closed else None
 
     def on_host_readable(self) -> None:
         try:
@@ -212,16 +247,15 @@ class DeploymentRuntime:
         for w in list(self.workers.values()):
             self._on_worker_exit(w.worker_id, None)
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
+            self._fail_queue(self._stopping_error())
             self._set_phase(Phase.STOPPED)
         elif self.phase != Phase.FAILED:
             self.fail(f"model host {describe_exit(code)}")
-        else:
-            self.phase = Phase.FAILED
 
     # ---- workers --------------------------------------------------------------------------------
     def live_workers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.state in (WorkerState.SPAWNING, WorkerState.IDLE,
-                                                               WorkerState.BUSY)]
+        return [w for w in self.workers.values()
+                if w.state in (WorkerState.SPAWNING, WorkerState.IDLE, WorkerState.BUSY)]
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
@@ -232,21 +266,21 @@ class DeploymentRuntime:
         self.workers[wid] = Worker(wid, identity)
         self._host_cmd({"cmd": "spawn", "worker_id": wid, "identity": identity.decode()})
 
-    def on_worker_ready(self, wid: str, pid: int) -> None:
+    def _on_worker_ready(self, wid: str, pid: int) -> None:
         w = self.workers.get(wid)
         if w is None or w.state != WorkerState.SPAWNING:
             return
         w.state, w.pid = WorkerState.IDLE, pid
         log.info("deployment [%s] on node [%s]: allocation worker %s ready (pid %d), %d/%d",
                  self.deployment_id, self.node_id, wid, pid, self.ready_count(), self.a.target_allocations)
-        self.dispatch()
+        self.tick()
 
     def _on_worker_exit(self, wid: str, code: Optional[int]) -> None:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        if w.job is not None:
-            job = self.jobs.pop(w.job, None)
+        for job_id in w.jobs:
+            job = self.jobs.pop(job_id, None)
             if job:
                 self._answer_error(job, ServerError(
                     f"allocation worker of deployment [{self.deployment_id}] on node [{self.node_id}] "
@@ -268,99 +302,140 @@ class DeploymentRuntime:
     def on_worker_message(self, wid: str, msg: dict) -> None:
         op = msg.get("op")
         if op == "ready":
-            self.on_worker_ready(wid, int(msg.get("pid", 0)))
+            self._on_worker_ready(wid, int(msg.get("pid", 0)))
             return
         w = self.workers.get(wid)
-        if w is None:
+        if w is None or op != "results":
             return
-        job = self.jobs.pop(msg.get("rid"), None) if w.job == msg.get("rid") else None
-        w.job = None
-        if w.state == WorkerState.BUSY:
-            w.state = WorkerState.IDLE
-        if job is not None and not job.answered:
-            now = self.clock.monotonic()
-            if op == "result":
-                self.stats.record(now, self.clock.wall_ms(), float(msg.get("time_ms", 0.0)))
+        items = msg.get("items") or []
+        per_doc_ms = float(msg.get("time_ms", 0.0)) / max(1, sum(
+            len(self.jobs[i["rid"]].docs) for i in items if i.get("rid") in self.jobs))
+        now, wall = self.clock.monotonic(), self.clock.wall_ms()
+        for item in items:
+            rid = item.get("rid")
+            if rid in w.jobs:
+                w.jobs.remove(rid)
+            job = self.jobs.pop(rid, None)
+            if job is None or job.answered:
+                continue
+            if "results" in item:
                 job.answered = True
-                self.reply(job.client, job.rid, 200, {"inference_results": msg.get("results", [])})
+                results = item["results"]
+                self.stats.record(now, wall, len(job.docs), per_doc_ms * len(job.docs), hit=False)
+                body = {"inference_results": results}
+                if job.key is not None:
+                    self.cache.put(job.key, results, len(pack(results)))
+                self.reply(job.client, job.rid, 200, body)
             else:
-                status = int(msg.get("status", 500))
-                self._answer_error(job, ApiError(str(msg.get("reason", "inference failed")), status=status))
+                self._answer_error(job, ApiError(str(item.get("reason", "inference failed")),
+                                                 status=int(item.get("status", 500))))
+        if not w.jobs and w.state == WorkerState.BUSY:
+            w.state = WorkerState.IDLE
         self.tick()
 
     # ---- requests -------------------------------------------------------------------------------
-    def serving(self) -> bool:
-        return self.phase in (Phase.FETCHING, Phase.LOADING, Phase.RUNNING) or (
-            self.phase == Phase.STOPPING and self.a.finish_pending_work)
-
     def submit(self, client: bytes, rid: int, docs: list, timeout_s: float) -> None:
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
-            raise Conflict(f"Trained model deployment [{self.deployment_id}] is [stopping]", retryable=True)
+            raise self._stopping_error()
         if self.phase == Phase.FAILED:
             raise NotFound(f"deployment [{self.deployment_id}] has failed on node [{self.node_id}]: "
                            f"{self.reason}", retryable=True)
+        key = None
+        if self.cache.enabled:
+            key = self.cache.key(pack(docs))
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats.record(self.clock.monotonic(), self.clock.wall_ms(), len(docs), 0.0, hit=True)
+                self.reply(client, rid, 200, {"inference_results": hit})
+                return
         if len(self.queue) >= self.a.queue_capacity:
             self.stats.rejected_execution_count += 1
             raise TooManyRequests(
                 f"inference process queue for deployment [{self.deployment_id}] on node "
                 f"[{self.node_id}] is full ({self.a.queue_capacity}). Unable to execute command",
-                retry_after_ms=self._retry_after_ms())
+                retry_after_ms=self.retry_after_ms())
         now = self.clock.monotonic()
-        self.queue.append(Job(client, rid, docs, now + timeout_s, now))
+        self.queue.append(Job(client, rid, docs, now + timeout_s, now, key))
         self.dispatch()
 
-    def _retry_after_ms(self) -> int:
-        n = self.stats.inference_count
-        per_ms = (self.stats.total_time_ms / n) if n else 10.0
+    def retry_after_ms(self) -> int:
+        """When a slot is likely to free up: the queue ahead, served at the measured rate."""
+        computed = self.stats.inference_count - self.stats.cache_hit_count
+        per_doc_ms = (self.stats.compute_time_ms / computed) if computed else 10.0
         ready = max(1, self.ready_count())
-        return max(1, int(len(self.queue) * per_ms / ready))
+        docs_ahead = sum(len(j.docs) for j in self.queue) or 1
+        return max(1, int(docs_ahead * per_doc_ms / ready))
 
     def dispatch(self) -> None:
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
             return
-        idle = [w for w in self.workers.values() if w.state == WorkerState.IDLE]
         now = self.clock.monotonic()
-        while idle and self.queue:
-            job = self.queue.popleft()
-            if now >= job.deadline:
-                self._timeout(job)
+        batch, delay = max(1, self.a.max_batch_size), self.a.max_batch_delay_ms / 1000.0
+        for w in self.workers.values():
+            if not self.queue:
+                return
+            if w.state != WorkerState.IDLE:
                 continue
-            w = idle.pop()
-            job_id = next(_ids)
-            self.jobs[job_id] = job
-            w.state, w.job = WorkerState.BUSY, job_id
-            self.send_worker(w.identity, {"op": "infer", "rid": job_id, "docs": job.docs})
+            if delay > 0 and len(self.queue) < batch and now < self.queue[0].enqueued + delay:
+                due = self.queue[0].enqueued + delay
+                if self._batch_wake_at is None or due < self._batch_wake_at:
+                    self._batch_wake_at = due
+                    self.schedule(due, self._batch_wake)
+                return
+            jobs = []
+            while self.queue and len(jobs) < batch:
+                job = self.queue.popleft()
+                if now >= job.deadline:
+                    self._timeout(job)
+                    continue
+                job_id = next(_ids)
+                self.jobs[job_id] = job
+                jobs.append({"rid": job_id, "docs": job.docs})
+                self.stats.queue_time_ms += (now - job.enqueued) * 1000
+            if jobs:
+                w.state, w.jobs = WorkerState.BUSY, [j["rid"] for j in jobs]
+                self.send_worker(w.identity, {"op": "infer", "jobs": jobs})
+
+    def _batch_wake(self) -> None:
+        self._batch_wake_at = None
+        self.dispatch()
 
     def _timeout(self, job: Job) -> None:
+        if job.answered:
+            return
         self.stats.timeout_count += 1
         timeout_s = job.deadline - job.enqueued
         self._answer_error(job, RequestTimeout(
             f"inference on deployment [{self.deployment_id}] timed out after [{timeout_s:.3g}s] "
-            f"on node [{self.node_id}]"), count=False)
+            f"on node [{self.node_id}]"))
 
-    def _answer_error(self, job: Job, e: ApiError, count: bool = True) -> None:
+    def _answer_error(self, job: Job, e: ApiError) -> None:
         if job.answered:
             return
         job.answered = True
-        if count and e.status not in (408, 429) and not e.retryable:
+        if e.status not in (408, 429) and not e.retryable:
             self.stats.error_count += 1
         self.reply(job.client, job.rid, e.status, e.to_body())
 
     def _fail_queue(self, e: ApiError) -> None:
         while self.queue:
-            self._answer_error(self.queue.popleft(), e, count=False)
+            self._answer_error(self.queue.popleft(), e)
 
     def clear_cache(self) -> None:
-        pass  # the inference cache arrives with its own issue; nothing is cached yet
+        self.cache.clear()
+        log.info("deployment [%s] on node [%s]: inference cache cleared", self.deployment_id, self.node_id)
 
     # ---- reconcile ------------------------------------------------------------------------------
     def tick(self) -> None:
         now = self.clock.monotonic()
         # deadlines: queued requests are dropped unrun; running ones are answered (result dropped)
         if self.queue and any(now >= j.deadline for j in self.queue):
-            keep = collections.deque()
+            keep: collections.deque[Job] = collections.deque()
             for j in self.queue:
-                (self._timeout(j) if now >= j.deadline else keep.append(j))
+                if now >= j.deadline:
+                    self._timeout(j)
+                else:
+                    keep.append(j)
             self.queue = keep
         for job in self.jobs.values():
             if not job.answered and now >= job.deadline:
@@ -371,24 +446,23 @@ class DeploymentRuntime:
             for _ in range(want - len(live)):
                 self._spawn_worker()
             if len(live) > want:
-                # drain the surplus, idle ones first, newest first
+                # drain the surplus: idle ones first, then those still starting, busy ones last
                 order = sorted(live, key=lambda w: (w.state == WorkerState.BUSY,
-                                                    w.state != WorkerState.SPAWNING, w.worker_id))
+                                                    w.state != WorkerState.IDLE, w.worker_id))
                 for w in order[: len(live) - want]:
                     w.state = WorkerState.DRAINING
         for w in list(self.workers.values()):
-            if w.state == WorkerState.DRAINING and w.job is None:
+            if w.state == WorkerState.DRAINING and not w.jobs:
                 w.state = WorkerState.KILLED
                 self.send_worker(w.identity, {"op": "stop"})
                 self._host_cmd({"cmd": "kill", "worker_id": w.worker_id})
-        if self.phase == Phase.STOPPING:
-            if not self.queue and not self.jobs:
-                for w in self.workers.values():
-                    if w.state != WorkerState.KILLED:
-                        w.state = WorkerState.DRAINING
-                self._host_cmd({"cmd": "exit"})
-                if self.host is None:
-                    self._set_phase(Phase.STOPPED)
+        if self.phase == Phase.STOPPING and not self.queue and not self.jobs:
+            for w in self.workers.values():
+                if w.state not in (WorkerState.KILLED,):
+                    w.state = WorkerState.KILLED
+            self._host_exit()
+            if self.host is None:
+                self._set_phase(Phase.STOPPED)
         self.dispatch()
 
     # ---- reports --------------------------------------------------------------------------------
@@ -407,7 +481,7 @@ class DeploymentRuntime:
         now = self.clock.monotonic()
         s = self.stats
         n = s.inference_count
-        avg = s.total_time_ms / n if n else 0.0
+        computed = n - s.cache_hit_count
         last_minute = s.last_minute(now)
         return m.encode(m.RouteReport(
             deployment_id=self.deployment_id, routing_state=self.routing_state(),
@@ -416,10 +490,13 @@ class DeploymentRuntime:
             stats={"inference_count": n, "error_count": s.error_count, "timeout_count": s.timeout_count,
                    "rejected_execution_count": s.rejected_execution_count,
                    "inference_cache_hit_count": s.cache_hit_count,
-                   "average_inference_time_ms": avg,
-                   "average_inference_time_ms_excluding_cache_hits": avg,
+                   "average_inference_time_ms": s.total_time_ms / n if n else 0.0,
+                   "average_inference_time_ms_excluding_cache_hits":
+                       s.compute_time_ms / computed if computed else 0.0,
+                   "average_queue_time_ms": s.queue_time_ms / computed if computed else 0.0,
                    "number_of_pending_requests": len(self.queue) + sum(
                        1 for j in self.jobs.values() if not j.answered),
                    "throughput_last_minute": last_minute,
                    "peak_throughput_per_minute": s.peak_per_minute,
+                   "cache_bytes": self.cache.used,
                    "start_time": s.start_time_ms, "last_access": s.last_access_ms}))

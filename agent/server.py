@@ -259,9 +259,9 @@ class Agent:
             else:
                 rt.update(a)
         for dep_id, rt in list(self.runtimes.items()):
-            if dep_id not in wanted and rt.phase not in (Phase.STOPPED,):
-                log.info("deployment [%s] is no longer wanted on node [%s]; stopping it", dep_id, self.node_id)
-                rt.kill()
+            if dep_id not in wanted and rt.phase not in (Phase.STOPPING, Phase.STOPPED):
+                log.info("deployment [%s] is no longer wanted on node [%s]; draining it", dep_id, self.node_id)
+                rt.begin_stop(finish_pending_work=True)
 
     def _create(self, a: m.NodeAssignment) -> None:
         dep_id = a.deployment_id
@@ -270,20 +270,27 @@ class Agent:
             self._reply_client(client, rid, status, body, rv=self.routing_versions.get(dep_id, 0))
         rt = DeploymentRuntime(a, node_id=self.node_id, worker_endpoint=self.worker_endpoint,
                                clock=self.clock, reply=reply, send_worker=self._send_worker,
+                               schedule=self.timers.at,
                                restart_budget=self.cfg.worker_restart_budget,
                                restart_window_s=self.cfg.worker_restart_window_s)
         self.runtimes[a.deployment_id] = rt
         log.info("deployment [%s] of model [%s] assigned to node [%s]: %d allocations x %d threads",
                  a.deployment_id, a.model_id, self.node_id, a.target_allocations, a.threads_per_allocation)
 
-        def loaded(path: str | None, error: str | None) -> None:
-            if self.runtimes.get(a.deployment_id) is not rt:
+        paths: dict[str, str] = {}
+        blobs = [a.sha256] + ([a.tokenizer_sha256] if a.tokenizer_sha256 else [])
+
+        def fetched(sha: str, path: str | None, error: str | None) -> None:
+            if self.runtimes.get(a.deployment_id) is not rt or rt.phase != Phase.FETCHING:
                 return
             if error:
                 rt.fail(error)
-            else:
-                rt.model_ready(path)
-        self.models.ensure(a.sha256, loaded)
+                return
+            paths[sha] = path
+            if len(paths) == len(blobs):
+                rt.model_ready(paths[a.sha256], paths.get(a.tokenizer_sha256 or ""))
+        for sha in blobs:
+            self.models.ensure(sha, lambda p, e, sha=sha: fetched(sha, p, e))
 
     def _reap_stopped(self) -> None:
         for dep_id, rt in list(self.runtimes.items()):

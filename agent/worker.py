@@ -1,10 +1,10 @@
 """An allocation worker: forked from its model host, it shares the host's weights copy-on-write
-and runs forward passes for the requests its agent sends it, one at a time.
+and runs forward passes for the jobs its agent sends it, one message at a time.
 
 Protocol with the agent (DEALER -> the agent's worker ROUTER, msgpack maps):
-    worker -> agent  {"op": "ready", "pid"}                         once connected
-    agent  -> worker {"op": "infer", "rid", "docs"}
-    worker -> agent  {"op": "result", "rid", "results", "time_ms"} | {"op": "error", "rid", "status", "reason"}
+    worker -> agent  {"op": "ready", "pid"}                                    once connected
+    agent  -> worker {"op": "infer", "jobs": [{"rid", "docs"}, ...]}         one job, or a batch
+    worker -> agent  {"op": "results", "time_ms", "items": [{"rid", "results"} | {"rid", "status", "reason"}]}
     agent  -> worker {"op": "stop"}
 """
 
@@ -15,59 +15,38 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import zmq
 
-from common.errors import ApiError, BadRequest
+from common.errors import ApiError
 from common.proc import set_parent_death_signal
-from common.protocol import decode_array, encode_array, is_array, pack, unpack
+from common.protocol import pack, unpack
 
 
-def _tensor(obj: Any, where: str) -> torch.Tensor:
-    if not is_array(obj):
-        raise BadRequest(f"[{where}] must be an array {{dtype, shape, data}}")
-    arr = decode_array(obj, where)
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.from_numpy(arr)
-
-
-def _output(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return encode_array(out.detach().cpu().numpy())
-    if isinstance(out, (list, tuple)):
-        return [_output(o) for o in out]
-    if isinstance(out, dict):
-        return {str(k): _output(v) for k, v in out.items()}
-    if isinstance(out, (int, float, bool, str)) or out is None:
-        return out
-    return encode_array(np.asarray(out))
-
-
-class PassThrough:
-    """Task ``pass_through``: ``{"input": array}`` or ``{"inputs": [array, ...]}`` -> model output."""
-
-    def __init__(self, model: torch.jit.ScriptModule) -> None:
-        self.model = model
-
-    def __call__(self, doc: Any) -> dict[str, Any]:
-        if not isinstance(doc, dict):
-            raise BadRequest("each doc must be a map with [input] or [inputs]")
-        if "input" in doc:
-            args = [_tensor(doc["input"], "input")]
-        elif "inputs" in doc and isinstance(doc["inputs"], list):
-            args = [_tensor(x, f"inputs.{i}") for i, x in enumerate(doc["inputs"])]
+def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
+    """All documents of all jobs go through the task together; outcomes are split back per job.
+    A job with any failed document is answered with the first error (its status and reason)."""
+    docs, bounds = [], []
+    for job in jobs:
+        d = job.get("docs") or []
+        bounds.append((len(docs), len(docs) + len(d)))
+        docs.extend(d)
+    try:
+        outcomes = task.run(docs)
+    except Exception as e:  # a bug or a broken model must not end the worker
+        outcomes = [ApiError(f"inference failed: {type(e).__name__}: {e}"[:1000])] * len(docs)
+    items = []
+    for job, (a, b) in zip(jobs, bounds):
+        mine = outcomes[a:b]
+        err = next((o for o in mine if isinstance(o, ApiError)), None)
+        if err is not None:
+            items.append({"rid": job.get("rid"), "status": err.status, "reason": err.reason})
         else:
-            raise BadRequest("each doc must carry [input] (an array) or [inputs] (a list of arrays)")
-        try:
-            out = self.model(*args)
-        except Exception as e:  # the model's own complaint about shape or dtype
-            raise BadRequest(f"the model rejected the input: {str(e).strip().splitlines()[-1][:500]}") from None
-        return {"predicted_value": _output(out)}
+            items.append({"rid": job.get("rid"), "results": mine})
+    return items
 
 
-def worker_main(model: torch.jit.ScriptModule, *, endpoint: str, identity: bytes, threads: int,
+def worker_main(task: Any, *, endpoint: str, identity: bytes, threads: int,
                 low_priority: bool, parent_pid: int) -> int:
     """Runs in the forked child; returns the exit code."""
     set_parent_death_signal(signal.SIGKILL)
@@ -80,7 +59,6 @@ def worker_main(model: torch.jit.ScriptModule, *, endpoint: str, identity: bytes
         pass
     if low_priority:
         os.nice(15)  # as Elasticsearch's pytorch_inference does for priority=low
-    task = PassThrough(model)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
@@ -96,18 +74,10 @@ def worker_main(model: torch.jit.ScriptModule, *, endpoint: str, identity: bytes
                     return 0
                 if op != "infer":
                     continue
-                rid = msg.get("rid")
                 t0 = time.perf_counter()
-                try:
-                    results = [task(doc) for doc in msg.get("docs", [])]
-                    reply = {"op": "result", "rid": rid, "results": results,
-                             "time_ms": (time.perf_counter() - t0) * 1000}
-                except ApiError as e:
-                    reply = {"op": "error", "rid": rid, "status": e.status, "reason": e.reason}
-                except Exception as e:
-                    reply = {"op": "error", "rid": rid, "status": 500,
-                             "reason": f"inference failed: {type(e).__name__}: {e}"[:1000]}
-                sock.send(pack(reply))
+                items = run_jobs(task, msg.get("jobs") or [])
+                sock.send(pack({"op": "results", "items": items,
+                                "time_ms": (time.perf_counter() - t0) * 1000}))
     finally:
         sock.close(linger=1000)
         ctx.term()

@@ -268,6 +268,20 @@ def models_put(model_id: str, file: Path = typer.Option(..., "--file", exists=Tr
         _run(format, lambda: c.put_model(model_id, file, task=task.value, tokenizer=tokenizer))
 
 
+@models_app.command("import-hf")
+def models_import_hf(model_id: str, path: Path = typer.Argument(..., exists=True, file_okay=False),
+                     task: Task = typer.Option(Task.text_embedding),
+                     max_sequence_length: Optional[int] = typer.Option(None, help="Default: the model's own."),
+                     coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra).
+
+    Example: mlfleet models import-hf minilm ./all-MiniLM-L6-v2
+    """
+    with _client(coordinator) as c:
+        _run(format, lambda: c.import_hf_model(model_id, path, task=task.value,
+                                               max_sequence_length=max_sequence_length))
+
+
 @models_app.command("list")
 def models_list(coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
     """List stored models. Example: mlfleet models list --format table"""
@@ -307,6 +321,8 @@ def deployments_start(
     adaptive_allocations: bool = typer.Option(False, "--adaptive-allocations"),
     min_number_of_allocations: Optional[int] = typer.Option(None),
     max_number_of_allocations: Optional[int] = typer.Option(None),
+    max_batch_size: Optional[int] = typer.Option(None, help="Dynamic batching: up to N queued requests per forward pass."),
+    max_batch_delay: Optional[str] = typer.Option(None, help="Wait up to this long to fill a batch."),
     coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt,
 ) -> None:
     """Start a deployment and wait for it (--wait-for starting|started|fully_allocated).
@@ -323,7 +339,8 @@ def deployments_start(
             model_id, deployment_id=deployment_id, number_of_allocations=number_of_allocations,
             threads_per_allocation=threads_per_allocation, queue_capacity=queue_capacity,
             priority=priority, cache_size=cache_size, timeout=timeout, wait_for=wait_for,
-            adaptive_allocations=adaptive))
+            adaptive_allocations=adaptive, max_batch_size=max_batch_size,
+            max_batch_delay=max_batch_delay))
 
 
 @deployments_app.command("update")

@@ -234,6 +234,16 @@ class Client:
             body["model_config"] = model_config
         return self._call("put_model", body)
 
+    def import_hf_model(self, model_id: str, path: str | os.PathLike[str], task: str = "text_embedding",
+                        max_sequence_length: int | None = None) -> dict[str, Any]:
+        """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra)."""
+        import tempfile
+        from common.hf import trace_hf_model
+        with tempfile.TemporaryDirectory(prefix="mlfleet-hf-") as tmp:
+            imported = trace_hf_model(path, tmp, max_sequence_length)
+            return self.put_model(model_id, imported.torchscript, task=task,
+                                  tokenizer=imported.tokenizer, model_config=imported.config)
+
     def get_models(self, model_id: str | None = None) -> dict[str, Any]:
         return self._call("get_models", {"model_id": model_id} if model_id else {})
 
@@ -246,12 +256,15 @@ class Client:
                          queue_capacity: int = 1024, priority: str = "normal",
                          cache_size: str | None = None, timeout: str = "30s",
                          wait_for: str = "started",
-                         adaptive_allocations: dict[str, Any] | None = None) -> dict[str, Any]:
+                         adaptive_allocations: dict[str, Any] | None = None,
+                         max_batch_size: int | None = None,
+                         max_batch_delay: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model_id": model_id, "threads_per_allocation": threads_per_allocation,
                                 "queue_capacity": queue_capacity, "priority": priority,
                                 "timeout": timeout, "wait_for": wait_for}
         for k, v in (("deployment_id", deployment_id), ("number_of_allocations", number_of_allocations),
-                     ("cache_size", cache_size), ("adaptive_allocations", adaptive_allocations)):
+                     ("cache_size", cache_size), ("adaptive_allocations", adaptive_allocations),
+                     ("max_batch_size", max_batch_size), ("max_batch_delay", max_batch_delay)):
             if v is not None:
                 body[k] = v
         try:

@@ -109,6 +109,8 @@ class StartDeployment:
     timeout: typing.Union[str, int, float] = "30s"
     wait_for: str = "started"
     adaptive_allocations: Optional[dict] = None
+    max_batch_size: int = 1
+    max_batch_delay: typing.Union[str, int, float] = "0ms"
 
 
 @dataclass(frozen=True)
@@ -208,3 +210,5 @@ class NodeAssignment:
     routing_version: int = 0
     tokenizer_sha256: Optional[str] = None
     model_config: Optional[dict] = None
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 0.0

@@ -17,6 +17,8 @@ PRIORITIES = ("normal", "low")
 WAIT_FOR = ("starting", "started", "fully_allocated")  # in order of progress
 MAX_QUEUE_CAPACITY = 1_000_000
 MAX_THREADS = 32
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_DELAY_S = 1.0
 MAX_ALLOCATIONS_SAFEGUARD = 32  # adaptive allocations without a max
 _ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_\-.]{0,62}[a-z0-9])?$")
 
@@ -52,6 +54,8 @@ class StartParams:
     timeout_s: float
     wait_for: str
     adaptive: Optional[Adaptive]
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 0.0
 
 
 def _adaptive_problems(raw: Any, errors: list[str]) -> Optional[Adaptive]:
@@ -118,6 +122,20 @@ def validate_start(msg: StartDeployment) -> StartParams:
     if msg.wait_for not in WAIT_FOR:
         errors.append(f"invalid [wait_for] state [{msg.wait_for}]; must be one of "
                       "[started,starting,fully_allocated]")
+    b = msg.max_batch_size
+    if b < 1:
+        errors.append("[max_batch_size] must be a positive integer")
+    if b > MAX_BATCH_SIZE:
+        errors.append(f"[max_batch_size] must be less than or equal to {MAX_BATCH_SIZE}")
+    delay_s = 0.0
+    try:
+        delay_s = parse_time(msg.max_batch_delay, "max_batch_delay")
+        if delay_s < 0:
+            errors.append("[max_batch_delay] must not be negative")
+        if delay_s > MAX_BATCH_DELAY_S:
+            errors.append("[max_batch_delay] must be less than or equal to 1s")
+    except ValueError as e:
+        errors.append(str(e))
     cache = None
     if msg.cache_size is not None:
         try:
@@ -132,7 +150,8 @@ def validate_start(msg: StartDeployment) -> StartParams:
     return StartParams(model_id=msg.model_id, deployment_id=msg.deployment_id or msg.model_id,
                        number_of_allocations=n, threads_per_allocation=t, queue_capacity=q,
                        priority=msg.priority, cache_size=cache, timeout_s=timeout_s,
-                       wait_for=msg.wait_for, adaptive=adaptive)
+                       wait_for=msg.wait_for, adaptive=adaptive, max_batch_size=b,
+                       max_batch_delay_ms=delay_s * 1000.0)
 
 
 def validate_update(number_of_allocations: Optional[int], adaptive_raw: Any,

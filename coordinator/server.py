@@ -285,7 +285,8 @@ class Coordinator:
                 queue_capacity=dep.queue_capacity, cache_size_bytes=dep.cache_bytes(model),
                 priority=dep.priority, stopping=dep.stopping,
                 finish_pending_work=dep.finish_pending_work, routing_version=dep.routing_version,
-                tokenizer_sha256=model.tokenizer_sha256, model_config=model.model_config)))
+                tokenizer_sha256=model.tokenizer_sha256, model_config=model.model_config,
+                max_batch_size=dep.max_batch_size, max_batch_delay_ms=dep.max_batch_delay_ms)))
         return out
 
     def _reporting_nodes(self, dep: DeploymentRecord) -> set[str]:
@@ -457,7 +458,8 @@ class Coordinator:
             number_of_allocations=p.number_of_allocations,
             threads_per_allocation=p.threads_per_allocation, queue_capacity=p.queue_capacity,
             priority=p.priority, cache_size=p.cache_size, adaptive=p.adaptive,
-            start_time_ms=self.clock.wall_ms())
+            start_time_ms=self.clock.wall_ms(), max_batch_size=p.max_batch_size,
+            max_batch_delay_ms=p.max_batch_delay_ms)
         pd = planner.PlanDeployment(dep.deployment_id, dep.number_of_allocations,
                                     dep.threads_per_allocation,
                                     planner.memory_estimate(model.size, dep.cache_bytes(model)),

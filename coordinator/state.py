@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from common.clock import iso_ms
 from common.params import Adaptive
-from common.units import parse_bytes
+from common.units import format_time, parse_bytes
 
 
 class RoutingState(str, enum.Enum):
@@ -65,6 +65,8 @@ class DeploymentRecord:
     max_assigned_allocations: int = 0
     reason: str = ""
     routing_version: int = 0
+    max_batch_size: int = 1
+    max_batch_delay_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -184,7 +186,8 @@ def task_parameters(dep: DeploymentRecord, model: ModelRecord) -> dict[str, Any]
             "threads_per_allocation": dep.threads_per_allocation,
             "number_of_allocations": dep.number_of_allocations,
             "queue_capacity": dep.queue_capacity, "cache_size": dep.cache_size_str(model),
-            "priority": dep.priority}
+            "priority": dep.priority, "max_batch_size": dep.max_batch_size,
+            "max_batch_delay": format_time(dep.max_batch_delay_ms / 1000.0)}
 
 
 def adaptive_body(dep: DeploymentRecord) -> dict[str, Any]:

@@ -37,22 +37,22 @@ def _pending(client, dep: str) -> int:
 def test_stop_with_finish_pending_work_serves_every_queued_request(slow_cluster):
     with slow_cluster.client() as client:
         client.start_deployment("slow", deployment_id="drain", wait_for="fully_allocated")
-        x = np.array([0.3], np.float32)
+        xs = [np.array([0.3 + i / 100], np.float32) for i in range(4)]
         with cf.ThreadPoolExecutor(4) as pool:
-            futs = [pool.submit(client.infer, "drain", [{"input": x}], "30s") for _ in range(4)]
+            futs = [pool.submit(client.infer, "drain", [{"input": x}], "30s") for x in xs]
             wait_until(lambda: _pending(client, "drain") == 4, 15, what="4 requests pending")
             assert client.stop_deployment("drain", finish_pending_work=True) == {"stopped": True}
             results = [f.result(30) for f in futs]
-        assert all(np.allclose(r["inference_results"][0]["predicted_value"], x) for r in results)
+        assert all(np.allclose(r["inference_results"][0]["predicted_value"], x) for r, x in zip(results, xs))
         wait_until(lambda: slow_cluster.worker_pids("node-a") == [], 20, what="workers gone")
 
 
 def test_stop_without_finish_pending_work_answers_queued_requests(slow_cluster):
     with slow_cluster.client() as client:
         client.start_deployment("slow", deployment_id="cut", wait_for="fully_allocated")
-        x = np.array([0.5], np.float32)
+        xs = [np.array([0.5 + i / 100], np.float32) for i in range(4)]
         with cf.ThreadPoolExecutor(4) as pool:
-            futs = [pool.submit(client.infer, "cut", [{"input": x}], "30s") for _ in range(4)]
+            futs = [pool.submit(client.infer, "cut", [{"input": x}], "30s") for x in xs]
             wait_until(lambda: _pending(client, "cut") == 4, 15, what="4 requests pending")
             assert client.stop_deployment("cut") == {"stopped": True}
             outcomes = []
@@ -70,15 +70,15 @@ def test_stop_without_finish_pending_work_answers_queued_requests(slow_cluster):
 def test_full_queue_is_429_with_a_retry_hint(slow_cluster):
     with slow_cluster.client() as client:
         client.start_deployment("slow", deployment_id="tight", queue_capacity=1, wait_for="fully_allocated")
-        x = np.array([0.4], np.float32)
+        xs = [np.array([0.4 + i / 100], np.float32) for i in range(3)]  # distinct: no cache hits
         try:
             with cf.ThreadPoolExecutor(2) as pool:
-                first = pool.submit(client.infer, "tight", [{"input": x}], "30s")
+                first = pool.submit(client.infer, "tight", [{"input": xs[0]}], "30s")
                 wait_until(lambda: _pending(client, "tight") == 1, 15, what="one running")
-                second = pool.submit(client.infer, "tight", [{"input": x}], "30s")
+                second = pool.submit(client.infer, "tight", [{"input": xs[1]}], "30s")
                 wait_until(lambda: _pending(client, "tight") == 2, 15, what="one queued")
                 with pytest.raises(TooManyRequests) as e:
-                    client.infer("tight", [{"input": x}])
+                    client.infer("tight", [{"input": xs[2]}])
                 assert e.value.type == "es_rejected_execution_exception"
                 assert isinstance(e.value.retry_after_ms, int) and e.value.retry_after_ms > 0
                 first.result(30), second.result(30)
