@@ -76,6 +76,8 @@ class Stats:
     total_time_ms: float = 0.0
     compute_time_ms: float = 0.0
     queue_time_ms: float = 0.0
+    batches: int = 0
+    batched_jobs: int = 0
     last_access_ms: Optional[int] = None
     peak_per_minute: int = 0
     recent: collections.deque = field(default_factory=collections.deque)
@@ -393,6 +395,8 @@ class DeploymentRuntime:
                 jobs.append({"rid": job_id, "docs": job.docs})
                 self.stats.queue_time_ms += (now - job.enqueued) * 1000
             if jobs:
+                self.stats.batches += 1
+                self.stats.batched_jobs += len(jobs)
                 w.state, w.jobs = WorkerState.BUSY, [j["rid"] for j in jobs]
                 self.send_worker(w.identity, {"op": "infer", "jobs": jobs})
 
@@ -499,4 +503,5 @@ class DeploymentRuntime:
                    "throughput_last_minute": last_minute,
                    "peak_throughput_per_minute": s.peak_per_minute,
                    "cache_bytes": self.cache.used,
+                   "average_batch_size": s.batched_jobs / s.batches if s.batches else 0.0,
                    "start_time": s.start_time_ms, "last_access": s.last_access_ms}))

@@ -228,6 +228,7 @@ def node_stats_body(route: Route, node: NodeRecord, dep: DeploymentRecord) -> di
     body["average_inference_time_ms"] = float(s.get("average_inference_time_ms", 0.0))
     body["average_inference_time_ms_excluding_cache_hits"] = float(
         s.get("average_inference_time_ms_excluding_cache_hits", 0.0))
+    body["average_batch_size"] = float(s.get("average_batch_size", 0.0))
     body["number_of_allocations"] = route.current_allocations
     body["threads_per_allocation"] = dep.threads_per_allocation
     st = s.get("start_time")
