@@ -331,9 +331,15 @@ class DeploymentRuntime:
             else:
                 self._answer_error(job, ApiError(str(item.get("reason", "inference failed")),
                                                  status=int(item.get("status", 500))))
-        if not w.jobs and w.state == WorkerState.BUSY:
-            w.state = WorkerState.IDLE
-        self.tick()
+        if not w.jobs:
+            if w.state == WorkerState.BUSY:
+                w.state = WorkerState.IDLE
+            elif w.state == WorkerState.DRAINING:
+                self._retire(w)
+        if self.phase == Phase.STOPPING:
+            self.tick()
+        else:
+            self.dispatch()  # the hot path: deadlines and reconciling wait for the periodic tick
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, client: bytes, rid: int, docs: list, timeout_s: float) -> None:
@@ -457,9 +463,7 @@ class DeploymentRuntime:
                     w.state = WorkerState.DRAINING
         for w in list(self.workers.values()):
             if w.state == WorkerState.DRAINING and not w.jobs:
-                w.state = WorkerState.KILLED
-                self.send_worker(w.identity, {"op": "stop"})
-                self._host_cmd({"cmd": "kill", "worker_id": w.worker_id})
+                self._retire(w)
         if self.phase == Phase.STOPPING and not self.queue and not self.jobs:
             for w in self.workers.values():
                 if w.state not in (WorkerState.KILLED,):
@@ -468,6 +472,11 @@ class DeploymentRuntime:
             if self.host is None:
                 self._set_phase(Phase.STOPPED)
         self.dispatch()
+
+    def _retire(self, w: Worker) -> None:
+        w.state = WorkerState.KILLED
+        self.send_worker(w.identity, {"op": "stop"})
+        self._host_cmd({"cmd": "kill", "worker_id": w.worker_id})
 
     # ---- reports --------------------------------------------------------------------------------
     def routing_state(self) -> str:

@@ -102,15 +102,16 @@ class Agent:
             write_ready_file(self.cfg.ready_file, self.advertise)
         sd_notify("READY=1")
         try:
+            registered: dict[int, DeploymentRuntime] = {}
             while self._running:
-                host_fds = {rt.host_fd(): rt for rt in self.runtimes.values() if rt.host_fd() is not None}
-                for fd in host_fds:
-                    self.poller.register(fd, zmq.POLLIN)
-                try:
-                    events = dict(self.poller.poll(self.timers.timeout_ms(100)))
-                finally:
-                    for fd in host_fds:
+                host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
+                if host_fds.keys() != registered.keys():
+                    for fd in registered.keys() - host_fds.keys():
                         self.poller.unregister(fd)
+                    for fd in host_fds.keys() - registered.keys():
+                        self.poller.register(fd, zmq.POLLIN)
+                registered = host_fds
+                events = dict(self.poller.poll(self.timers.timeout_ms(100)))
                 if self.coord in events:
                     self._drain(self.coord, self._on_coordinator)
                 if self.worker_sock in events:
@@ -333,8 +334,12 @@ class Agent:
         if rt is None:
             self._send_worker(ident, {"op": "stop"})
             return
+        msg = unpack(frames[1])
+        if msg.get("op") == "results":  # the hot path
+            rt.on_worker_message(wid, msg)
+            return
         before = rt.ready_count()
-        rt.on_worker_message(wid, unpack(frames[1]))
+        rt.on_worker_message(wid, msg)
         if rt.ready_count() != before:
             self._heartbeat_now()
 

@@ -6,6 +6,7 @@ handlers behind it trust the types. Value rules (Elasticsearch's validation mess
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,18 +49,27 @@ def _check(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def decode(cls: type[T], body: dict[str, Any], op: str | None = None) -> T:
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Field types and whether each is required, computed once per class (get_type_hints is slow)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(k for k in body if k not in fields)
-    if unknown:
-        raise BadRequest(f"request [{op or cls.__name__}] does not support parameter "
-                         f"[{', '.join(map(str, unknown))}]")
+    required = {f.name: f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                for f in dataclasses.fields(cls)}
+    return {name: hints[name] for name in required}, required
+
+
+def decode(cls: type[T], body: dict[str, Any], op: str | None = None) -> T:
+    types_, required = _schema(cls)
+    for k in body:
+        if k not in types_:
+            unknown = sorted(str(k) for k in body if k not in types_)
+            raise BadRequest(f"request [{op or cls.__name__}] does not support parameter "
+                             f"[{', '.join(unknown)}]")
     kwargs = {}
-    for name, f in fields.items():
+    for name, tp in types_.items():
         if name in body:
-            kwargs[name] = _check(name, body[name], hints[name])
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = _check(name, body[name], tp)
+        elif required[name]:
             raise BadRequest(f"[{name}] is required")
     return cls(**kwargs)
 

@@ -1,0 +1,135 @@
+"""Overhead of the serving path: a no-op (identity) model through Client.infer, against a raw
+pyzmq DEALER/ROUTER round trip with the same payload to an echo process.
+
+    .venv/bin/python -m bench.overhead [--requests 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from bench._util import cluster, fmt, pct, table
+from common.protocol import encode_request, encode_tree, pack, unpack
+from tests.helpers import save_model
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _echo(endpoint_q: mp.Queue, stop: mp.Event) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_q.put(f"tcp://127.0.0.1:{port}")
+    poller = zmq.Poller()
+    poller.register(s, zmq.POLLIN)
+    while not stop.is_set():
+        if poller.poll(100):
+            while True:
+                try:
+                    ident, frame = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                s.send_multipart([ident, frame])
+    s.close(0)
+    ctx.term()
+
+
+def raw_zmq(payload: bytes, n: int, inflight: int) -> tuple[list[float], float]:
+    q, stop = mp.Queue(), mp.Event()
+    p = mp.Process(target=_echo, args=(q, stop))
+    p.start()
+    try:
+        endpoint = q.get(timeout=10)
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(endpoint)
+        for _ in range(200):
+            s.send(payload)
+            s.recv()
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s.send(payload)
+            s.recv()
+            lat.append((time.perf_counter() - t) * 1000)
+        # throughput with `inflight` requests outstanding
+        t0 = time.perf_counter()
+        for _ in range(inflight):
+            s.send(payload)
+        sent = inflight
+        for _ in range(n * 2):
+            s.recv()
+            if sent < n * 2:
+                s.send(payload)
+                sent += 1
+        rps = n * 2 / (time.perf_counter() - t0)
+        s.close(0)
+        ctx.term()
+        return lat, rps
+    finally:
+        stop.set()
+        p.join(10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--inflight", type=int, default=16)
+    args = ap.parse_args()
+    x = np.ones((1, 16), np.float32)
+    payload = encode_request("infer", 1, {"deployment_id": "noop", "docs": encode_tree([{"input": x}]),
+                                          "timeout_ms": 10000})
+    raw_lat, raw_rps = raw_zmq(payload, args.requests, args.inflight)
+    rows = [["raw pyzmq DEALER/ROUTER echo (another process)", fmt(pct(raw_lat, 50)),
+             fmt(pct(raw_lat, 99)), f"{raw_rps:.0f}", "-", "1.0x"]]
+    with cluster(processors=2) as c, c.client() as client:
+        client.put_model("noop", save_model(Identity(), c.workdir / "noop.pt"))
+        for allocations, batch in ((1, 1), (2, 1), (1, 16), (2, 16)):
+            dep = f"noop-{allocations}-{batch}"
+            client.start_deployment("noop", deployment_id=dep, number_of_allocations=allocations,
+                                    cache_size="0b", max_batch_size=batch, wait_for="fully_allocated")
+            lat, threads_rps, many_rps = mlfleet_dep(client, dep, x, args.requests, args.inflight)
+            rows.append([f"Client.infer, {allocations} allocation(s), max_batch_size {batch}",
+                         fmt(pct(lat, 50)), fmt(pct(lat, 99)), f"{threads_rps:.0f}", f"{many_rps:.0f}",
+                         f"{pct(lat, 50) / pct(raw_lat, 50):.1f}x"])
+            client.stop_deployment(dep)
+    print(table(f"Overhead: identity model, payload {len(payload)} bytes; {args.requests} sequential "
+                f"requests, then {args.requests * 2} with {args.inflight} in flight from one client process",
+                ["path", "p50 ms (1 in flight)", "p99 ms", f"req/s, {args.inflight} threads",
+                 f"req/s, infer_many({args.inflight})", "p50 vs raw"], rows))
+
+
+def mlfleet_dep(client, dep: str, x: np.ndarray, n: int, inflight: int) -> tuple[list[float], float, float]:
+    docs = [{"input": x}]
+    for _ in range(200):
+        client.infer(dep, docs)
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.infer(dep, docs)
+        lat.append((time.perf_counter() - t) * 1000)
+    total = n * 2
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(inflight) as pool:
+        list(pool.map(lambda _: client.infer(dep, docs), range(total)))
+    threads_rps = total / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    results = client.infer_many(dep, [docs] * total, inflight=inflight)
+    many_rps = total / (time.perf_counter() - t0)
+    assert all(isinstance(r, dict) for r in results), [r for r in results if not isinstance(r, dict)][:3]
+    return lat, threads_rps, many_rps
+
+
+if __name__ == "__main__":
+    main()
