@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 
 from agent.cache import LruCache
 from common import messages as m
-from common.errors import ApiError, Conflict, NotFound, RequestTimeout, ServerError, TooManyRequests
+from common.errors import (ApiError, Conflict, NotFound, RequestTimeout, ServerError,
+                           ServiceUnavailable, TooManyRequests)
 from common.proc import describe_exit
 from common.protocol import pack
 
@@ -356,6 +357,9 @@ class DeploymentRuntime:
                 self.stats.record(self.clock.monotonic(), self.clock.wall_ms(), len(docs), 0.0, hit=True)
                 self.reply(client, rid, 200, {"inference_results": hit})
                 return
+        if self.a.target_allocations == 0:  # warm at zero (adaptive): the client must ask for one
+            raise ServiceUnavailable(f"deployment [{self.deployment_id}] has no allocation on node "
+                                     f"[{self.node_id}]", retryable=True)
         if len(self.queue) >= self.a.queue_capacity:
             self.stats.rejected_execution_count += 1
             raise TooManyRequests(
@@ -378,13 +382,14 @@ class DeploymentRuntime:
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
             return
         now = self.clock.monotonic()
-        batch, delay = max(1, self.a.max_batch_size), self.a.max_batch_delay_ms / 1000.0
-        for w in self.workers.values():
+        idle = [w for w in self.workers.values() if w.state == WorkerState.IDLE]
+        max_batch, delay = max(1, self.a.max_batch_size), self.a.max_batch_delay_ms / 1000.0
+        for k, w in enumerate(idle):
             if not self.queue:
                 return
-            if w.state != WorkerState.IDLE:
-                continue
-            if delay > 0 and len(self.queue) < batch and now < self.queue[0].enqueued + delay:
+            # share what waits among the idle workers rather than giving one worker all of it
+            batch = min(max_batch, -(-len(self.queue) // (len(idle) - k)))
+            if delay > 0 and len(self.queue) < max_batch and now < self.queue[0].enqueued + delay:
                 due = self.queue[0].enqueued + delay
                 if self._batch_wake_at is None or due < self._batch_wake_at:
                     self._batch_wake_at = due

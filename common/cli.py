@@ -120,6 +120,7 @@ def coordinator(
     adaptive_interval: str = typer.Option("10s", help="Adaptive allocations tick."),
     scale_up_cooldown: str = typer.Option("5m", help="No scale-down this long after a scale-up."),
     scale_to_zero_after: str = typer.Option("15m", help="Idle time before scaling to zero (min 0)."),
+    warm_zero_keep: str = typer.Option("5m", help="How long a deployment scaled to zero keeps its weights loaded (0s: not at all)."),
 ) -> None:
     """Run the coordinator daemon.
 
@@ -138,7 +139,8 @@ def coordinator(
         node_timeout_s=parse_time(node_timeout, "node_timeout"),
         adaptive_interval_s=parse_time(adaptive_interval, "adaptive_interval"),
         scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown"),
-        scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after")))
+        scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
+        warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep")))
 
 
 def _refuse_without_keys(listen: str) -> None:

@@ -383,6 +383,17 @@ class Client:
                 self._routing[deployment_id] = r
         return r
 
+    def _await_routes(self, deployment_id: str, until: float) -> Routes:
+        """No allocation to send to: the coordinator answers once one serves (starting one if the
+        deployment scaled to zero), or with 408 at our deadline."""
+        left = max(0.001, until - time.monotonic())
+        body = self._call("await_routes", {"deployment_id": deployment_id,
+                                           "timeout_ms": max(1, int(left * 1000))}, left + INFER_MARGIN_S)
+        r = Routes(body, time.monotonic())
+        with self._routing_lock:
+            self._routing[deployment_id] = r
+        return r
+
     def infer_many(self, deployment_id: str, requests: list[list[dict[str, Any]]],
                    timeout: str | float = "10s", inflight: int = 16) -> list[Any]:
         """Run many inference requests from this thread with up to ``inflight`` outstanding at
@@ -400,10 +411,13 @@ class Client:
         while nxt < len(requests) or waiting:
             while nxt < len(requests) and len(waiting) < inflight:
                 route = routes.pick(set())
-                if route is None:
-                    out[nxt] = ServiceUnavailable(f"Trained model deployment [{deployment_id}] is not "
-                                                  "allocated to any nodes")
+                if route is None:  # nothing routable: this one waits (and may start an allocation)
+                    try:
+                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
+                    except ApiError as e:
+                        out[nxt] = e
                     nxt += 1
+                    routes = self._routes(deployment_id)
                     continue
                 address, rid = route["address"], next(self._ids)
                 body = {"deployment_id": deployment_id, "docs": encode_tree(requests[nxt]),
@@ -469,10 +483,15 @@ class Client:
                 routes = self._routes(deployment_id, refresh=True)
                 route = routes.pick(tried)
                 if route is None:
-                    if last is not None:
-                        raise last
-                    raise ServiceUnavailable(f"Trained model deployment [{deployment_id}] is not "
-                                             "allocated to any nodes")
+                    if time.monotonic() >= deadline - INFER_MARGIN_S:
+                        raise last or ServiceUnavailable(f"Trained model deployment [{deployment_id}] "
+                                                         "is not allocated to any nodes")
+                    routes = self._await_routes(deployment_id, deadline - INFER_MARGIN_S)
+                    tried = set()  # what answers now has an allocation again
+                    route = routes.pick(tried)
+                    if route is None:
+                        raise ServiceUnavailable(f"Trained model deployment [{deployment_id}] is not "
+                                                 "allocated to any nodes")
             address = route["address"]
             rid = next(self._ids)
             rep = self._infer_sockets().call(address, encode_request("infer", rid, body), rid,

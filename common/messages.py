@@ -145,6 +145,13 @@ class DeploymentRef:
 
 
 @dataclass(frozen=True)
+class AwaitRoutes:
+    """Wait until the deployment has an allocation to route to (scale from zero)."""
+    deployment_id: str
+    timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
 class GetStats:
     deployment_id: Optional[str] = None
 

@@ -19,3 +19,4 @@ class CoordinatorConfig:
     scale_up_cooldown_s: float = 300.0
     scale_to_zero_after_s: float = 900.0
     stop_timeout_s: float = 30.0
+    warm_zero_keep_s: float = 300.0  # a deployment scaled to zero keeps its model host this long

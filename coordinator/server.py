@@ -25,6 +25,7 @@ from common.protocol import decode_request, encode_reply, encode_request, reques
 from common.units import format_time
 from common.zmqutil import Timers, bind, make_socket
 from coordinator import planner
+from coordinator.adaptive import AdaptiveMixin
 from coordinator.config import CoordinatorConfig
 from coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
                                RouteReport, RoutingState, allocation_status, assignment_body,
@@ -46,9 +47,10 @@ class Waiter:
     deadline: float
     check: Callable[[], Optional[tuple[int, dict[str, Any]]]]
     on_timeout: Callable[[], tuple[int, dict[str, Any]]]
+    tag: str = ""
 
 
-class Coordinator:
+class Coordinator(AdaptiveMixin):
     def __init__(self, config: CoordinatorConfig, clock: Clock | None = None) -> None:
         self.cfg = config
         self.clock = clock or Clock()
@@ -78,6 +80,7 @@ class Coordinator:
             "get_stats": (m.GetStats, self.on_get_stats),
             "get_nodes": (m.Empty, self.on_get_nodes),
             "get_routing": (m.DeploymentRef, self.on_get_routing),
+            "await_routes": (m.AwaitRoutes, self.on_await_routes),
             "ping": (m.Empty, lambda ident, msg: {"ok": True}),
             # agent protocol
             "register": (m.Register, self.on_register),
@@ -87,6 +90,7 @@ class Coordinator:
         self.agent_ops = {"register", "heartbeat", "model_chunk"}
         for d in self.deployments.values():
             self._route_sigs[d.deployment_id] = ()
+        self._adaptive_init()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
@@ -100,6 +104,8 @@ class Coordinator:
             self.bind()
         self.timers.every(self.cfg.heartbeat_interval_s, self._check_nodes)
         self.timers.every(0.05, self._check_waiters)
+        self.timers.every(self.cfg.adaptive_interval_s, self._adaptive_tick)
+        self.timers.every(1.0, self._expire_warm)
         self._running = True
         if self.cfg.ready_file:
             write_ready_file(self.cfg.ready_file, self.endpoint)
@@ -264,10 +270,10 @@ class Coordinator:
                 self._reply(w.ident, w.rid, *result)
         self.waiters = keep
 
-    def _park(self, ident: bytes, timeout_s: float, check, on_timeout) -> object:
+    def _park(self, ident: bytes, timeout_s: float, check, on_timeout, tag: str = "") -> object:
         # the waiting request's id is the one being handled: read it from the current frame
         self.waiters.append(Waiter(ident, self._current_rid, self.clock.monotonic() + timeout_s,
-                                   check, on_timeout))
+                                   check, on_timeout, tag))
         return DEFER
 
     # ---- agent sync ----------------------------------------------------------------------------
@@ -275,7 +281,8 @@ class Coordinator:
         out = []
         for dep in self.deployments.values():
             target = dep.targets.get(node_id, 0)
-            if target <= 0 and not (dep.stopping and node_id in self._reporting_nodes(dep)):
+            if target <= 0 and node_id not in dep.warm and not (
+                    dep.stopping and node_id in self._reporting_nodes(dep)):
                 continue
             model = self.models[dep.model_id]
             out.append(m.encode(m.NodeAssignment(
@@ -516,19 +523,45 @@ class Coordinator:
             return assignment_body(dep, model, routes)
         if assignment_state(dep, routes) != AssignmentState.STARTED:
             raise Conflict("cannot update deployment that is not in [started] state")
+        if n is None and adaptive is not None and adaptive.enabled:
+            # newly enabled or changed bounds apply at once; the scaler takes it from there
+            lo = adaptive.min_number_of_allocations or 0
+            hi = adaptive.max_number_of_allocations
+            n = max(dep.number_of_allocations, lo) if hi is None else min(max(dep.number_of_allocations, lo), hi)
         if n is not None and n != dep.number_of_allocations:
-            plan = self._plan({dep.deployment_id: self._plan_deployment(dep, n)})
-            if plan.placed(dep.deployment_id) < n and n > dep.number_of_allocations:
-                raise TooManyRequests("Could not update deployment because there are not enough "
-                                      "resources to provide all requested allocations")
-            dep.number_of_allocations = n
-            dep.adaptive = adaptive
-            self.store.save_deployment(dep)
-            self._apply(plan, f"model deployment [{dep.deployment_id}] updated")
-        else:
-            dep.adaptive = adaptive
+            self._set_allocations(dep, n, f"model deployment [{dep.deployment_id}] updated")
+        dep.adaptive = adaptive
         self.store.save_deployment(dep)
         return assignment_body(dep, model, self._routes(dep))
+
+    def _set_allocations(self, dep: DeploymentRecord, n: int, why: str) -> None:
+        """Change a deployment's allocations: an increase runs the planner (existing placements
+        kept; 429 and no change when it cannot all be placed), a decrease takes allocations away
+        without moving the rest, zero keeps the model hosts warm for a while."""
+        if n == dep.number_of_allocations:
+            return
+        current = dict(dep.targets)
+        if not current and dep.warm:  # scaling up from zero: where the model is still loaded
+            current = {node: 1 for node in dep.warm}
+        model = self.models[dep.model_id]
+        pd = planner.PlanDeployment(dep.deployment_id, n, dep.threads_per_allocation,
+                                    planner.memory_estimate(model.size, dep.cache_bytes(model)),
+                                    dep.priority, current)
+        plan = self._plan({dep.deployment_id: pd})
+        if n > dep.number_of_allocations and plan.placed(dep.deployment_id) < n:
+            raise TooManyRequests("Could not update deployment because there are not enough "
+                                  "resources to provide all requested allocations")
+        if n == 0 and self.cfg.warm_zero_keep_s > 0:
+            until = self.clock.wall_ms() + int(self.cfg.warm_zero_keep_s * 1000)
+            dep.warm = {node: until for node in dep.targets}
+        elif n > 0:
+            placed = plan.assignments.get(dep.deployment_id, {})
+            dep.warm = {k: v for k, v in dep.warm.items() if k not in placed}
+        log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id,
+                 dep.number_of_allocations, n, why)
+        dep.number_of_allocations = n
+        self.store.save_deployment(dep)
+        self._apply(plan, why)
 
     def on_stop(self, ident: bytes, msg: m.StopDeployment) -> Any:
         dep = self.deployments.get(msg.deployment_id)

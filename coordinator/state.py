@@ -67,6 +67,7 @@ class DeploymentRecord:
     routing_version: int = 0
     max_batch_size: int = 1
     max_batch_delay_ms: float = 0.0
+    warm: dict[str, int] = field(default_factory=dict)  # node -> until (epoch ms): model host kept at zero
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,6 +143,8 @@ def routes_of(dep: DeploymentRecord, nodes: dict[str, NodeRecord]) -> list[Route
         if node is None or not node.alive:
             continue
         target = dep.targets.get(node_id, 0)
+        if target == 0 and node_id in dep.warm and not dep.stopping:
+            continue  # a warm model host at zero allocations serves nothing: not a route
         rep = node.reports.get(dep.deployment_id)
         if rep is None:
             if target == 0:
@@ -162,6 +165,8 @@ def routes_of(dep: DeploymentRecord, nodes: dict[str, NodeRecord]) -> list[Route
 def assignment_state(dep: DeploymentRecord, routes: list[Route]) -> AssignmentState:
     if dep.stopping:
         return AssignmentState.STOPPING
+    if dep.number_of_allocations == 0:  # scaled to zero (adaptive): started, with nothing to run
+        return AssignmentState.STARTED
     if any(r.routing_state == RoutingState.STARTED for r in routes):
         return AssignmentState.STARTED
     if routes and all(r.routing_state == RoutingState.FAILED for r in routes):
