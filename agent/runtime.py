@@ -131,6 +131,7 @@ class DeploymentRuntime:
         self.restart_window_s = restart_window_s
         self.finish_pending_work = False
         self._batch_wake_at: Optional[float] = None
+        self._respawn_at = 0.0  # restart backoff after a worker died
 
     # ---- lifecycle --------------------------------------------------------------------------
     @property
@@ -300,7 +301,13 @@ class DeploymentRuntime:
             self.fail(f"allocation workers exited {len(self.restarts)} times in "
                       f"{self.restart_window_s:.0f}s; last: {describe_exit(code)}")
         else:
-            self.tick()
+            backoff = min(5.0, 0.1 * 2 ** (len(self.restarts) - 1))
+            self._respawn_at = now + backoff
+            log.info("deployment [%s] on node [%s]: restarting the worker in %.1fs (%d of %d restarts "
+                     "in %.0fs)", self.deployment_id, self.node_id, backoff, len(self.restarts),
+                     self.restart_budget, self.restart_window_s)
+            self.schedule(self._respawn_at, self.tick)
+            self.dispatch()
 
     def on_worker_message(self, wid: str, msg: dict) -> None:
         op = msg.get("op")
@@ -458,8 +465,9 @@ class DeploymentRuntime:
         if self.phase == Phase.RUNNING:
             live = self.live_workers()
             want = self.a.target_allocations
-            for _ in range(want - len(live)):
-                self._spawn_worker()
+            if now >= self._respawn_at:
+                for _ in range(want - len(live)):
+                    self._spawn_worker()
             if len(live) > want:
                 # drain the surplus: idle ones first, then those still starting, busy ones last
                 order = sorted(live, key=lambda w: (w.state == WorkerState.BUSY,

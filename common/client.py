@@ -195,8 +195,9 @@ class _ThreadSockets:
             except zmq.Again:
                 if time.monotonic() >= connect_by:
                     self.drop(address)
+                    # never sent: safe to try another node
                     raise NoAnswer(f"no answer from {address}: could not connect within "
-                                   f"{CONNECT_TIMEOUT_S:g}s") from None
+                                   f"{CONNECT_TIMEOUT_S:g}s", retryable=True) from None
                 s.poll(20, zmq.POLLOUT)
         while True:
             left = deadline - time.monotonic()
@@ -494,8 +495,16 @@ class Client:
                                                  "allocated to any nodes")
             address = route["address"]
             rid = next(self._ids)
-            rep = self._infer_sockets().call(address, encode_request("infer", rid, body), rid,
-                                             max(0.1, deadline - time.monotonic()), "infer")
+            try:
+                rep = self._infer_sockets().call(address, encode_request("infer", rid, body), rid,
+                                                 max(0.1, deadline - time.monotonic()), "infer")
+            except NoAnswer as e:
+                if not e.retryable:
+                    raise  # sent, maybe started: not ours to run twice
+                last = e
+                tried.add(address)
+                routes = self._routes(deployment_id, refresh=True)
+                continue
             if rep.rv > routes.version:
                 with self._routing_lock:
                     self._routing.pop(deployment_id, None)
