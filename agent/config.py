@@ -18,3 +18,5 @@ class AgentConfig:
     worker_restart_budget: int = 3         # restarts allowed per window before a route is failed
     worker_restart_window_s: float = 60.0
     stop_grace_s: float = 5.0
+    curve_secret_key: Optional[str] = None        # CURVE for the coordinator link and inference
+    coordinator_public_key: Optional[str] = None

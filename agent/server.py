@@ -29,6 +29,7 @@ from common import messages as m
 from common.clock import Clock
 from common.errors import ApiError, BadRequest, NotFound, ServerError
 from common.proc import sd_notify, write_ready_file
+from common.security import Curve, authorize, load_public, load_secret, start_authenticator
 from common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
                              unpack)
 from common.zmqutil import Timers, bind, make_socket
@@ -45,6 +46,15 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.ctx = zmq.Context.instance()
         self.infer_sock = make_socket(self.ctx, zmq.ROUTER)
+        self.curve: Curve | None = None
+        self.auth = None
+        self.client_keys: dict[str, str] = {}
+        if cfg.curve_secret_key:
+            if not cfg.coordinator_public_key:
+                raise ValueError("--curve-secret-key needs --coordinator-public-key")
+            self.curve = Curve(*load_secret(cfg.curve_secret_key), load_public(cfg.coordinator_public_key))
+            self.auth = start_authenticator(self.ctx)
+            self.curve.server(self.infer_sock)
         self.worker_sock = make_socket(self.ctx, zmq.ROUTER)
         self.coord: zmq.Socket | None = None
         self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")
@@ -83,6 +93,8 @@ class Agent:
             self.poller.unregister(self.coord)
             self.coord.close(0)
         self.coord = make_socket(self.ctx, zmq.DEALER, identity=b"agent/" + self.node_id.encode())
+        if self.curve is not None:
+            self.curve.client(self.coord)
         self.coord.connect(self.cfg.coordinator)
         self.poller.register(self.coord, zmq.POLLIN)
         self.pending.clear()
@@ -117,7 +129,7 @@ class Agent:
                 if self.worker_sock in events:
                     self._drain(self.worker_sock, self._on_worker)
                 if self.infer_sock in events:
-                    self._drain(self.infer_sock, self._on_client)
+                    self._drain_clients()
                 for fd, rt in host_fds.items():
                     if fd in events:
                         rt.on_host_readable()
@@ -143,7 +155,27 @@ class Agent:
             if s is not None:
                 s.close(0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.auth is not None:
+            self.auth.stop()
         log.info("agent [%s] stopped", self.node_id)
+
+    def _drain_clients(self) -> None:
+        for _ in range(256):
+            try:
+                raw = self.infer_sock.recv_multipart(zmq.NOBLOCK, copy=self.curve is None)
+            except zmq.Again:
+                return
+            user = None
+            if self.curve is not None:
+                try:
+                    user = raw[1].get("User-Id") if len(raw) > 1 else None
+                except zmq.ZMQError:
+                    user = None
+                raw = [f.bytes for f in raw]
+            try:
+                self._on_client(raw, user)
+            except Exception:
+                log.exception("failed to handle a client message")
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
@@ -242,6 +274,8 @@ class Agent:
     def _apply_sync(self, body: dict) -> None:
         self.heartbeat_interval_s = float(body.get("heartbeat_interval_s", self.heartbeat_interval_s))
         self.node_timeout_s = float(body.get("node_timeout_s", self.node_timeout_s))
+        if isinstance(body.get("client_keys"), dict):
+            self.client_keys = body["client_keys"]
         wanted: dict[str, m.NodeAssignment] = {}
         for raw in body.get("assignments", []):
             try:
@@ -350,7 +384,7 @@ class Agent:
         except zmq.ZMQError:
             log.debug("client %r went away before its answer", ident)
 
-    def _on_client(self, frames: list[bytes]) -> None:
+    def _on_client(self, frames: list[bytes], user: str | None = None) -> None:
         ident = frames[0]
         if len(frames) != 2:
             self._reply_client(ident, 0, 400, BadRequest(
@@ -359,6 +393,8 @@ class Agent:
         rid = request_id_of(frames[1])
         try:
             req = decode_request(frames[1])
+            if self.curve is not None:
+                authorize(self.client_keys.get(user or ""), req.op if req.op in ("ping", "infer") else "?", user)
             if req.op == "ping":
                 self._reply_client(ident, rid, 200, {"node_id": self.node_id})
                 return

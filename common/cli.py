@@ -33,6 +33,32 @@ nodes_app = typer.Typer(help="Inspect the agents of the cluster.", no_args_is_he
 app.add_typer(models_app, name="models")
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(nodes_app, name="nodes")
+keys_app = typer.Typer(help="CURVE key pairs for running off loopback.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.callback()
+def _root(secret_key: Optional[Path] = typer.Option(None, "--secret-key", envvar="MLFLEET_SECRET_KEY",
+                                                    help="This client's CURVE secret key file (NAME.key)."),
+          coordinator_key: Optional[Path] = typer.Option(None, "--coordinator-key", envvar="MLFLEET_COORDINATOR_KEY",
+                                                         help="The coordinator's public key file (NAME.pub).")) -> None:
+    """mlfleet: deploy TorchScript models across hosts and serve inference."""
+    if secret_key:
+        os.environ["MLFLEET_SECRET_KEY"] = str(secret_key)
+    if coordinator_key:
+        os.environ["MLFLEET_COORDINATOR_KEY"] = str(coordinator_key)
+
+
+@keys_app.command("generate")
+def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Directory for NAME.key and NAME.pub.")) -> None:
+    """Create a CURVE key pair: NAME.key (secret, mode 600) and NAME.pub.
+
+    Example: mlfleet keys generate coordinator --out /etc/mlfleet/keys
+    """
+    from common.security import generate_keys, load_public
+    secret, public = generate_keys(name, out)
+    sys.stdout.write(json.dumps({"secret_key": str(secret), "public_key": str(public),
+                                 "z85": load_public(public).decode()}) + "\n")
 
 
 class Format(str, Enum):
@@ -121,6 +147,8 @@ def coordinator(
     scale_up_cooldown: str = typer.Option("5m", help="No scale-down this long after a scale-up."),
     scale_to_zero_after: str = typer.Option("15m", help="Idle time before scaling to zero (min 0)."),
     warm_zero_keep: str = typer.Option("5m", help="How long a deployment scaled to zero keeps its weights loaded (0s: not at all)."),
+    curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="CURVE secret key: enforces CURVE on every address."),
+    authorized_keys: Optional[Path] = typer.Option(None, exists=True, help="Lines 'ROLE Z85_PUBLIC_KEY', roles admin, infer, agent."),
 ) -> None:
     """Run the coordinator daemon.
 
@@ -131,24 +159,37 @@ def coordinator(
     from coordinator.config import CoordinatorConfig
     from coordinator.server import serve
     _setup_logging()
-    if not is_loopback(listen):
+    if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
-    serve(CoordinatorConfig(
+    _serve_or_exit(serve, CoordinatorConfig(
         listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
         heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),
         node_timeout_s=parse_time(node_timeout, "node_timeout"),
         adaptive_interval_s=parse_time(adaptive_interval, "adaptive_interval"),
         scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown"),
         scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
-        warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep")))
+        warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep"),
+        curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
+        authorized_keys=str(authorized_keys) if authorized_keys else None))
+
+
+def _serve_or_exit(serve, config) -> None:
+    """Configuration problems (a bad key file, a port in use) end the daemon with a clear message
+    and exit code 2, which systemd's RestartPreventExitStatus=2 will not restart in a loop."""
+    import zmq
+    try:
+        serve(config)
+    except (ValueError, OSError, zmq.ZMQError) as e:
+        sys.stderr.write(f"mlfleet: cannot start: {e}\n")
+        raise typer.Exit(2)
 
 
 def _refuse_without_keys(listen: str) -> None:
     sys.stderr.write(
         f"refusing to listen on {listen} without CURVE keys: off loopback every connection must be "
         "authenticated. Create keys with `mlfleet keys generate NAME --out DIR` and pass "
-        "--curve-secret-key (key support lands with the access-control work; until then bind "
-        "127.0.0.1).\n")
+        "--curve-secret-key (and --authorized-keys on the coordinator, "
+        "--coordinator-public-key on agents).\n")
     raise typer.Exit(2)
 
 
@@ -161,6 +202,8 @@ def agent(
     allocated_processors: Optional[int] = typer.Option(None, min=1, help="Processors for allocations (default: CPU count)."),
     data_dir: Optional[Path] = typer.Option(None, help="Model cache directory."),
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
+    curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="This agent's CURVE secret key."),
+    coordinator_public_key: Optional[Path] = typer.Option(None, exists=True, help="The coordinator's public key."),
 ) -> None:
     """Run a node agent.
 
@@ -170,9 +213,11 @@ def agent(
     from agent.server import serve
     from common.zmqutil import is_loopback
     _setup_logging()
-    if not is_loopback(listen):
+    if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
-    serve(AgentConfig(coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
+    _serve_or_exit(serve, AgentConfig(coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
+                      curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
+                      coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
                       allocated_processors=allocated_processors,
                       data_dir=str(data_dir) if data_dir else None,
                       ready_file=str(ready_file) if ready_file else None))

@@ -27,6 +27,7 @@ import zmq
 from common import errors
 from common.errors import ApiError, NoAnswer, ServiceUnavailable
 from common.protocol import decode_reply, decode_tree, encode_request, encode_tree
+from common.security import Curve, client_curve
 from common.units import parse_time
 from common.zmqutil import make_socket
 
@@ -41,9 +42,10 @@ CONNECT_TIMEOUT_S = 5.0
 class _IO(threading.Thread):
     """Owns the sockets. Requests come in through a deque plus a wake-up pipe."""
 
-    def __init__(self) -> None:
+    def __init__(self, curve: Optional[Curve] = None) -> None:
         super().__init__(name="mlfleet-client-io", daemon=True)
         self.ctx = zmq.Context()
+        self.curve = curve
         self.inbox: collections.deque = collections.deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -76,6 +78,8 @@ class _IO(threading.Thread):
         if s is None:
             s = make_socket(self.ctx, zmq.DEALER)
             s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: fail fast otherwise
+            if self.curve is not None:
+                self.curve.client(s)
             s.connect(address)
             self.socks[address] = s
             self.poller.register(s, zmq.POLLIN)
@@ -96,8 +100,9 @@ class _IO(threading.Thread):
             else:
                 self.pending.pop(rid, None)
                 self._reset(address)
+                hint = "" if self.curve else " (is it running? off loopback it needs a CURVE key)"
                 fut.set_exception(NoAnswer(f"no answer from {address}: could not connect within "
-                                           f"{CONNECT_TIMEOUT_S:g}s"))
+                                           f"{CONNECT_TIMEOUT_S:g}s{hint}"))
         except zmq.ZMQError as e:
             self.pending.pop(rid, None)
             fut.set_exception(NoAnswer(f"could not send to {address}: {e}"))
@@ -155,8 +160,10 @@ class _ThreadSockets:
     """One DEALER per agent address for the calling thread: inference needs no hand-off to the
     I/O thread (two fewer thread switches per request). Closed when the thread goes away."""
 
-    def __init__(self, ctx: zmq.Context) -> None:
+    def __init__(self, ctx: zmq.Context, curve: Optional[Curve], keys: dict[str, bytes]) -> None:
         self.ctx = ctx
+        self.curve = curve
+        self.keys = keys  # agent address -> its CURVE public key, from routing tables
         self.socks: dict[str, zmq.Socket] = {}
 
     def get(self, address: str) -> zmq.Socket:
@@ -164,6 +171,8 @@ class _ThreadSockets:
         if s is None:
             s = make_socket(self.ctx, zmq.DEALER)
             s.setsockopt(zmq.IMMEDIATE, 1)
+            if self.curve is not None:
+                self.curve.client(s, self.keys.get(address))
             s.connect(address)
             self.socks[address] = s
         return s
@@ -244,7 +253,9 @@ class Client:
         self.coordinator = coordinator or os.environ.get("MLFLEET_COORDINATOR") or DEFAULT_COORDINATOR
         self.request_timeout_s = parse_time(request_timeout, "request_timeout")
         self._ids = itertools.count(1)
-        self._io = _IO()
+        self._curve = client_curve(secret_key, server_public_key)
+        self._agent_keys: dict[str, bytes] = {}
+        self._io = _IO(self._curve)
         self._io.start()
         self._routing: dict[str, Routes] = {}
         self._routing_lock = threading.Lock()
@@ -260,7 +271,7 @@ class Client:
     def _infer_sockets(self) -> _ThreadSockets:
         socks = getattr(self._local, "socks", None)
         if socks is None:
-            socks = self._local.socks = _ThreadSockets(self._io.ctx)
+            socks = self._local.socks = _ThreadSockets(self._io.ctx, self._curve, self._agent_keys)
         return socks
 
     def __enter__(self) -> "Client":
@@ -380,6 +391,7 @@ class Client:
             r = self._routing.get(deployment_id)
         if r is None or refresh or time.monotonic() - r.fetched > ROUTING_TTL_S:
             r = Routes(self.get_routing(deployment_id), time.monotonic())
+            self._remember_keys(r)
             with self._routing_lock:
                 self._routing[deployment_id] = r
         return r
@@ -391,9 +403,15 @@ class Client:
         body = self._call("await_routes", {"deployment_id": deployment_id,
                                            "timeout_ms": max(1, int(left * 1000))}, left + INFER_MARGIN_S)
         r = Routes(body, time.monotonic())
+        self._remember_keys(r)
         with self._routing_lock:
             self._routing[deployment_id] = r
         return r
+
+    def _remember_keys(self, r: Routes) -> None:
+        for route in r.routes:
+            if route.get("public_key"):
+                self._agent_keys[route["address"]] = route["public_key"].encode()
 
     def infer_many(self, deployment_id: str, requests: list[list[dict[str, Any]]],
                    timeout: str | float = "10s", inflight: int = 16) -> list[Any]:

@@ -19,4 +19,6 @@ class CoordinatorConfig:
     scale_up_cooldown_s: float = 300.0
     scale_to_zero_after_s: float = 900.0
     stop_timeout_s: float = 30.0
-    warm_zero_keep_s: float = 300.0  # a deployment scaled to zero keeps its model host this long
+    warm_zero_keep_s: float = 300.0
+    curve_secret_key: Optional[str] = None   # CURVE on every address when set
+    authorized_keys: Optional[str] = None    # lines "ROLE Z85_PUBLIC_KEY"  # a deployment scaled to zero keeps its model host this long

@@ -21,6 +21,7 @@ from common.errors import (ApiError, BadRequest, Conflict, NotFound, RequestTime
                            TooManyRequests)
 from common.params import id_problem, validate_start, validate_update, wait_for_reached
 from common.proc import sd_notify, write_ready_file
+from common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
 from common.protocol import decode_request, encode_reply, encode_request, request_id_of
 from common.units import format_time
 from common.zmqutil import Timers, bind, make_socket
@@ -64,10 +65,19 @@ class Coordinator(AdaptiveMixin):
         self.timers = Timers(self.clock.monotonic)
         self.ctx = zmq.Context.instance()
         self.sock = make_socket(self.ctx, zmq.ROUTER)
+        self.curve: Optional[Curve] = None
+        self.keys: dict[str, str] = {}
+        self.auth = None
+        if config.curve_secret_key:
+            self.curve = Curve(*load_secret(config.curve_secret_key))
+            self.keys = load_authorized_keys(config.authorized_keys) if config.authorized_keys else {}
+            self.auth = start_authenticator(self.ctx)
+            self.curve.server(self.sock)
         self.endpoint = ""
         self.started_at = self.clock.monotonic()
         self._running = False
         self._current_rid = 0
+        self._current_user: Optional[str] = None
         self.handlers: dict[str, tuple[type, Callable[..., Any]]] = {
             "put_model_chunk": (m.PutModelChunk, self.on_put_model_chunk),
             "put_model": (m.PutModel, self.on_put_model),
@@ -118,10 +128,16 @@ class Coordinator(AdaptiveMixin):
                 if self.sock in events:
                     for _ in range(256):
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                            raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                        user = None
+                        if self.curve is not None and len(raw) > 1:
+                            try:
+                                user = raw[1].get("User-Id")
+                            except zmq.ZMQError:
+                                user = None
+                        self._on_frames([f.bytes for f in raw], user)
                 self.timers.run_due()
         finally:
             self.close()
@@ -131,6 +147,8 @@ class Coordinator(AdaptiveMixin):
 
     def close(self) -> None:
         self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.store.close()
         log.info("coordinator stopped")
 
@@ -146,7 +164,7 @@ class Coordinator(AdaptiveMixin):
     def _reply(self, ident: bytes, rid: int, status: int, body: dict[str, Any]) -> None:
         self._send(ident, encode_reply(rid, status, body))
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[bytes], user: Optional[str] = None) -> None:
         if len(frames) < 2:
             return  # nothing to answer: the ROUTER always prefixes an identity
         ident = frames[0]
@@ -161,11 +179,14 @@ class Coordinator(AdaptiveMixin):
             entry = self.handlers.get(req.op)
             if entry is None:
                 raise BadRequest(f"unknown op [{req.op[:64]}]")
+            if self.curve is not None:
+                authorize(self.keys.get(user or ""), req.op, user)
             if req.op in self.agent_ops and not ident.startswith(AGENT_PREFIX):
                 raise BadRequest(f"op [{req.op}] is for agents only")
             cls, handler = entry
             msg = m.decode(cls, req.body, req.op)
             self._current_rid = rid
+            self._current_user = user
             result = handler(ident, msg)
             if result is not DEFER:
                 self._reply(ident, rid, 200, result)
@@ -300,9 +321,12 @@ class Coordinator(AdaptiveMixin):
         return {n.node_id for n in self._alive() if dep.deployment_id in n.reports}
 
     def _sync_body(self, node_id: str) -> dict[str, Any]:
-        return {"assignments": self._node_assignments(node_id),
+        body = {"assignments": self._node_assignments(node_id),
                 "heartbeat_interval_s": self.cfg.heartbeat_interval_s,
                 "node_timeout_s": self.cfg.node_timeout_s}
+        if self.curve is not None:  # who may send inference to the agent
+            body["client_keys"] = {k: r for k, r in self.keys.items() if r in ("admin", "infer")}
+        return body
 
     def _push_sync(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
@@ -333,7 +357,8 @@ class Coordinator(AdaptiveMixin):
             raise BadRequest(f"agent identity does not match [node_id] [{msg.node_id}]")
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
-                          msg.cpu, msg.memory, msg.pid, self.clock.monotonic())
+                          msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
+                          public_key=self._current_user if self.curve is not None else None)
         self._ingest_reports(node, msg.deployments)
         self.nodes[msg.node_id] = node
         log.info("node [%s] %s at %s with %d allocated processors (%d deployments running)",
@@ -654,6 +679,7 @@ class Coordinator(AdaptiveMixin):
                 ("started" if any(r.routable for r in routes) else "starting"),
                 "routes": [{"node_id": r.node_id,
                             "address": self.nodes[r.node_id].transport_address,
+                            "public_key": self.nodes[r.node_id].public_key,
                             "routing_state": r.routing_state.value,
                             "current_allocations": r.current_allocations}
                            for r in routes if r.routing_state in (RoutingState.STARTED,

@@ -108,6 +108,7 @@ class NodeRecord:
     last_seen: float
     alive: bool = True
     reports: dict[str, RouteReport] = field(default_factory=dict)
+    public_key: Optional[str] = None  # the agent's CURVE key (z85), for clients to reach it
 
     def body(self, deployments: list[str]) -> dict[str, Any]:
         return {"name": self.node_id, "hostname": self.hostname,

@@ -94,9 +94,11 @@ def start_daemon(kind: str, args: list[str], workdir: Path, name: str) -> Daemon
                                 cwd=ROOT, env=env)
     def ready_now():
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text()[-3000:]}")
+            return {"exited": proc.returncode}
         return ready.exists() and json.loads(ready.read_text())
     info = wait_until(ready_now, 60, what=f"{name} to be ready")
+    if "exited" in info:
+        raise RuntimeError(f"{name} exited with {info['exited']}: {log.read_text()[-3000:]}")
     assert info["pid"] == proc.pid
     return Daemon(name, proc, info["endpoint"], log)
 
@@ -114,17 +116,18 @@ class Cluster:
                                                         *(extra or [])], self.workdir, "coordinator")
         return self.coordinator
 
-    def start_agent(self, node_id: str, processors: int = 4) -> Daemon:
+    def start_agent(self, node_id: str, processors: int = 4, extra: list[str] | None = None) -> Daemon:
         assert self.coordinator is not None
         d = start_daemon("agent", ["--coordinator", self.coordinator.endpoint, "--node-id", node_id,
                                    "--allocated-processors", str(processors), "--data-dir",
-                                   str(self.workdir / f"agent-{node_id}")], self.workdir, node_id)
+                                   str(self.workdir / f"agent-{node_id}"), *(extra or [])],
+                         self.workdir, node_id)
         self.agents[node_id] = d
         return d
 
-    def client(self):
+    def client(self, **kw):
         from common.client import Client
-        return Client(self.coordinator.endpoint, request_timeout="20s")
+        return Client(self.coordinator.endpoint, request_timeout="20s", **kw)
 
     def wait_nodes(self, n: int, timeout_s: float = 30.0) -> None:
         with self.client() as c:
