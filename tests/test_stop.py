@@ -63,8 +63,9 @@ def test_stop_without_finish_pending_work_answers_queued_requests(slow_cluster):
                 except ApiError as e:
                     outcomes.append(e.status)
         assert outcomes.count(200) >= 1          # the running request finished
-        assert set(outcomes) <= {200, 409}       # the queued ones were told, none hung
-        assert 409 in outcomes
+        # the queued ones were told (409 while it stops, 404 once it is gone); none hung
+        assert set(outcomes) <= {200, 404, 409}
+        assert len([o for o in outcomes if o != 200]) >= 1
 
 
 def test_full_queue_is_429_with_a_retry_hint(slow_cluster):
