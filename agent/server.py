@@ -28,7 +28,7 @@ from agent.runtime import DeploymentRuntime, Phase
 from common import messages as m
 from common.clock import Clock
 from common.errors import ApiError, BadRequest, NotFound, ServerError
-from common.proc import sd_notify, write_ready_file
+from common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from common.security import Curve, authorize, load_public, load_secret, start_authenticator
 from common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
                              unpack)
@@ -113,6 +113,8 @@ class Agent:
         if self.cfg.ready_file:
             write_ready_file(self.cfg.ready_file, self.advertise)
         sd_notify("READY=1")
+        if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
+            self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
         try:
             registered: dict[int, DeploymentRuntime] = {}
             while self._running:

@@ -46,6 +46,18 @@ def sd_notify(message: str) -> None:
         pass
 
 
+def watchdog_interval_s() -> float | None:
+    """Half the systemd watchdog period when WatchdogSec= applies to this process, else None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
 def stop_process(proc: subprocess.Popen, grace_s: float = 5.0, sig: int = signal.SIGTERM) -> int:
     """Signal, wait up to ``grace_s``, then SIGKILL. Returns the exit code."""
     if proc.poll() is None:

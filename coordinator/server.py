@@ -20,7 +20,7 @@ from common.clock import Clock
 from common.errors import (ApiError, BadRequest, Conflict, NotFound, RequestTimeout, ServerError,
                            TooManyRequests)
 from common.params import id_problem, validate_start, validate_update, wait_for_reached
-from common.proc import sd_notify, write_ready_file
+from common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
 from common.protocol import decode_request, encode_reply, encode_request, request_id_of
 from common.units import format_time
@@ -120,6 +120,8 @@ class Coordinator(AdaptiveMixin):
         if self.cfg.ready_file:
             write_ready_file(self.cfg.ready_file, self.endpoint)
         sd_notify("READY=1")
+        if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
+            self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         try:

@@ -1,0 +1,59 @@
+"""The systemd units verify, and the daemons speak the notify protocol: READY=1 once they serve,
+WATCHDOG=1 from their event loop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_units_verify(tmp_path):
+    mlfleet = Path(sys.executable).with_name("mlfleet")
+    assert mlfleet.exists()
+    for unit in ("mlfleet-coordinator.service", "mlfleet-agent.service"):
+        text = (ROOT / "systemd" / unit).read_text().replace("/usr/local/bin/mlfleet", str(mlfleet))
+        (tmp_path / unit).write_text(text)
+    p = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / u) for u in
+                        ("mlfleet-coordinator.service", "mlfleet-agent.service"))],
+                       capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (p.stdout + p.stderr).splitlines()
+                if ln.strip() and "mlfleet" in ln and "Failed to" not in ln and "dbus" not in ln.lower()]
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert not problems, problems
+
+
+def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path):
+    addr = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.settimeout(0.2)
+    env = dict(os.environ, NOTIFY_SOCKET=addr, WATCHDOG_USEC="400000")
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "coordinator", "--listen", "tcp://127.0.0.1:0",
+                             "--data-dir", str(tmp_path / "data")], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got: list[str] = []
+
+    def receive():
+        try:
+            got.append(sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            pass
+        return "READY=1" in got and got.count("WATCHDOG=1") >= 2
+    try:
+        wait_until(receive, 60, interval_s=0.0, what="READY=1 and two WATCHDOG=1")
+        assert got.index("READY=1") < got.index("WATCHDOG=1")
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+        sock.close()
