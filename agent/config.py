@@ -20,3 +20,4 @@ class AgentConfig:
     stop_grace_s: float = 5.0
     curve_secret_key: Optional[str] = None        # CURVE for the coordinator link and inference
     coordinator_public_key: Optional[str] = None
+    metrics_listen: Optional[str] = None          # HOST:PORT for Prometheus (port 0: the OS picks)

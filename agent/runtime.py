@@ -63,6 +63,7 @@ class Job:
     enqueued: float
     key: Optional[bytes] = None
     answered: bool = False
+    dispatched: float = 0.0
 
 
 @dataclass
@@ -132,6 +133,7 @@ class DeploymentRuntime:
         self.finish_pending_work = False
         self._batch_wake_at: Optional[float] = None
         self._respawn_at = 0.0  # restart backoff after a worker died
+        self.observe: Optional[Callable[[float, float], None]] = None  # (queue s, compute s) per request
 
     # ---- lifecycle --------------------------------------------------------------------------
     @property
@@ -332,6 +334,8 @@ class DeploymentRuntime:
                 job.answered = True
                 results = item["results"]
                 self.stats.record(now, wall, len(job.docs), per_doc_ms * len(job.docs), hit=False)
+                if self.observe is not None:
+                    self.observe(job.dispatched - job.enqueued, per_doc_ms * len(job.docs) / 1000.0)
                 body = {"inference_results": results}
                 if job.key is not None:
                     self.cache.put(job.key, results, len(pack(results)))
@@ -409,6 +413,7 @@ class DeploymentRuntime:
                     self._timeout(job)
                     continue
                 job_id = next(_ids)
+                job.dispatched = now
                 self.jobs[job_id] = job
                 jobs.append({"rid": job_id, "docs": job.docs})
                 self.stats.queue_time_ms += (now - job.enqueued) * 1000

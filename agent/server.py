@@ -76,12 +76,18 @@ class Agent:
         cpus = psutil.cpu_count(logical=True) or 1
         self.allocated_processors = cfg.allocated_processors or cpus
         self.poller = zmq.Poller()
+        self.metrics = None
+        if cfg.metrics_listen:
+            from common.metrics import Metrics
+            self.metrics = Metrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def bind(self) -> str:
         self.endpoint = bind(self.infer_sock, self.cfg.listen)
         self.advertise = self.cfg.advertise or self.endpoint
         bind(self.worker_sock, self.worker_endpoint)
+        if self.metrics is not None:
+            log.info("agent [%s] metrics on %s", self.node_id, self.metrics.serve(self.cfg.metrics_listen))
         self._connect_coordinator()
         log.info("agent [%s] serving inference on %s (advertised %s), %d allocated processors, "
                  "coordinator %s", self.node_id, self.endpoint, self.advertise,
@@ -110,8 +116,11 @@ class Agent:
         self.timers.every(0.1, self._tick)
         self.timers.every(0.05, self._maybe_heartbeat)
         self._running = True
+        if self.metrics is not None:
+            self.timers.every(1.0, self._publish_metrics)
         if self.cfg.ready_file:
-            write_ready_file(self.cfg.ready_file, self.advertise)
+            write_ready_file(self.cfg.ready_file, self.advertise,
+                             **({"metrics": self.metrics.url} if self.metrics else {}))
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
@@ -157,6 +166,8 @@ class Agent:
             if s is not None:
                 s.close(0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.auth is not None:
             self.auth.stop()
         log.info("agent [%s] stopped", self.node_id)
@@ -311,6 +322,10 @@ class Agent:
                                restart_budget=self.cfg.worker_restart_budget,
                                restart_window_s=self.cfg.worker_restart_window_s)
         self.runtimes[a.deployment_id] = rt
+        if self.metrics is not None:
+            qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)
+            ch = self.metrics.compute_seconds.labels(dep_id, self.node_id)
+            rt.observe = lambda q, c: (qh.observe(q), ch.observe(c))
         log.info("deployment [%s] of model [%s] assigned to node [%s]: %d allocations x %d threads",
                  a.deployment_id, a.model_id, self.node_id, a.target_allocations, a.threads_per_allocation)
 
@@ -328,6 +343,30 @@ class Agent:
                 rt.model_ready(paths[a.sha256], paths.get(a.tokenizer_sha256 or ""))
         for sha in blobs:
             self.models.ensure(sha, lambda p, e, sha=sha: fetched(sha, p, e))
+
+    def _publish_metrics(self) -> None:
+        from common.metrics import counter, gauge
+        labels = ["deployment", "node"]
+        fams = {k: counter(f"mlfleet_inference_{k}", doc, labels) for k, doc in (
+            ("requests", "Inferences (documents) served, cache hits included."),
+            ("errors", "Inferences that failed."), ("rejected", "Requests rejected: the queue was full (429)."),
+            ("timeouts", "Requests answered 408 at their deadline."), ("cache_hits", "Inferences served from the cache."))}
+        depth = gauge("mlfleet_queue_depth", "Requests queued or running on this node.", labels)
+        allocs = gauge("mlfleet_allocations", "Allocations of a deployment on this node.", labels + ["kind"])
+        up = gauge("mlfleet_coordinator_connected", "1 while the coordinator answers.", ["node"])
+        for dep_id, rt in list(self.runtimes.items()):
+            s = rt.report()["stats"]
+            lv = [dep_id, self.node_id]
+            fams["requests"].add_metric(lv, s["inference_count"])
+            fams["errors"].add_metric(lv, s["error_count"])
+            fams["rejected"].add_metric(lv, s["rejected_execution_count"])
+            fams["timeouts"].add_metric(lv, s["timeout_count"])
+            fams["cache_hits"].add_metric(lv, s["inference_cache_hit_count"])
+            depth.add_metric(lv, s["number_of_pending_requests"])
+            allocs.add_metric(lv + ["current"], rt.ready_count())
+            allocs.add_metric(lv + ["target"], rt.a.target_allocations)
+        up.add_metric([self.node_id], 1.0 if self.clock.monotonic() - self.last_heard < self.node_timeout_s else 0.0)
+        self.metrics.publish([*fams.values(), depth, allocs, up])
 
     def _reap_stopped(self) -> None:
         for dep_id, rt in list(self.runtimes.items()):

@@ -149,6 +149,7 @@ def coordinator(
     warm_zero_keep: str = typer.Option("5m", help="How long a deployment scaled to zero keeps its weights loaded (0s: not at all)."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="CURVE secret key: enforces CURVE on every address."),
     authorized_keys: Optional[Path] = typer.Option(None, exists=True, help="Lines 'ROLE Z85_PUBLIC_KEY', roles admin, infer, agent."),
+    metrics_listen: Optional[str] = typer.Option(None, help="HOST:PORT for the Prometheus endpoint (port 0: the OS picks)."),
 ) -> None:
     """Run the coordinator daemon.
 
@@ -170,7 +171,7 @@ def coordinator(
         scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
         warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep"),
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
-        authorized_keys=str(authorized_keys) if authorized_keys else None))
+        authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen))
 
 
 def _serve_or_exit(serve, config) -> None:
@@ -204,6 +205,7 @@ def agent(
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="This agent's CURVE secret key."),
     coordinator_public_key: Optional[Path] = typer.Option(None, exists=True, help="The coordinator's public key."),
+    metrics_listen: Optional[str] = typer.Option(None, help="HOST:PORT for the Prometheus endpoint (port 0: the OS picks)."),
 ) -> None:
     """Run a node agent.
 
@@ -218,6 +220,7 @@ def agent(
     _serve_or_exit(serve, AgentConfig(coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
                       curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
                       coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
+                      metrics_listen=metrics_listen,
                       allocated_processors=allocated_processors,
                       data_dir=str(data_dir) if data_dir else None,
                       ready_file=str(ready_file) if ready_file else None))

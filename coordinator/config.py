@@ -21,4 +21,5 @@ class CoordinatorConfig:
     stop_timeout_s: float = 30.0
     warm_zero_keep_s: float = 300.0
     curve_secret_key: Optional[str] = None   # CURVE on every address when set
-    authorized_keys: Optional[str] = None    # lines "ROLE Z85_PUBLIC_KEY"  # a deployment scaled to zero keeps its model host this long
+    authorized_keys: Optional[str] = None    # lines "ROLE Z85_PUBLIC_KEY"
+    metrics_listen: Optional[str] = None     # HOST:PORT for Prometheus (port 0: the OS picks)  # a deployment scaled to zero keeps its model host this long

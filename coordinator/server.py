@@ -73,6 +73,10 @@ class Coordinator(AdaptiveMixin):
             self.keys = load_authorized_keys(config.authorized_keys) if config.authorized_keys else {}
             self.auth = start_authenticator(self.ctx)
             self.curve.server(self.sock)
+        self.metrics = None
+        if config.metrics_listen:
+            from common.metrics import Metrics
+            self.metrics = Metrics()
         self.endpoint = ""
         self.started_at = self.clock.monotonic()
         self._running = False
@@ -105,6 +109,8 @@ class Coordinator(AdaptiveMixin):
     # ---- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
         self.endpoint = bind(self.sock, self.cfg.listen)
+        if self.metrics is not None:
+            log.info("coordinator metrics on %s", self.metrics.serve(self.cfg.metrics_listen))
         log.info("coordinator listening on %s (data dir %s, %d models, %d deployments)",
                  self.endpoint, self.cfg.data_dir, len(self.models), len(self.deployments))
         return self.endpoint
@@ -117,8 +123,11 @@ class Coordinator(AdaptiveMixin):
         self.timers.every(self.cfg.adaptive_interval_s, self._adaptive_tick)
         self.timers.every(1.0, self._expire_warm)
         self._running = True
+        if self.metrics is not None:
+            self.timers.every(1.0, self._publish_metrics)
         if self.cfg.ready_file:
-            write_ready_file(self.cfg.ready_file, self.endpoint)
+            write_ready_file(self.cfg.ready_file, self.endpoint,
+                             **({"metrics": self.metrics.url} if self.metrics else {}))
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
@@ -151,8 +160,28 @@ class Coordinator(AdaptiveMixin):
         self.sock.close(0)
         if self.auth is not None:
             self.auth.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
         log.info("coordinator stopped")
+
+    def _publish_metrics(self) -> None:
+        from common.metrics import gauge
+        node_up = gauge("mlfleet_node_up", "1 while a node's heartbeats arrive, 0 once it is lost.", ["node"])
+        for n in self.nodes.values():
+            node_up.add_metric([n.node_id], 1.0 if n.alive else 0.0)
+        allocs = gauge("mlfleet_deployment_allocations", "A deployment's allocations.", ["deployment", "kind"])
+        inf = gauge("mlfleet_deployment_inference_count", "Inferences reported by the nodes.", ["deployment"])
+        for d in self.deployments.values():
+            routes = self._routes(d)
+            allocs.add_metric([d.deployment_id, "current"], sum(r.current_allocations for r in routes if r.routable))
+            allocs.add_metric([d.deployment_id, "target"], d.number_of_allocations)
+            inf.add_metric([d.deployment_id], sum(
+                int(n.reports[d.deployment_id].stats.get("inference_count", 0))
+                for n in self._alive() if d.deployment_id in n.reports))
+        waiting = gauge("mlfleet_waiting_requests", "Requests parked on wait_for, stop or an allocation.", [])
+        waiting.add_metric([], len(self.waiters))
+        self.metrics.publish([node_up, allocs, inf, waiting])
 
     # ---- transport -----------------------------------------------------------------------------
     def _send(self, ident: bytes, frame: bytes) -> bool:
