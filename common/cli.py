@@ -25,8 +25,13 @@ from common.errors import ApiError, NoAnswer
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
 
+# Every option can come from a flag, an MLFLEET_<COMMAND>_<OPTION> variable (e.g.
+# MLFLEET_COORDINATOR_NODE_TIMEOUT=5s) or a TOML file (--config / MLFLEET_CONFIG) with a table
+# per command; a flag beats a variable, which beats the file, which beats the default.
 app = typer.Typer(help="mlfleet: deploy TorchScript models across hosts and serve inference.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"auto_envvar_prefix": "MLFLEET"})
+_DRY_RUN = {"on": False}
 models_app = typer.Typer(help="Store, list and delete model definitions.", no_args_is_help=True)
 deployments_app = typer.Typer(help="Start, update, stop and inspect deployments.", no_args_is_help=True)
 nodes_app = typer.Typer(help="Inspect the agents of the cluster.", no_args_is_help=True)
@@ -37,12 +42,29 @@ keys_app = typer.Typer(help="CURVE key pairs for running off loopback.", no_args
 app.add_typer(keys_app, name="keys")
 
 
+def _load_config_file(path: Path) -> dict[str, Any]:
+    import tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise typer.BadParameter(f"--config {path}: {e}")
+
+    def norm(d: Any) -> Any:
+        return {k.replace("-", "_"): norm(v) for k, v in d.items()} if isinstance(d, dict) else d
+    return norm(data)
+
+
 @app.callback()
-def _root(secret_key: Optional[Path] = typer.Option(None, "--secret-key", envvar="MLFLEET_SECRET_KEY",
+def _root(ctx: typer.Context,
+          config: Optional[Path] = typer.Option(None, "--config", envvar="MLFLEET_CONFIG", exists=True,
+                                                dir_okay=False, help="TOML file: a table per command, e.g. [coordinator] listen = \"tcp://...\"."),
+          secret_key: Optional[Path] = typer.Option(None, "--secret-key", envvar="MLFLEET_SECRET_KEY",
                                                     help="This client's CURVE secret key file (NAME.key)."),
           coordinator_key: Optional[Path] = typer.Option(None, "--coordinator-key", envvar="MLFLEET_COORDINATOR_KEY",
                                                          help="The coordinator's public key file (NAME.pub).")) -> None:
     """mlfleet: deploy TorchScript models across hosts and serve inference."""
+    if config is not None:
+        ctx.default_map = _load_config_file(config)
     if secret_key:
         os.environ["MLFLEET_SECRET_KEY"] = str(secret_key)
     if coordinator_key:
@@ -177,7 +199,12 @@ def coordinator(
 def _serve_or_exit(serve, config) -> None:
     """Configuration problems (a bad key file, a port in use) end the daemon with a clear message
     and exit code 2, which systemd's RestartPreventExitStatus=2 will not restart in a loop."""
+    import dataclasses
+
     import zmq
+    if _DRY_RUN["on"]:  # mlfleet config show
+        sys.stdout.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        return
     try:
         serve(config)
     except (ValueError, OSError, zmq.ZMQError) as e:
@@ -486,6 +513,28 @@ def nodes_list(coordinator: Optional[str] = CoordOpt, format: Optional[Format] =
     """List live nodes. Example: mlfleet nodes list --format table"""
     with _client(coordinator) as c:
         _run(format, c.get_nodes)
+
+
+config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coordinator or agent")) -> None:
+    """Print the configuration a daemon would run with: flags (given after the daemon's name),
+    MLFLEET_* variables and the --config file, each in its place.
+
+    Example: mlfleet --config /etc/mlfleet/mlfleet.toml config show agent --node-id host-1
+    """
+    if daemon not in ("coordinator", "agent"):
+        raise typer.BadParameter("must be coordinator or agent", param_hint="DAEMON")
+    _DRY_RUN["on"] = True
+    try:
+        typer.main.get_command(app).main(args=[daemon, *ctx.args], prog_name="mlfleet",
+                                          default_map=ctx.find_root().default_map,
+                                          auto_envvar_prefix="MLFLEET", standalone_mode=False)
+    finally:
+        _DRY_RUN["on"] = False
 
 
 def main() -> None:
