@@ -103,45 +103,68 @@ def _client(coordinator: Optional[str]):
     return Client(coordinator or DEFAULT_COORDINATOR)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-def _tabulate(body: dict[str, Any]) -> str:
+def _rows(body: dict[str, Any]) -> tuple[str, list[str], list[dict[str, Any]]] | None:
+    """The table view of a response body: (title, columns, rows), or None to show JSON."""
     if "nodes" in body and isinstance(body["nodes"], dict):
-        rows = [{"node": k, "hostname": v["hostname"], "address": v["transport_address"],
-                 "processors": v["allocated_processors"],
-                 "memory_gb": f'{v["memory"]["total_bytes"] / 2**30:.1f}',
-                 "deployments": ",".join(v["deployments"])} for k, v in body["nodes"].items()]
-        return _table(rows, ["node", "hostname", "address", "processors", "memory_gb", "deployments"])
+        return "Nodes", ["node", "hostname", "address", "processors", "memory GB", "deployments"], [
+            {"node": k, "hostname": v["hostname"], "address": v["transport_address"],
+             "processors": v["allocated_processors"], "memory GB": f'{v["memory"]["total_bytes"] / 2**30:.1f}',
+             "deployments": ",".join(v["deployments"])} for k, v in body["nodes"].items()]
     if "trained_model_stats" in body:
         rows = []
         for e in body["trained_model_stats"]:
             d = e["deployment_stats"]
             a = d["allocation_status"]
-            rows.append({"deployment": d["deployment_id"], "model": d["model_id"], "state": d["state"],
-                         "allocations": f'{a["allocation_count"]}/{a["target_allocation_count"]}',
-                         "inferences": d["inference_count"], "errors": d["error_count"],
-                         "avg_ms": f'{d["average_inference_time_ms"]:.2f}'})
-        return _table(rows, ["deployment", "model", "state", "allocations", "inferences", "errors", "avg_ms"])
+            for n in d["nodes"] or [{}]:
+                node = next(iter(n.get("node", {"-": 0})))
+                rows.append({"deployment": d["deployment_id"], "model": d["model_id"], "state": d["state"],
+                             "node": node, "route": n.get("routing_state", {}).get("routing_state", "-"),
+                             "allocations": f'{n.get("number_of_allocations", 0)} ({a["allocation_count"]}/{a["target_allocation_count"]})',
+                             "inferences": n.get("inference_count", 0), "errors": n.get("error_count", 0),
+                             "pending": n.get("number_of_pending_requests", 0),
+                             "avg ms": f'{n.get("average_inference_time_ms", 0.0):.2f}',
+                             "cache hits": n.get("inference_cache_hit_count", 0)})
+        return "Deployments", ["deployment", "model", "state", "node", "route", "allocations",
+                               "inferences", "errors", "pending", "avg ms", "cache hits"], rows
     if "trained_model_configs" in body:
-        rows = [{"model": c["model_id"], "task": c["task"], "bytes": c["model_size_bytes"],
-                 "sha256": c["sha256"][:12]} for c in body["trained_model_configs"]]
-        return _table(rows, ["model", "task", "bytes", "sha256"])
-    return json.dumps(body, indent=2)
+        return "Models", ["model", "task", "bytes", "sha256"], [
+            {"model": c["model_id"], "task": c["task"], "bytes": c["model_size_bytes"],
+             "sha256": c["sha256"][:12]} for c in body["trained_model_configs"]]
+    if "assignment" in body:
+        a = body["assignment"]
+        return (f'Deployment {a["task_parameters"]["deployment_id"]}: {a["assignment_state"]}',
+                ["node", "routing state", "current", "target", "reason"],
+                [{"node": k, "routing state": r["routing_state"], "current": r["current_allocations"],
+                  "target": r["target_allocations"], "reason": r["reason"]} for k, r in a["routing_table"].items()])
+    return None
+
+
+def _rich_table(body: dict[str, Any]):
+    from rich.table import Table
+    view = _rows(body)
+    if view is None:
+        return None
+    title, columns, rows = view
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c in ("processors", "memory GB", "inferences", "errors",
+                                                  "pending", "avg ms", "cache hits", "bytes", "current",
+                                                  "target") else "left")
+    for r in rows:
+        t.add_row(*(str(r.get(c, "")) for c in columns))
+    return t
 
 
 def _emit(body: dict[str, Any], fmt: Optional[Format]) -> None:
     from common.protocol import to_jsonable
     body = to_jsonable(body)
     use = fmt or (Format.table if sys.stdout.isatty() else Format.json)
-    if use == Format.json:
-        sys.stdout.write(json.dumps(body) + "\n")
+    table = _rich_table(body) if use == Format.table else None
+    if table is None:
+        sys.stdout.write(json.dumps(body, indent=2 if use == Format.table else None) + "\n")
     else:
-        sys.stdout.write(_tabulate(body) + "\n")
+        from rich.console import Console
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _run(fmt: Optional[Format], fn) -> None:
@@ -412,12 +435,40 @@ def deployments_start(
                     "min_number_of_allocations": min_number_of_allocations,
                     "max_number_of_allocations": max_number_of_allocations}
     with _client(coordinator) as c:
-        _run(format, lambda: c.start_deployment(
-            model_id, deployment_id=deployment_id, number_of_allocations=number_of_allocations,
-            threads_per_allocation=threads_per_allocation, queue_capacity=queue_capacity,
-            priority=priority, cache_size=cache_size, timeout=timeout, wait_for=wait_for,
-            adaptive_allocations=adaptive, max_batch_size=max_batch_size,
-            max_batch_delay=max_batch_delay))
+        def start():
+            return c.start_deployment(
+                model_id, deployment_id=deployment_id, number_of_allocations=number_of_allocations,
+                threads_per_allocation=threads_per_allocation, queue_capacity=queue_capacity,
+                priority=priority, cache_size=cache_size, timeout=timeout, wait_for=wait_for,
+                adaptive_allocations=adaptive, max_batch_size=max_batch_size,
+                max_batch_delay=max_batch_delay)
+        if (format or (Format.table if sys.stdout.isatty() else Format.json)) == Format.table:
+            _run(format, lambda: _with_progress(c, deployment_id or model_id, start))
+        else:
+            _run(format, start)
+
+
+def _with_progress(client, deployment_id: str, call):
+    """Run a start while showing allocations started / target, per node, until it answers."""
+    import concurrent.futures as cf
+
+    from rich.live import Live
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(call)
+        with Live(refresh_per_second=4, transient=True) as live:
+            while not fut.done():
+                try:
+                    routing = client.get_stats(deployment_id)
+                    live.update(_rich_table(routing) or "")
+                except ApiError:
+                    live.update(f"starting {deployment_id} ...")
+                try:
+                    fut.result(0.5)
+                except cf.TimeoutError:
+                    pass
+                except Exception:
+                    break
+        return fut.result()
 
 
 @deployments_app.command("update")
@@ -466,10 +517,28 @@ def deployments_clear_cache(deployment_id: str, coordinator: Optional[str] = Coo
 
 @deployments_app.command("stats")
 def deployments_stats(deployment_id: Optional[str] = typer.Argument(None),
+                      watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C."),
+                      interval: str = typer.Option("2s", help="Refresh interval with --watch."),
                       coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
-    """Deployment statistics. Example: mlfleet deployments stats my-model --format table"""
+    """Deployment statistics. Example: mlfleet deployments stats my-model --watch"""
     with _client(coordinator) as c:
-        _run(format, lambda: c.get_stats(deployment_id))
+        if not watch:
+            _run(format, lambda: c.get_stats(deployment_id))
+            return
+        from rich.live import Live
+
+        from common.units import parse_time
+        period = parse_time(interval, "interval")
+        try:
+            with Live(refresh_per_second=4) as live:
+                while True:
+                    try:
+                        live.update(_rich_table(c.get_stats(deployment_id)) or "")
+                    except ApiError as e:
+                        live.update(f"[{e.status}] {e.reason}")
+                    time.sleep(period)
+        except KeyboardInterrupt:
+            pass
 
 
 # ---- inference and nodes -----------------------------------------------------------------------------

@@ -53,6 +53,24 @@ def test_cli_end_to_end(cluster2, mlp_path):
     missing = mlfleet(cluster2, "deployments", "stop", "nope", "--no-allow-no-match", ok=False)
     assert json.loads(missing.stderr.strip().splitlines()[-1])["status"] == 404
 
+    # tables for people: --format table (the default on a terminal)
+    table = subprocess.run([sys.executable, "-m", "common.cli", "deployments", "stats", "cli-mlp",
+                            "--coordinator", cluster2.coordinator.endpoint, "--format", "table"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "Deployments" in table.stdout and "cli-mlp" in table.stdout and "allocations" in table.stdout
+    nodes_table = subprocess.run([sys.executable, "-m", "common.cli", "nodes", "list", "--coordinator",
+                                  cluster2.coordinator.endpoint, "--format", "table"],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "node-a" in nodes_table.stdout and "processors" in nodes_table.stdout
+
+    shown = subprocess.run([sys.executable, "-m", "common.cli", "deployments", "start", "cli-mlp",
+                            "--deployment-id", "cli-table", "--coordinator", cluster2.coordinator.endpoint,
+                            "--format", "table"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "Deployment cli-table: started" in shown.stdout
+    assert json.loads(mlfleet(cluster2, "deployments", "stop", "cli-table").stdout) == {"stopped": True}
+
     assert json.loads(mlfleet(cluster2, "deployments", "stop", "cli-mlp").stdout) == {"stopped": True}
     assert json.loads(mlfleet(cluster2, "models", "delete", "cli-mlp").stdout) == {"acknowledged": True}
 
