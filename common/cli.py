@@ -94,8 +94,12 @@ FormatOpt = typer.Option(None, "--format", help="json or table (json when stdout
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("MLFLEET_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One line per event on stderr. Under systemd (JOURNAL_STREAM set) journald stamps the time
+    itself, so the line starts with the level."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=os.environ.get("MLFLEET_LOG_LEVEL", "INFO"), format=fmt, stream=sys.stderr)
 
 
 def _client(coordinator: Optional[str]):

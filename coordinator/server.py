@@ -276,8 +276,8 @@ class Coordinator(AdaptiveMixin):
             if targets != dep.targets or reason != dep.reason:
                 touched |= set(targets) | set(dep.targets)
                 if targets != dep.targets:
-                    log.info("rebalanced allocations of deployment [%s] because [%s]: %s -> %s",
-                             dep_id, why, dep.targets, targets)
+                    log.info("Rebalanced allocations because [%s]: deployment [%s] %s -> %s",
+                             why, dep_id, dep.targets, targets)
                 dep.targets, dep.reason = dict(targets), reason
                 self.store.save_deployment(dep)
         for node_id in touched:
@@ -539,7 +539,7 @@ class Coordinator(AdaptiveMixin):
         self._route_sigs[dep.deployment_id] = ()
         dep.routing_version = self._next_version()
         self.store.save_deployment(dep)
-        log.info("started deployment [%s] of model [%s]: %d allocations x %d threads, priority %s",
+        log.info("Started deployment [%s] of model [%s]: %d allocations x %d threads, priority %s",
                  dep.deployment_id, dep.model_id, dep.number_of_allocations,
                  dep.threads_per_allocation, dep.priority)
         self._apply(plan, f"model deployment [{dep.deployment_id}] started")
