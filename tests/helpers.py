@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import numpy as np
 import psutil
 import torch
 
@@ -145,6 +148,47 @@ class Cluster:
         for d in daemons:
             leftovers += d.kill_leftovers()
         return leftovers
+
+
+# ---- load and observation ------------------------------------------------------------------
+
+def alloc_status(client, dep: str) -> dict:
+    return client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["allocation_status"]
+
+
+class Stream:
+    """Threads sending a continuous, bounded stream of requests; outcomes recorded."""
+
+    def __init__(self, client, dep: str, threads: int = 4) -> None:
+        self.client, self.dep = client, dep
+        self.stop = threading.Event()
+        self.outcomes: list[object] = []
+        self.pool = cf.ThreadPoolExecutor(threads)
+        self.futs = [self.pool.submit(self._run, i) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        from common.errors import ApiError
+        r = np.random.default_rng(seed)
+        for _ in range(50_000):
+            if self.stop.is_set():
+                return
+            try:
+                self.client.infer(self.dep, [{"input": r.standard_normal((1, 8)).astype(np.float32)}],
+                                  timeout="5s")
+                self.outcomes.append(True)
+            except ApiError as e:  # noqa: PERF203
+                self.outcomes.append(e)
+
+    def more(self, n: int, timeout_s: float = 30) -> None:
+        mark = len(self.outcomes)
+        wait_until(lambda: len(self.outcomes) >= mark + n, timeout_s, what=f"{n} more requests")
+
+    def finish(self) -> list[object]:
+        self.stop.set()
+        for f in self.futs:
+            f.result(60)
+        self.pool.shutdown()
+        return [o for o in self.outcomes if o is not True]
 
 
 # ---- tiny real TorchScript models -------------------------------------------------------------

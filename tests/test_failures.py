@@ -18,52 +18,14 @@ from hypothesis import strategies as st
 
 from common.errors import ApiError, NoAnswer
 from common.protocol import decode_reply, encode_request
-from tests.helpers import Cluster, Mlp, save_model, wait_until
+from tests.helpers import Cluster, Mlp, Stream, alloc_status, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def alloc_status(client, dep: str) -> dict:
-    return client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["allocation_status"]
 
 
 def workers_of(c: Cluster, node: str) -> list[psutil.Process]:
     agent = psutil.Process(c.agents[node].pid)
     return [p for p in agent.children(recursive=True) if p.ppid() != agent.pid]
-
-
-class Stream:
-    """Threads sending a continuous, bounded stream of requests; outcomes recorded."""
-
-    def __init__(self, client, dep: str, threads: int = 4) -> None:
-        self.client, self.dep = client, dep
-        self.stop = threading.Event()
-        self.outcomes: list[object] = []
-        self.pool = cf.ThreadPoolExecutor(threads)
-        self.futs = [self.pool.submit(self._run, i) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        r = np.random.default_rng(seed)
-        for _ in range(50_000):
-            if self.stop.is_set():
-                return
-            try:
-                self.client.infer(self.dep, [{"input": r.standard_normal((1, 8)).astype(np.float32)}],
-                                  timeout="5s")
-                self.outcomes.append(True)
-            except ApiError as e:
-                self.outcomes.append(e)
-
-    def more(self, n: int, timeout_s: float = 30) -> None:
-        mark = len(self.outcomes)
-        wait_until(lambda: len(self.outcomes) >= mark + n, timeout_s, what=f"{n} more requests")
-
-    def finish(self) -> list[object]:
-        self.stop.set()
-        for f in self.futs:
-            f.result(60)
-        self.pool.shutdown()
-        return [o for o in self.outcomes if o is not True]
 
 
 @pytest.fixture

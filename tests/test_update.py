@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
-from tests.helpers import Cluster, Mlp, Slow, save_model, wait_until
+from tests.helpers import Cluster, Mlp, Slow, Stream, alloc_status, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def alloc_status(client, dep: str) -> dict:
-    return client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["allocation_status"]
 
 
 def placement(client, dep: str) -> dict[str, int]:
@@ -77,41 +73,19 @@ def test_no_request_lost_while_allocations_change_and_move(tmp_path):
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             client.start_deployment("mlp", wait_for="fully_allocated", cache_size="0b")
             assert placement(client, "mlp") == {"node-a": 1}
-            stop = threading.Event()
-            outcomes: list[object] = []
-            rng = np.random.default_rng(0)
-
-            def stream(seed: int) -> None:
-                r = np.random.default_rng(seed)
-                n = 0
-                while not stop.is_set() and n < 20000:
-                    x = r.standard_normal((1, 8)).astype(np.float32)
-                    try:
-                        client.infer("mlp", [{"input": x}], timeout="10s")
-                        outcomes.append(True)
-                    except ApiError as e:
-                        outcomes.append(e)
-                    n += 1
-
-            with cf.ThreadPoolExecutor(4) as pool:
-                futs = [pool.submit(stream, s) for s in range(4)]
-                wait_until(lambda: len(outcomes) > 100, 20, what="traffic")
-                client.update_deployment("mlp", number_of_allocations=4)
-                wait_until(lambda: placement(client, "mlp") == {"node-a": 2, "node-b": 2}, 30, what="2+2")
-                mark = len(outcomes)
-                wait_until(lambda: len(outcomes) > mark + 200, 20, what="traffic at 4")
-                client.update_deployment("mlp", number_of_allocations=1)
-                wait_until(lambda: placement(client, "mlp") == {"node-b": 1}, 30, what="moved to node-b")
-                wait_until(lambda: c.worker_pids("node-a") == [], 30, what="node-a drained and stopped")
-                mark = len(outcomes)
-                wait_until(lambda: len(outcomes) > mark + 200, 20, what="traffic after the move")
-                stop.set()
-                for f in futs:
-                    f.result(60)
-            errors = [o for o in outcomes if o is not True]
+            s = Stream(client, "mlp", threads=4)
+            s.more(100, 20)
+            client.update_deployment("mlp", number_of_allocations=4)
+            wait_until(lambda: placement(client, "mlp") == {"node-a": 2, "node-b": 2}, 30, what="2+2")
+            s.more(200, 20)
+            client.update_deployment("mlp", number_of_allocations=1)
+            wait_until(lambda: placement(client, "mlp") == {"node-b": 1}, 30, what="moved to node-b")
+            wait_until(lambda: c.worker_pids("node-a") == [], 30, what="node-a drained and stopped")
+            s.more(200, 20)
+            errors = s.finish()
+            outcomes = s.outcomes
             assert not errors, f"{len(errors)} of {len(outcomes)} requests failed: {errors[:3]}"
             assert len(outcomes) > 500
-            del rng
     finally:
         assert not c.shutdown()
 
