@@ -14,7 +14,7 @@ from tests.helpers import Cluster, Mlp, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 MB = 1 << 20
-REQUESTS = int(os.environ.get("MLFLEET_SOAK_REQUESTS", "30000"))  # bench/soak runs 200,000
+REQUESTS = int(os.environ.get("MLFLEET_SOAK_REQUESTS", "30000"))  # MLFLEET_SOAK_REQUESTS=200000: the full soak
 
 
 def rss(pids: list[int]) -> dict[int, int]:
@@ -47,6 +47,8 @@ def test_sustained_load_keeps_memory_flat_and_answers_everything(tmp_path):
             after = rss(pids)
         assert answered == REQUESTS // 1000 * 1000
         growth = {p: (after[p] - before[p]) / MB for p in pids}
+        print(f"\n{answered} requests answered; RSS before/after MB by pid: "
+              + ", ".join(f"{p}: {before[p] / MB:.0f} -> {after[p] / MB:.0f}" for p in pids))
         assert all(g < 16 for g in growth.values()), f"RSS growth MB by pid: {growth}"
     finally:
         assert not c.shutdown()

@@ -176,3 +176,44 @@ def test_adaptive_scales_up_under_load_and_back_down(tmp_path):
             client.stop_deployment("slow")
     finally:
         assert not c.shutdown()
+
+
+def test_at_most_100_requests_wait_for_an_allocation(tmp_path):
+    """At zero allocations (no warm host: a cold start takes seconds), the first request starts one
+    allocation; 100 wait for it and are answered with the routing table, the 101st gets 429."""
+    import zmq
+
+    from common.protocol import decode_reply, encode_request
+    c = Cluster(tmp_path)
+    try:
+        c.start_coordinator(extra=["--adaptive-interval", "200ms", "--scale-to-zero-after", "1s",
+                                   "--scale-up-cooldown", "0s", "--warm-zero-keep", "0s"])
+        c.start_agent("node-a", 2)
+        c.wait_nodes(1)
+        with c.client() as client:
+            client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
+            client.start_deployment("mlp", wait_for="started", adaptive_allocations={
+                "enabled": True, "min_number_of_allocations": 0, "max_number_of_allocations": 1})
+            wait_until(lambda: alloc_status(client, "mlp")["target_allocation_count"] == 0, 30, what="zero")
+            wait_until(lambda: c.worker_pids("node-a") == [], 30, what="the model host gone")
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(c.coordinator.endpoint)
+        try:
+            for rid in range(1, 102):
+                s.send(encode_request("await_routes", rid, {"deployment_id": "mlp", "timeout_ms": 60000}))
+            replies = {}
+            while len(replies) < 101:
+                assert s.poll(60000), f"only {len(replies)} answers"
+                rep = decode_reply(s.recv())
+                replies[rep.id] = rep
+        finally:
+            s.close(0)
+        statuses = sorted(r.status for r in replies.values())
+        assert statuses == [200] * 100 + [429], statuses
+        rejected = next(r for r in replies.values() if r.status == 429)
+        assert "Too many pending requests" in rejected.body["error"]["reason"]
+        ok = next(r for r in replies.values() if r.status == 200)
+        assert ok.body["routes"][0]["current_allocations"] == 1
+    finally:
+        assert not c.shutdown()
