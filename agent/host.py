@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as e:
                         print(f"model host: ignoring a malformed command: {e}", file=sys.stderr)
                         continue
+                    if cmd["cmd"] in ("spawn", "kill") and not isinstance(cmd.get("worker_id"), str):
+                        print(f"model host: ignoring [{cmd['cmd']}] without a worker_id", file=sys.stderr)
+                        continue
                     if cmd["cmd"] == "spawn":
-                        spawn(cmd["worker_id"], cmd["identity"])
+                        spawn(cmd["worker_id"], str(cmd.get("identity", cmd["worker_id"])))
                     elif cmd["cmd"] == "kill":
                         for pid, wid in list(workers.items()):
                             if wid == cmd["worker_id"]:

@@ -204,21 +204,34 @@ def coordinator(
 
     Example: mlfleet coordinator --listen tcp://127.0.0.1:7600 --data-dir /var/lib/mlfleet
     """
-    from common.units import parse_time
     from common.zmqutil import is_loopback
     from coordinator.config import CoordinatorConfig
     from coordinator.server import serve
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
+    if curve_secret_key and not authorized_keys:
+        raise typer.BadParameter("is required with --curve-secret-key (lines 'ROLE Z85_PUBLIC_KEY')",
+                                 param_hint="--authorized-keys")
+
+    def parse_time(value: str, name: str, allow_zero: bool = False) -> float:
+        from common.units import parse_time as parse
+        try:
+            seconds = parse(value, name)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=f"--{name.replace('_', '-')}")
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}",
+                                     param_hint=f"--{name.replace('_', '-')}")
+        return seconds
     _serve_or_exit(serve, CoordinatorConfig(
         listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
         heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),
         node_timeout_s=parse_time(node_timeout, "node_timeout"),
         adaptive_interval_s=parse_time(adaptive_interval, "adaptive_interval"),
-        scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown"),
+        scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown", allow_zero=True),
         scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
-        warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep"),
+        warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep", allow_zero=True),
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
         authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen))
 

@@ -445,7 +445,16 @@ class Client:
                 if address not in registered:
                     poller.register(s, zmq.POLLIN)
                     registered.add(address)
-                s.send(encode_request("infer", rid, body))
+                try:
+                    s.send(encode_request("infer", rid, body), zmq.NOBLOCK)
+                except zmq.Again:  # no connection to that node: the one-by-one path retries elsewhere
+                    try:
+                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
+                    except ApiError as e:
+                        out[nxt] = e
+                    nxt += 1
+                    routes = self._routes(deployment_id, refresh=True)
+                    continue
                 waiting[rid] = (nxt, address, time.monotonic() + timeout_s + INFER_MARGIN_S)
                 nxt += 1
             if not waiting:

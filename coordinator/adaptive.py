@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from common import messages as m
-from common.errors import Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
+from common.errors import BadRequest, Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
 from common.units import format_time
 from coordinator.scaler import Sample, Scaler
 from coordinator.state import DeploymentRecord, RoutingState
@@ -122,6 +122,8 @@ class AdaptiveMixin:
     def on_await_routes(self, ident: bytes, msg: m.AwaitRoutes) -> Any:
         """A client found no allocation to send to. Answer with the routing table as soon as one
         serves (triggering one allocation if the deployment scaled to zero), 408 at the deadline."""
+        if msg.timeout_ms <= 0:
+            raise BadRequest("[timeout] must be positive")
         dep = self._deployment(msg.deployment_id)
         if dep.stopping:
             raise Conflict(f"Trained model deployment [{dep.deployment_id}] is [stopping]")
@@ -148,10 +150,16 @@ class AdaptiveMixin:
 
         def ready() -> Optional[tuple[int, dict]]:
             d = self.deployments.get(dep_id)
-            if d is None or d.stopping:
+            if d is None:
                 raise NotFound(f"No known model deployment with id [{dep_id}]")
-            if any(r.routable for r in self._routes(d)):
+            if d.stopping:
+                raise Conflict(f"Trained model deployment [{dep_id}] is [stopping]")
+            routes = self._routes(d)
+            if any(r.routable for r in routes):
                 return 200, self.on_get_routing(ident, m.DeploymentRef(dep_id))
+            if routes and all(r.routing_state == RoutingState.FAILED for r in routes):
+                raise ServiceUnavailable(f"[{dep_id}] every allocation has failed: " + "; ".join(
+                    f"{r.node_id}: {r.reason}" for r in routes))
             return None
 
         def timed_out() -> tuple[int, dict]:

@@ -706,8 +706,7 @@ class Coordinator(AdaptiveMixin):
         dep = self._deployment(msg.deployment_id)
         routes = self._routes(dep)
         return {"deployment_id": dep.deployment_id, "version": dep.routing_version,
-                "assignment_state": "stopping" if dep.stopping else
-                ("started" if any(r.routable for r in routes) else "starting"),
+                "assignment_state": assignment_state(dep, routes).value,
                 "routes": [{"node_id": r.node_id,
                             "address": self.nodes[r.node_id].transport_address,
                             "public_key": self.nodes[r.node_id].public_key,
