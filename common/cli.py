@@ -78,7 +78,11 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
     Example: mlfleet keys generate coordinator --out /etc/mlfleet/keys
     """
     from common.security import generate_keys, load_public
-    secret, public = generate_keys(name, out)
+    try:
+        secret, public = generate_keys(name, out)
+    except (FileExistsError, OSError) as e:
+        sys.stderr.write(f"mlfleet: {e}\n")
+        raise typer.Exit(2)
     sys.stdout.write(json.dumps({"secret_key": str(secret), "public_key": str(public),
                                  "z85": load_public(public).decode()}) + "\n")
 

@@ -390,7 +390,15 @@ class Client:
         with self._routing_lock:
             r = self._routing.get(deployment_id)
         if r is None or refresh or time.monotonic() - r.fetched > ROUTING_TTL_S:
-            r = Routes(self.get_routing(deployment_id), time.monotonic())
+            try:
+                body = self.get_routing(deployment_id)
+            except NoAnswer:
+                if r is None:
+                    raise
+                # the coordinator is away: keep serving from the table we have, ask again later
+                r.fetched = time.monotonic() - ROUTING_TTL_S + 5.0
+                return r
+            r = Routes(body, time.monotonic())
             self._remember_keys(r)
             with self._routing_lock:
                 self._routing[deployment_id] = r
