@@ -249,9 +249,11 @@ class Routes:
 
 class Client:
     def __init__(self, coordinator: str | None = None, *, request_timeout: str | float = "30s",
-                 secret_key: str | None = None, server_public_key: str | None = None) -> None:
+                 secret_key: str | None = None, server_public_key: str | None = None,
+                 routing_ttl: str | float = ROUTING_TTL_S) -> None:
         self.coordinator = coordinator or os.environ.get("MLFLEET_COORDINATOR") or DEFAULT_COORDINATOR
         self.request_timeout_s = parse_time(request_timeout, "request_timeout")
+        self.routing_ttl_s = parse_time(routing_ttl, "routing_ttl")  # refresh a table this old
         self._ids = itertools.count(1)
         self._curve = client_curve(secret_key, server_public_key)
         self._agent_keys: dict[str, bytes] = {}
@@ -389,14 +391,14 @@ class Client:
     def _routes(self, deployment_id: str, refresh: bool = False) -> Routes:
         with self._routing_lock:
             r = self._routing.get(deployment_id)
-        if r is None or refresh or time.monotonic() - r.fetched > ROUTING_TTL_S:
+        if r is None or refresh or time.monotonic() - r.fetched > self.routing_ttl_s:
             try:
                 body = self.get_routing(deployment_id)
             except NoAnswer:
                 if r is None:
                     raise
                 # the coordinator is away: keep serving from the table we have, ask again later
-                r.fetched = time.monotonic() - ROUTING_TTL_S + 5.0
+                r.fetched = time.monotonic() - self.routing_ttl_s + min(5.0, self.routing_ttl_s)
                 return r
             r = Routes(body, time.monotonic())
             self._remember_keys(r)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -46,7 +48,7 @@ def test_client_keeps_inferring_while_coordinator_is_down(fresh_cluster, mlp_pat
     coord = c.start_coordinator()
     c.start_agent("node-a", 2)
     c.wait_nodes(1)
-    with c.client() as client:
+    with c.client(routing_ttl="1s", request_timeout="2s") as client:
         client.put_model("mlp", mlp_path)
         client.start_deployment("mlp", wait_for="started")
         x = np.ones((1, 8), np.float32)
@@ -54,5 +56,9 @@ def test_client_keeps_inferring_while_coordinator_is_down(fresh_cluster, mlp_pat
         coord.stop()
         c.retired.append(coord)
         c.coordinator = None
-        for _ in range(20):
+        deadline = time.monotonic() + 8  # well past the table's 1 s lifetime and a refresh's 2 s wait
+        n = 0
+        while time.monotonic() < deadline:
             assert client.infer("mlp", [{"input": x}])["inference_results"]
+            n += 1
+        assert n > 20
