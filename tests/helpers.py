@@ -130,7 +130,8 @@ class Cluster:
 
     def client(self, **kw):
         from common.client import Client
-        return Client(self.coordinator.endpoint, request_timeout="20s", **kw)
+        kw.setdefault("request_timeout", "20s")
+        return Client(self.coordinator.endpoint, **kw)
 
     def wait_nodes(self, n: int, timeout_s: float = 30.0) -> None:
         with self.client() as c:
