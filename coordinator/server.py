@@ -17,8 +17,8 @@ import zmq
 
 from common import messages as m
 from common.clock import Clock
-from common.errors import (ApiError, BadRequest, Conflict, NotFound, RequestTimeout, ServerError,
-                           TooManyRequests)
+from common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
+                           ServerError, TooManyRequests)
 from common.params import id_problem, validate_start, validate_update, wait_for_reached
 from common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
@@ -386,6 +386,13 @@ class Coordinator(AdaptiveMixin):
     def on_register(self, ident: bytes, msg: m.Register) -> dict[str, Any]:
         if ident != AGENT_PREFIX + msg.node_id.encode():
             raise BadRequest(f"agent identity does not match [node_id] [{msg.node_id}]")
+        if self.curve is not None:
+            # a node id belongs to the first agent key that registered it (kept across restarts)
+            owner = self.store.get_meta(f"node_key/{msg.node_id}")
+            if owner is None:
+                self.store.set_meta(f"node_key/{msg.node_id}", self._current_user or "")
+            elif owner != self._current_user:
+                raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
@@ -404,6 +411,8 @@ class Coordinator(AdaptiveMixin):
         node = self.nodes.get(msg.node_id)
         if node is None or not node.alive or ident != AGENT_PREFIX + msg.node_id.encode():
             return {"reregister": True}
+        if self.curve is not None and node.public_key != self._current_user:
+            raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
         node.last_seen = self.clock.monotonic()
         node.memory = msg.memory
         self._ingest_reports(node, msg.deployments)

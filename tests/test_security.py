@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -21,10 +22,10 @@ pytestmark = pytest.mark.timeout(180)
 def secure(tmp_path_factory):
     d = tmp_path_factory.mktemp("secure")
     keys = {name: generate_keys(name, d / "keys") for name in
-            ("coordinator", "agent-a", "admin", "reader", "stranger")}
+            ("coordinator", "agent-a", "agent-b", "admin", "reader", "stranger")}
     z85 = {name: load_public(pub).decode() for name, (_, pub) in keys.items()}
     (d / "authorized_keys").write_text(f"# role key\nadmin {z85['admin']}\ninfer {z85['reader']}\n"
-                                       f"agent {z85['agent-a']}\n")
+                                       f"agent {z85['agent-a']}\nagent {z85['agent-b']}\n")
     c = Cluster(d)
     try:
         c.start_coordinator(extra=["--curve-secret-key", str(keys["coordinator"][0]),
@@ -123,3 +124,31 @@ def test_non_loopback_without_keys_is_refused():
                        timeout=60)
     assert p.returncode == 2
     assert "mlfleet keys generate" in p.stderr
+
+
+def test_a_node_id_stays_with_the_agent_key_that_registered_it(secure):
+    c, _, keys = secure
+    coord_pub = load_public(keys["coordinator"][1])
+
+    def register(key: str, node_id: str):
+        pub, sec = load_secret(keys[key][0])
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTING_ID, f"agent/{node_id}".encode())
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, coord_pub
+        s.connect(c.coordinator.endpoint)
+        try:
+            s.send(encode_request("register", 1, {
+                "node_id": node_id, "hostname": "h", "transport_address": "tcp://127.0.0.1:1",
+                "allocated_processors": 1, "cpu": {"physical": 1, "logical": 1},
+                "memory": {"total_bytes": 1 << 30, "available_bytes": 1 << 29}, "pid": 1}))
+            while True:  # a sync push may come before the reply
+                assert s.poll(5000)
+                msg = msgpack.unpackb(s.recv(), raw=False)
+                if "status" in msg:
+                    return decode_reply(msgpack.packb(msg, use_bin_type=True))
+        finally:
+            s.close(0)
+    assert register("agent-a", "node-x").status == 200
+    stolen = register("agent-b", "node-x")
+    assert stolen.status == 403 and "registered to another agent key" in stolen.body["error"]["reason"]
