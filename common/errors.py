@@ -124,11 +124,8 @@ def from_body(body: Any) -> ApiError:
         return ApiError(f"malformed error body: {body!r}")
     retry = err.get("retry_after_ms")
     retryable = bool(err.get("retryable", False))
-    if status == 400:
-        if etype == ValidationError.type:
-            e: ApiError = BadRequest(reason, type=etype)
-        else:
-            e = BadRequest(reason, type=etype)
+    if status == 400:  # validation failures keep their type; their messages are in the reason
+        e: ApiError = BadRequest(reason, type=etype)
     elif status == 429:
         e = TooManyRequests(reason, retry_after_ms=retry, type=etype, retryable=retryable)
         return e

@@ -247,14 +247,15 @@ class Coordinator(AdaptiveMixin):
     def _alive(self) -> list[NodeRecord]:
         return [n for n in self.nodes.values() if n.alive]
 
-    def _plan_deployment(self, d: DeploymentRecord, allocations: int | None = None) -> planner.PlanDeployment:
+    def _plan_deployment(self, d: DeploymentRecord, allocations: int | None = None,
+                         current: dict[str, int] | None = None) -> planner.PlanDeployment:
         model = self.models[d.model_id]
         return planner.PlanDeployment(
             deployment_id=d.deployment_id,
             allocations=d.number_of_allocations if allocations is None else allocations,
             threads=d.threads_per_allocation,
             memory_bytes=planner.memory_estimate(model.size, d.cache_bytes(model)),
-            priority=d.priority, current=dict(d.targets))
+            priority=d.priority, current=dict(d.targets) if current is None else current)
 
     def _plan(self, override: dict[str, planner.PlanDeployment] | None = None) -> planner.Plan:
         override = override or {}
@@ -532,11 +533,7 @@ class Coordinator(AdaptiveMixin):
             priority=p.priority, cache_size=p.cache_size, adaptive=p.adaptive,
             start_time_ms=self.clock.wall_ms(), max_batch_size=p.max_batch_size,
             max_batch_delay_ms=p.max_batch_delay_ms)
-        pd = planner.PlanDeployment(dep.deployment_id, dep.number_of_allocations,
-                                    dep.threads_per_allocation,
-                                    planner.memory_estimate(model.size, dep.cache_bytes(model)),
-                                    dep.priority)
-        plan = self._plan({dep.deployment_id: pd})
+        plan = self._plan({dep.deployment_id: self._plan_deployment(dep)})
         placed = plan.placed(dep.deployment_id)
         if placed == 0:
             raise TooManyRequests("Could not start deployment because no ML nodes with sufficient "
@@ -608,11 +605,7 @@ class Coordinator(AdaptiveMixin):
         current = dict(dep.targets)
         if not current and dep.warm:  # scaling up from zero: where the model is still loaded
             current = {node: 1 for node in dep.warm}
-        model = self.models[dep.model_id]
-        pd = planner.PlanDeployment(dep.deployment_id, n, dep.threads_per_allocation,
-                                    planner.memory_estimate(model.size, dep.cache_bytes(model)),
-                                    dep.priority, current)
-        plan = self._plan({dep.deployment_id: pd})
+        plan = self._plan({dep.deployment_id: self._plan_deployment(dep, n, current)})
         if n > dep.number_of_allocations and plan.placed(dep.deployment_id) < n:
             raise TooManyRequests("Could not update deployment because there are not enough "
                                   "resources to provide all requested allocations")

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import sqlite3
-from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -102,5 +101,3 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
 
-
-__all__ = ["Store", "asdict"]
