@@ -354,7 +354,9 @@ class DeploymentRuntime:
             self.dispatch()  # the hot path: deadlines and reconciling wait for the periodic tick
 
     # ---- requests -------------------------------------------------------------------------------
-    def submit(self, client: bytes, rid: int, docs: list, timeout_s: float) -> None:
+    def submit(self, client: bytes, rid: int, docs: list, timeout_s: float, dispatch: bool = True) -> None:
+        """Queue a request (or answer it from the cache). ``dispatch=False`` leaves handing work to
+        workers to the caller, which drains a burst of requests first so they can share a batch."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             raise self._stopping_error()
         if self.phase == Phase.FAILED:
@@ -379,7 +381,8 @@ class DeploymentRuntime:
                 retry_after_ms=self.retry_after_ms())
         now = self.clock.monotonic()
         self.queue.append(Job(client, rid, docs, now + timeout_s, now, key))
-        self.dispatch()
+        if dispatch:
+            self.dispatch()
 
     def retry_after_ms(self) -> int:
         """When a slot is likely to free up: the queue ahead, served at the measured rate."""

@@ -71,6 +71,7 @@ class Agent:
         self.heartbeat_interval_s = 1.0
         self.node_timeout_s = 10.0
         self._last_heartbeat = 0.0
+        self._submitted: set[DeploymentRuntime] = set()
         self._running = False
         self.models = ModelCache(self.data_dir / "models", self._request_chunk)
         cpus = psutil.cpu_count(logical=True) or 1
@@ -173,6 +174,14 @@ class Agent:
         log.info("agent [%s] stopped", self.node_id)
 
     def _drain_clients(self) -> None:
+        self._submitted: set[DeploymentRuntime] = set()
+        try:
+            self._drain_clients_burst()
+        finally:
+            for rt in self._submitted:  # one hand-out per burst: queued requests share batches
+                rt.dispatch()
+
+    def _drain_clients_burst(self) -> None:
         for _ in range(256):
             try:
                 raw = self.infer_sock.recv_multipart(zmq.NOBLOCK, copy=self.curve is None)
@@ -448,7 +457,8 @@ class Agent:
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "
                                f"[{self.node_id}]", retryable=True)
-            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0)
+            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0, dispatch=False)
+            self._submitted.add(rt)
         except ApiError as e:
             self._reply_client(ident, rid, e.status, e.to_body())
         except Exception as e:
