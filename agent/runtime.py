@@ -527,7 +527,7 @@ class DeploymentRuntime:
                    "average_inference_time_ms": s.total_time_ms / n if n else 0.0,
                    "average_inference_time_ms_excluding_cache_hits":
                        s.compute_time_ms / computed if computed else 0.0,
-                   "average_queue_time_ms": s.queue_time_ms / computed if computed else 0.0,
+                   "average_queue_time_ms": s.queue_time_ms / s.batched_jobs if s.batched_jobs else 0.0,
                    "number_of_pending_requests": len(self.queue) + sum(
                        1 for j in self.jobs.values() if not j.answered),
                    "throughput_last_minute": last_minute,
