@@ -8,21 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from tests.helpers import Cluster
+from tests.helpers import Cluster, running_cluster
 
 
 @contextlib.contextmanager
 def cluster(processors: int = 2) -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="mlfleet-bench-") as d:
-        c = Cluster(Path(d))
-        try:
-            c.start_coordinator()
-            c.start_agent("node-a", processors)
-            c.wait_nodes(1)
+        with running_cluster(Path(d), {"node-a": processors}) as c:
             yield c
-        finally:
-            left = c.shutdown()
-            assert not left, left
 
 
 def pct(values: list[float], p: float) -> float:

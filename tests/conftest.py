@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import Cluster, Mlp, save_model
+from tests.helpers import Cluster, Mlp, running_cluster, save_model
 
 
 @pytest.fixture(scope="module")
@@ -15,16 +15,8 @@ def mlp_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster2(tmp_path_factory):
     """A coordinator and two agents with 4 allocated processors each, shared by a test module."""
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 4)
-        c.start_agent("node-b", 4)
-        c.wait_nodes(2)
+    with running_cluster(tmp_path_factory.mktemp("cluster"), {"node-a": 4, "node-b": 4}) as c:
         yield c
-    finally:
-        leftovers = c.shutdown()
-        assert not leftovers, f"processes outlived their daemons: {leftovers}"
 
 
 @pytest.fixture

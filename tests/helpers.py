@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import psutil
@@ -149,6 +150,24 @@ class Cluster:
         for d in daemons:
             leftovers += d.kill_leftovers()
         return leftovers
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, nodes: dict[str, int] | None = None,
+                    coordinator_extra: list[str] | None = None) -> Iterator[Cluster]:
+    """A coordinator and agents (node id -> allocated processors), all ended by pid on exit;
+    fails if any process outlived its daemon."""
+    c = Cluster(workdir)
+    try:
+        c.start_coordinator(extra=coordinator_extra)
+        for node_id, processors in (nodes if nodes is not None else {"node-a": 2}).items():
+            c.start_agent(node_id, processors)
+        if c.agents:
+            c.wait_nodes(len(c.agents))
+        yield c
+    finally:
+        leftovers = c.shutdown()
+        assert not leftovers, f"processes outlived their daemons: {leftovers}"
 
 
 # ---- load and observation ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from common.errors import ApiError, NoAnswer
 from common.protocol import decode_reply, encode_request
-from tests.helpers import Cluster, Mlp, Stream, alloc_status, save_model, wait_until
+from tests.helpers import Cluster, Mlp, Stream, alloc_status, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,15 +30,8 @@ def workers_of(c: Cluster, node: str) -> list[psutil.Process]:
 
 @pytest.fixture
 def cluster_ab(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 2)
-        c.start_agent("node-b", 2)
-        c.wait_nodes(2)
+    with running_cluster(tmp_path, {"node-a": 2, "node-b": 2}) as c:
         yield c
-    finally:
-        assert not c.shutdown()
 
 
 def test_killed_worker_is_restarted_and_only_its_request_fails(cluster_ab, tmp_path):
@@ -145,14 +138,8 @@ def _alive(endpoint: str) -> bool:
 
 @pytest.fixture(scope="module")
 def small_cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("fuzz"))
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 1)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path_factory.mktemp("fuzz"), {"node-a": 1}) as c:
         yield c
-    finally:
-        assert not c.shutdown()
 
 
 def test_fixed_corpus_of_nasty_messages_gets_400_and_daemons_keep_serving(small_cluster):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.errors import ApiError, BadRequest
-from tests.helpers import Cluster, Mlp, Slow, save_model, wait_until
+from tests.helpers import Mlp, Slow, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,14 +25,8 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def cluster1(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("infer"))
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path_factory.mktemp("infer")) as c:
         yield c
-    finally:
-        assert not c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,17 @@ import numpy as np
 import pytest
 
 from common.errors import ApiError, TooManyRequests
-from tests.helpers import Slow, save_model, wait_until
+from tests.helpers import Slow, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def slow_cluster(tmp_path_factory):
-    from tests.helpers import Cluster
-    c = Cluster(tmp_path_factory.mktemp("stopcluster"))
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path_factory.mktemp("stopcluster")) as c:
         with c.client() as client:
             client.put_model("slow", save_model(Slow(), c.workdir / "slow.pt"))
         yield c
-    finally:
-        assert not c.shutdown()
 
 
 def _pending(client, dep: str) -> int:
