@@ -11,7 +11,6 @@ import argparse
 import multiprocessing as mp
 import tempfile
 import time
-from pathlib import Path
 
 from bench._util import cluster, table
 

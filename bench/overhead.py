@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
-import threading
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 import zmq
 
 from bench._util import cluster, fmt, pct, table
-from common.protocol import encode_request, encode_tree, pack, unpack
+from common.protocol import encode_request, encode_tree
 from tests.helpers import save_model
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import zmq

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
-from tests.helpers import Mlp, TwoInOut, save_model, wait_until
+from tests.helpers import TwoInOut, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import os
 import signal
-import threading
 import time
 
 import msgpack

@@ -4,7 +4,6 @@ text_embedding task with the real all-MiniLM-L6-v2 checked against transformers.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 from pathlib import Path
 
 import numpy as np

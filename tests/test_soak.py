@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.helpers import Cluster, Mlp, save_model, wait_until
+from tests.helpers import Mlp, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 MB = 1 << 20
@@ -22,11 +22,7 @@ def rss(pids: list[int]) -> dict[int, int]:
 
 
 def test_sustained_load_keeps_memory_flat_and_answers_everything(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path, {"node-a": 2}) as c:
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             client.start_deployment("mlp", number_of_allocations=2, wait_for="fully_allocated",
@@ -50,19 +46,12 @@ def test_sustained_load_keeps_memory_flat_and_answers_everything(tmp_path):
         print(f"\n{answered} requests answered; RSS before/after MB by pid: "
               + ", ".join(f"{p}: {before[p] / MB:.0f} -> {after[p] / MB:.0f}" for p in pids))
         assert all(g < 16 for g in growth.values()), f"RSS growth MB by pid: {growth}"
-    finally:
-        assert not c.shutdown()
 
 
 def test_partitioned_node_heals_without_a_deployment_routed_twice(tmp_path):
     """SIGSTOP freezes an agent: to the coordinator it is cut off exactly as by a network
     partition (no heartbeats, no answers); SIGCONT heals it."""
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 1)
-        c.start_agent("node-b", 1)
-        c.wait_nodes(2)
+    with running_cluster(tmp_path, {"node-a": 1, "node-b": 1}) as c:
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             client.start_deployment("mlp", wait_for="fully_allocated")
@@ -85,5 +74,3 @@ def test_partitioned_node_heals_without_a_deployment_routed_twice(tmp_path):
             ds = client.get_stats("mlp")["trained_model_stats"][0]["deployment_stats"]
             assert ds["allocation_status"]["allocation_count"] == 1
             assert client.infer("mlp", [{"input": x}])["inference_results"]
-    finally:
-        assert not c.shutdown()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-import time
 
 import numpy as np
 import psutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
-from tests.helpers import Cluster, Mlp, Slow, Stream, alloc_status, save_model, wait_until
+from tests.helpers import Mlp, Slow, Stream, alloc_status, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -63,12 +62,7 @@ def test_update_rules(cluster2, mlp_path):
 def test_no_request_lost_while_allocations_change_and_move(tmp_path):
     """A continuous, bounded stream of requests while the deployment goes 1 -> 4 -> 1 allocations
     and moves from node-a to node-b: every request succeeds."""
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator()
-        c.start_agent("node-a", 2)
-        c.start_agent("node-b", 2)
-        c.wait_nodes(2)
+    with running_cluster(tmp_path, {"node-a": 2, "node-b": 2}) as c:
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             client.start_deployment("mlp", wait_for="fully_allocated", cache_size="0b")
@@ -86,8 +80,6 @@ def test_no_request_lost_while_allocations_change_and_move(tmp_path):
             outcomes = s.outcomes
             assert not errors, f"{len(errors)} of {len(outcomes)} requests failed: {errors[:3]}"
             assert len(outcomes) > 500
-    finally:
-        assert not c.shutdown()
 
 
 ADAPTIVE = ["--adaptive-interval", "300ms", "--scale-to-zero-after", "2s", "--scale-up-cooldown", "1s",
@@ -95,11 +87,7 @@ ADAPTIVE = ["--adaptive-interval", "300ms", "--scale-to-zero-after", "2s", "--sc
 
 
 def test_adaptive_scale_to_zero_then_from_zero_on_a_warm_host(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator(extra=ADAPTIVE)
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path, {"node-a": 2}, coordinator_extra=ADAPTIVE) as c:
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             body = client.start_deployment("mlp", wait_for="started", adaptive_allocations={
@@ -135,16 +123,10 @@ def test_adaptive_scale_to_zero_then_from_zero_on_a_warm_host(tmp_path):
             with pytest.raises(BadRequest, match="cannot be set if adaptive allocations is enabled"):
                 client.update_deployment("mlp", number_of_allocations=2)
             client.stop_deployment("mlp")
-    finally:
-        assert not c.shutdown()
 
 
 def test_adaptive_scales_up_under_load_and_back_down(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator(extra=ADAPTIVE)
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    with running_cluster(tmp_path, {"node-a": 2}, coordinator_extra=ADAPTIVE) as c:
         with c.client() as client:
             client.put_model("slow", save_model(Slow(), tmp_path / "slow.pt"))
             client.start_deployment("slow", cache_size="0b", wait_for="started", adaptive_allocations={
@@ -174,8 +156,6 @@ def test_adaptive_scales_up_under_load_and_back_down(tmp_path):
             wait_until(lambda: alloc_status(client, "slow")["target_allocation_count"] == 1, 60,
                        what="scale back down to min 1 when idle")
             client.stop_deployment("slow")
-    finally:
-        assert not c.shutdown()
 
 
 def test_at_most_100_requests_wait_for_an_allocation(tmp_path):
@@ -184,12 +164,9 @@ def test_at_most_100_requests_wait_for_an_allocation(tmp_path):
     import zmq
 
     from common.protocol import decode_reply, encode_request
-    c = Cluster(tmp_path)
-    try:
-        c.start_coordinator(extra=["--adaptive-interval", "200ms", "--scale-to-zero-after", "1s",
-                                   "--scale-up-cooldown", "0s", "--warm-zero-keep", "0s"])
-        c.start_agent("node-a", 2)
-        c.wait_nodes(1)
+    cold = ["--adaptive-interval", "200ms", "--scale-to-zero-after", "1s", "--scale-up-cooldown", "0s",
+            "--warm-zero-keep", "0s"]
+    with running_cluster(tmp_path, {"node-a": 2}, coordinator_extra=cold) as c:
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
             client.start_deployment("mlp", wait_for="started", adaptive_allocations={
@@ -215,5 +192,3 @@ def test_at_most_100_requests_wait_for_an_allocation(tmp_path):
         assert "Too many pending requests" in rejected.body["error"]["reason"]
         ok = next(r for r in replies.values() if r.status == 200)
         assert ok.body["routes"][0]["current_allocations"] == 1
-    finally:
-        assert not c.shutdown()
