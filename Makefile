@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m common.demo
+	$(PY) -m mlfleet.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from common.proc import set_parent_death_signal
+from mlfleet.common.proc import set_parent_death_signal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         model = torch.jit.load(args.model, map_location="cpu")
         model.eval()
-        from agent.tasks import make_task
-        from agent.worker import worker_main  # imported before forking: shared by every worker
+        from mlfleet.agent.tasks import make_task
+        from mlfleet.agent.worker import worker_main  # imported before forking: shared by every worker
         task = make_task(args.task, model, json.loads(args.model_config), args.tokenizer)
     except Exception as e:
         emit(event="failed", reason=f"could not load model: {type(e).__name__}: {e}"[:1000])

@@ -17,12 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from agent.cache import LruCache
-from common import messages as m
-from common.errors import (ApiError, Conflict, NotFound, RequestTimeout, ServerError,
+from mlfleet.agent.cache import LruCache
+from mlfleet.common import messages as m
+from mlfleet.common.errors import (ApiError, Conflict, NotFound, RequestTimeout, ServerError,
                            ServiceUnavailable, TooManyRequests)
-from common.proc import describe_exit
-from common.protocol import pack
+from mlfleet.common.proc import describe_exit
+from mlfleet.common.protocol import pack
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -160,7 +160,7 @@ class DeploymentRuntime:
         if self.phase != Phase.FETCHING:
             return
         self._set_phase(Phase.LOADING)
-        args = [sys.executable, "-m", "agent.host", "--model", model_path,
+        args = [sys.executable, "-m", "mlfleet.agent.host", "--model", model_path,
                 "--endpoint", self.worker_endpoint, "--threads", str(self.a.threads_per_allocation),
                 "--priority", self.a.priority, "--task", self.a.task,
                 "--model-config", json.dumps(self.a.model_config or {}), "--parent-pid", str(os.getpid())]

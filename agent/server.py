@@ -22,17 +22,17 @@ from typing import Any, Callable
 import psutil
 import zmq
 
-from agent.config import AgentConfig
-from agent.modelcache import ModelCache
-from agent.runtime import DeploymentRuntime, Phase
-from common import messages as m
-from common.clock import Clock
-from common.errors import ApiError, BadRequest, NotFound, ServerError
-from common.proc import sd_notify, watchdog_interval_s, write_ready_file
-from common.security import Curve, authorize, load_public, load_secret, start_authenticator
-from common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
+from mlfleet.agent.config import AgentConfig
+from mlfleet.agent.modelcache import ModelCache
+from mlfleet.agent.runtime import DeploymentRuntime, Phase
+from mlfleet.common import messages as m
+from mlfleet.common.clock import Clock
+from mlfleet.common.errors import ApiError, BadRequest, NotFound, ServerError
+from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
+from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
+from mlfleet.common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
                              unpack)
-from common.zmqutil import Timers, bind, make_socket
+from mlfleet.common.zmqutil import Timers, bind, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Agent:
         self.poller = zmq.Poller()
         self.metrics = None
         if cfg.metrics_listen:
-            from common.metrics import Metrics
+            from mlfleet.common.metrics import Metrics
             self.metrics = Metrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -354,7 +354,7 @@ class Agent:
             self.models.ensure(sha, lambda p, e, sha=sha: fetched(sha, p, e))
 
     def _publish_metrics(self) -> None:
-        from common.metrics import counter, gauge
+        from mlfleet.common.metrics import counter, gauge
         labels = ["deployment", "node"]
         fams = {k: counter(f"mlfleet_inference_{k}", doc, labels) for k, doc in (
             ("requests", "Inferences (documents) served, cache hits included."),

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from common.errors import ApiError, BadRequest
-from common.protocol import decode_array, encode_array, is_array
+from mlfleet.common.errors import ApiError, BadRequest
+from mlfleet.common.protocol import decode_array, encode_array, is_array
 
 
 def _tensor(obj: Any, where: str) -> torch.Tensor:

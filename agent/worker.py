@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import zmq
 
-from common.errors import ApiError
-from common.proc import set_parent_death_signal
-from common.protocol import pack, unpack
+from mlfleet.common.errors import ApiError
+from mlfleet.common.proc import set_parent_death_signal
+from mlfleet.common.protocol import pack, unpack
 
 
 def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:

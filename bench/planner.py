@@ -11,7 +11,7 @@ import random
 import time
 
 from bench._util import table
-from coordinator.planner import PlanDeployment, PlanNode, memory_estimate, plan
+from mlfleet.coordinator.planner import PlanDeployment, PlanNode, memory_estimate, plan
 
 GB = 1 << 30
 

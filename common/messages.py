@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
-from common.errors import BadRequest
+from mlfleet.common.errors import BadRequest
 
 T = TypeVar("T")
 

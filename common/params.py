@@ -9,9 +9,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from common.errors import ValidationError
-from common.messages import StartDeployment
-from common.units import normalize_bytes, parse_time
+from mlfleet.common.errors import ValidationError
+from mlfleet.common.messages import StartDeployment
+from mlfleet.common.units import normalize_bytes, parse_time
 
 PRIORITIES = ("normal", "low")
 WAIT_FOR = ("starting", "started", "fully_allocated")  # in order of progress

@@ -17,8 +17,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from common import PROTOCOL_VERSION
-from common.errors import BadRequest
+from mlfleet.common import PROTOCOL_VERSION
+from mlfleet.common.errors import BadRequest
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
 

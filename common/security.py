@@ -22,7 +22,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from common.errors import Forbidden, Unauthorized
+from mlfleet.common.errors import Forbidden, Unauthorized
 
 ROLES = ("admin", "infer", "agent")
 ADMIN_OPS = frozenset({"put_model_chunk", "put_model", "delete_model", "start_deployment",

@@ -13,7 +13,7 @@ from typing import Callable
 
 import zmq
 
-from common.protocol import MAX_MESSAGE_BYTES
+from mlfleet.common.protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 _TCP_RE = re.compile(r"^tcp://(\[[^\]]+\]|[^:]+):(\d+|\*)$")

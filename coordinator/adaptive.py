@@ -8,11 +8,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from common import messages as m
-from common.errors import BadRequest, Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
-from common.units import format_time
-from coordinator.scaler import Sample, Scaler
-from coordinator.state import DeploymentRecord, RoutingState
+from mlfleet.common import messages as m
+from mlfleet.common.errors import BadRequest, Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
+from mlfleet.common.units import format_time
+from mlfleet.coordinator.scaler import Sample, Scaler
+from mlfleet.coordinator.state import DeploymentRecord, RoutingState
 
 log = logging.getLogger(__name__)
 MAX_WAITING_FOR_ALLOCATION = 100

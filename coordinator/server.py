@@ -15,23 +15,23 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from common import messages as m
-from common.clock import Clock
-from common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
+from mlfleet.common import messages as m
+from mlfleet.common.clock import Clock
+from mlfleet.common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
                            ServerError, TooManyRequests)
-from common.params import id_problem, validate_start, validate_update, wait_for_reached
-from common.proc import sd_notify, watchdog_interval_s, write_ready_file
-from common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
-from common.protocol import decode_request, encode_reply, encode_request, request_id_of
-from common.units import format_time
-from common.zmqutil import Timers, bind, make_socket
-from coordinator import planner
-from coordinator.adaptive import AdaptiveMixin
-from coordinator.config import CoordinatorConfig
-from coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
+from mlfleet.common.params import id_problem, validate_start, validate_update, wait_for_reached
+from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
+from mlfleet.common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
+from mlfleet.common.protocol import decode_request, encode_reply, encode_request, request_id_of
+from mlfleet.common.units import format_time
+from mlfleet.common.zmqutil import Timers, bind, make_socket
+from mlfleet.coordinator import planner
+from mlfleet.coordinator.adaptive import AdaptiveMixin
+from mlfleet.coordinator.config import CoordinatorConfig
+from mlfleet.coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
                                RouteReport, RoutingState, allocation_status, assignment_body,
                                assignment_state, deployment_stats_body, routes_of)
-from coordinator.store import Store
+from mlfleet.coordinator.store import Store
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = b"agent/"
@@ -75,7 +75,7 @@ class Coordinator(AdaptiveMixin):
             self.curve.server(self.sock)
         self.metrics = None
         if config.metrics_listen:
-            from common.metrics import Metrics
+            from mlfleet.common.metrics import Metrics
             self.metrics = Metrics()
         self.endpoint = ""
         self.started_at = self.clock.monotonic()
@@ -166,7 +166,7 @@ class Coordinator(AdaptiveMixin):
         log.info("coordinator stopped")
 
     def _publish_metrics(self) -> None:
-        from common.metrics import gauge
+        from mlfleet.common.metrics import gauge
         node_up = gauge("mlfleet_node_up", "1 while a node's heartbeats arrive, 0 once it is lost.", ["node"])
         for n in self.nodes.values():
             node_up.add_metric([n.node_id], 1.0 if n.alive else 0.0)

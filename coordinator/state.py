@@ -10,9 +10,9 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from common.clock import iso_ms
-from common.params import Adaptive
-from common.units import format_time, parse_bytes
+from mlfleet.common.clock import iso_ms
+from mlfleet.common.params import Adaptive
+from mlfleet.common.units import format_time, parse_bytes
 
 
 class RoutingState(str, enum.Enum):

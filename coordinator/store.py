@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator
 
-from coordinator.state import DeploymentRecord, ModelRecord
+from mlfleet.coordinator.state import DeploymentRecord, ModelRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

@@ -93,7 +93,7 @@ def start_daemon(kind: str, args: list[str], workdir: Path, name: str) -> Daemon
     log = workdir / f"{name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", kind, *args,
+        proc = subprocess.Popen([sys.executable, "-m", "mlfleet", kind, *args,
                                  "--ready-file", str(ready)], stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT, env=env)
     def ready_now():
@@ -130,7 +130,7 @@ class Cluster:
         return d
 
     def client(self, **kw):
-        from common.client import Client
+        from mlfleet.common.client import Client
         kw.setdefault("request_timeout", "20s")
         return Client(self.coordinator.endpoint, **kw)
 
@@ -187,7 +187,7 @@ class Stream:
         self.futs = [self.pool.submit(self._run, i) for i in range(threads)]
 
     def _run(self, seed: int) -> None:
-        from common.errors import ApiError
+        from mlfleet.common.errors import ApiError
         r = np.random.default_rng(seed)
         for _ in range(50_000):
             if self.stop.is_set():

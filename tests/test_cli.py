@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def mlfleet(cluster, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "common.cli", *args, "--coordinator",
+    p = subprocess.run([sys.executable, "-m", "mlfleet", *args, "--coordinator",
                         cluster.coordinator.endpoint, "--format", "json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=90)
     if ok:
@@ -54,17 +54,17 @@ def test_cli_end_to_end(cluster2, mlp_path):
     assert json.loads(missing.stderr.strip().splitlines()[-1])["status"] == 404
 
     # tables for people: --format table (the default on a terminal)
-    table = subprocess.run([sys.executable, "-m", "common.cli", "deployments", "stats", "cli-mlp",
+    table = subprocess.run([sys.executable, "-m", "mlfleet", "deployments", "stats", "cli-mlp",
                             "--coordinator", cluster2.coordinator.endpoint, "--format", "table"],
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "Deployments" in table.stdout and "cli-mlp" in table.stdout and "allocations" in table.stdout
-    nodes_table = subprocess.run([sys.executable, "-m", "common.cli", "nodes", "list", "--coordinator",
+    nodes_table = subprocess.run([sys.executable, "-m", "mlfleet", "nodes", "list", "--coordinator",
                                   cluster2.coordinator.endpoint, "--format", "table"],
                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "node-a" in nodes_table.stdout and "processors" in nodes_table.stdout
 
-    shown = subprocess.run([sys.executable, "-m", "common.cli", "deployments", "start", "cli-mlp",
+    shown = subprocess.run([sys.executable, "-m", "mlfleet", "deployments", "start", "cli-mlp",
                             "--deployment-id", "cli-table", "--coordinator", cluster2.coordinator.endpoint,
                             "--format", "table"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert shown.returncode == 0, shown.stderr
@@ -76,7 +76,7 @@ def test_cli_end_to_end(cluster2, mlp_path):
 
 
 def test_cli_without_coordinator_fails_fast_with_a_clear_error(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "common.cli", "nodes", "list", "--coordinator",
+    p = subprocess.run([sys.executable, "-m", "mlfleet", "nodes", "list", "--coordinator",
                         "tcp://127.0.0.1:1", "--format", "json"], capture_output=True, text=True,
                        cwd=ROOT, timeout=90, env={**__import__("os").environ})
     assert p.returncode == 3 and p.stdout == ""

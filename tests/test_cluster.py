@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
+from mlfleet.common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
 from tests.helpers import TwoInOut, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common import PROTOCOL_VERSION
-from common import errors as E
-from common import messages as M
-from common import protocol as P
-from common.units import format_time, normalize_bytes, parse_bytes, parse_time
+from mlfleet.common import PROTOCOL_VERSION
+from mlfleet.common import errors as E
+from mlfleet.common import messages as M
+from mlfleet.common import protocol as P
+from mlfleet.common.units import format_time, normalize_bytes, parse_bytes, parse_time
 
 pytestmark = pytest.mark.timeout(60)
 

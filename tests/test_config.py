@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def show(*args: str, env: dict[str, str] | None = None) -> dict:
-    p = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "mlfleet", *args], capture_output=True, text=True,
                        cwd=ROOT, timeout=50, env={**os.environ, **(env or {})})
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
@@ -40,6 +40,6 @@ def test_flag_beats_variable_beats_file_beats_default(tmp_path):
 def test_bad_config_file_is_a_clear_error(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[coordinator\nlisten = 1")
-    p = subprocess.run([sys.executable, "-m", "common.cli", "--config", str(cfg), "config", "show",
+    p = subprocess.run([sys.executable, "-m", "mlfleet", "--config", str(cfg), "config", "show",
                         "coordinator"], capture_output=True, text=True, cwd=ROOT, timeout=50)
     assert p.returncode == 2 and "--config" in p.stderr

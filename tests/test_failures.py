@@ -13,8 +13,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.errors import ApiError, NoAnswer
-from common.protocol import decode_reply, encode_request
+from mlfleet.common.errors import ApiError, NoAnswer
+from mlfleet.common.protocol import decode_reply, encode_request
 from tests.helpers import Cluster, Mlp, Stream, alloc_status, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -148,7 +148,7 @@ def test_fixed_corpus_of_nasty_messages_gets_400_and_daemons_keep_serving(small_
                 assert rep.body["status"] == rep.status and rep.body["error"]["reason"]
             assert _alive(endpoint), frames
     # oversized: past MAXMSGSIZE the connection is dropped, the daemon goes on
-    from common.protocol import MAX_MESSAGE_BYTES
+    from mlfleet.common.protocol import MAX_MESSAGE_BYTES
     assert _probe(small_cluster.coordinator.endpoint, [b"x" * (MAX_MESSAGE_BYTES + 1)]) is None
     assert _alive(small_cluster.coordinator.endpoint)
     for d in (small_cluster.coordinator, *small_cluster.agents.values()):

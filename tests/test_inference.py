@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from common.errors import ApiError, BadRequest
+from mlfleet.common.errors import ApiError, BadRequest
 from tests.helpers import Mlp, Slow, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import ApiError, BadRequest, ValidationError
-from common.messages import StartDeployment
-from common.params import Adaptive, StartParams, validate_start, validate_update, wait_for_reached
+from mlfleet.common.errors import ApiError, BadRequest, ValidationError
+from mlfleet.common.messages import StartDeployment
+from mlfleet.common.params import Adaptive, StartParams, validate_start, validate_update, wait_for_reached
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -482,8 +482,8 @@ def test_update_does_not_mutate_current():
 
 
 def test_wire_body_decoded_then_validated():
-    from common.messages import decode
-    from common.protocol import pack, unpack
+    from mlfleet.common.messages import decode
+    from mlfleet.common.protocol import pack, unpack
     body = unpack(pack({"model_id": "m", "threads_per_allocation": 0, "queue_capacity": 0,
                         "timeout": "0s"}))
     msg = decode(StartDeployment, body, op="start_deployment")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from coordinator.planner import (MB, PROCESS_OVERHEAD_BYTES, PlanDeployment, PlanNode,
+from mlfleet.coordinator.planner import (MB, PROCESS_OVERHEAD_BYTES, PlanDeployment, PlanNode,
                                  memory_estimate, plan)
 
 pytestmark = pytest.mark.timeout(60)

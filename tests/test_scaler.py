@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from coordinator.scaler import KalmanFilter1d, Sample, Scaler
+from mlfleet.coordinator.scaler import KalmanFilter1d, Sample, Scaler
 
 pytestmark = pytest.mark.timeout(30)
 DT = 10.0

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from common.errors import Forbidden, NoAnswer, Unauthorized
-from common.protocol import decode_reply, encode_request, encode_tree
-from common.security import generate_keys, load_public, load_secret
+from mlfleet.common.errors import Forbidden, NoAnswer, Unauthorized
+from mlfleet.common.protocol import decode_reply, encode_request, encode_tree
+from mlfleet.common.security import generate_keys, load_public, load_secret
 from tests.helpers import ROOT, Cluster, Mlp, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -119,7 +119,7 @@ def test_no_key_fails_fast_with_a_clear_error(secure):
 
 
 def test_non_loopback_without_keys_is_refused():
-    p = subprocess.run([sys.executable, "-m", "common.cli", "coordinator", "--listen", "tcp://0.0.0.0:0",
+    p = subprocess.run([sys.executable, "-m", "mlfleet", "coordinator", "--listen", "tcp://0.0.0.0:0",
                         "--data-dir", "/tmp/mlfleet-refused"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert p.returncode == 2

@@ -8,7 +8,7 @@ import concurrent.futures as cf
 import numpy as np
 import pytest
 
-from common.errors import ApiError, TooManyRequests
+from mlfleet.common.errors import ApiError, TooManyRequests
 from tests.helpers import Slow, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)

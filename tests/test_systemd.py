@@ -39,7 +39,7 @@ def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path):
     sock.bind(addr)
     sock.settimeout(0.2)
     env = dict(os.environ, NOTIFY_SOCKET=addr, WATCHDOG_USEC="400000")
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "coordinator", "--listen", "tcp://127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "mlfleet", "coordinator", "--listen", "tcp://127.0.0.1:0",
                              "--data-dir", str(tmp_path / "data")], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     got: list[str] = []

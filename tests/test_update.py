@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
+from mlfleet.common.errors import ApiError, BadRequest, Conflict, NotFound, TooManyRequests
 from tests.helpers import Mlp, Slow, Stream, alloc_status, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -163,7 +163,7 @@ def test_at_most_100_requests_wait_for_an_allocation(tmp_path):
     allocation; 100 wait for it and are answered with the routing table, the 101st gets 429."""
     import zmq
 
-    from common.protocol import decode_reply, encode_request
+    from mlfleet.common.protocol import decode_reply, encode_request
     cold = ["--adaptive-interval", "200ms", "--scale-to-zero-after", "1s", "--scale-up-cooldown", "0s",
             "--warm-zero-keep", "0s"]
     with running_cluster(tmp_path, {"node-a": 2}, coordinator_extra=cold) as c:

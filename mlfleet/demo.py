@@ -19,10 +19,10 @@ import psutil
 
 
 def main() -> int:
-    from common.client import Client
+    from mlfleet.common.client import Client
     work = Path(tempfile.mkdtemp(prefix="mlfleet-demo-"))
     ready = work / "up.json"
-    up = subprocess.Popen([sys.executable, "-m", "common.cli", "up", "--data-dir", str(work / "data"),
+    up = subprocess.Popen([sys.executable, "-m", "mlfleet", "up", "--data-dir", str(work / "data"),
                            "--listen", "tcp://127.0.0.1:0", "--ready-file", str(ready)])
     descendants: set[int] = set()
     try:

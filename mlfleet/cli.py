@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import typer
 
-from common.errors import ApiError, NoAnswer
+from mlfleet.common.errors import ApiError, NoAnswer
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
 
@@ -77,7 +77,7 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
 
     Example: mlfleet keys generate coordinator --out /etc/mlfleet/keys
     """
-    from common.security import generate_keys, load_public
+    from mlfleet.common.security import generate_keys, load_public
     try:
         secret, public = generate_keys(name, out)
     except (FileExistsError, OSError) as e:
@@ -107,7 +107,7 @@ def _setup_logging() -> None:
 
 
 def _client(coordinator: Optional[str]):
-    from common.client import Client
+    from mlfleet.common.client import Client
     return Client(coordinator or DEFAULT_COORDINATOR)
 
 
@@ -164,7 +164,7 @@ def _rich_table(body: dict[str, Any]):
 
 
 def _emit(body: dict[str, Any], fmt: Optional[Format]) -> None:
-    from common.protocol import to_jsonable
+    from mlfleet.common.protocol import to_jsonable
     body = to_jsonable(body)
     use = fmt or (Format.table if sys.stdout.isatty() else Format.json)
     table = _rich_table(body) if use == Format.table else None
@@ -208,9 +208,9 @@ def coordinator(
 
     Example: mlfleet coordinator --listen tcp://127.0.0.1:7600 --data-dir /var/lib/mlfleet
     """
-    from common.zmqutil import is_loopback
-    from coordinator.config import CoordinatorConfig
-    from coordinator.server import serve
+    from mlfleet.common.zmqutil import is_loopback
+    from mlfleet.coordinator.config import CoordinatorConfig
+    from mlfleet.coordinator.server import serve
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
@@ -219,7 +219,7 @@ def coordinator(
                                  param_hint="--authorized-keys")
 
     def parse_time(value: str, name: str, allow_zero: bool = False) -> float:
-        from common.units import parse_time as parse
+        from mlfleet.common.units import parse_time as parse
         try:
             seconds = parse(value, name)
         except ValueError as e:
@@ -282,9 +282,9 @@ def agent(
 
     Example: mlfleet agent --coordinator tcp://10.0.0.1:7600 --node-id gpu-host-1
     """
-    from agent.config import AgentConfig
-    from agent.server import serve
-    from common.zmqutil import is_loopback
+    from mlfleet.agent.config import AgentConfig
+    from mlfleet.agent.server import serve
+    from mlfleet.common.zmqutil import is_loopback
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
@@ -324,7 +324,7 @@ def up(
     log = logging.getLogger("mlfleet.up")
     data_dir.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="mlfleet-up-"))
-    exe = [sys.executable, "-m", "common.cli"]
+    exe = [sys.executable, "-m", "mlfleet"]
     procs: list[subprocess.Popen] = []
     stopping = False
 
@@ -350,7 +350,7 @@ def up(
         a = _wait_ready(run / "a.json", ag)
         log.info("mlfleet is up: coordinator %s, agent [%s] %s", c["endpoint"], node_id, a["endpoint"])
         if ready_file:
-            from common.proc import write_ready_file
+            from mlfleet.common.proc import write_ready_file
             write_ready_file(str(ready_file), c["endpoint"], agent=a["endpoint"])
         while not stopping:
             if any(p.poll() is not None for p in procs):
@@ -362,7 +362,7 @@ def up(
         log.error("%s", e)
         code = 1
     finally:
-        from common.proc import stop_process
+        from mlfleet.common.proc import stop_process
         for p in reversed(procs):
             stop_process(p, grace_s=10.0)
         for f in run.iterdir():
@@ -548,7 +548,7 @@ def deployments_stats(deployment_id: Optional[str] = typer.Argument(None),
             return
         from rich.live import Live
 
-        from common.units import parse_time
+        from mlfleet.common.units import parse_time
         period = parse_time(interval, "interval")
         try:
             with Live(refresh_per_second=4) as live:
