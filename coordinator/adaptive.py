@@ -39,6 +39,8 @@ class AdaptiveMixin:
                 dep.number_of_allocations, scale_to_zero_after_s=self.cfg.scale_to_zero_after_s))
         t.scaler.min_allocations = a.min_number_of_allocations if a else None
         t.scaler.max_allocations = a.max_number_of_allocations if a else None
+        if dep.priority == "low":  # one allocation of one thread, or zero
+            t.scaler.max_allocations = 1
         t.scaler.set_allocations(dep.number_of_allocations)
         return t
 

@@ -18,8 +18,9 @@ import zmq
 from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
 from mlfleet.common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
-                           ServerError, TooManyRequests)
-from mlfleet.common.params import id_problem, validate_start, validate_update, wait_for_reached
+                                   ServerError, TooManyRequests, ValidationError)
+from mlfleet.common.params import (Adaptive, id_problem, validate_start, validate_update,
+                                   wait_for_reached)
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
 from mlfleet.common.protocol import decode_request, encode_reply, encode_request, request_id_of
@@ -82,6 +83,9 @@ class Coordinator(AdaptiveMixin):
         self._running = False
         self._current_rid = 0
         self._current_user: Optional[str] = None
+        self._settling = False
+        self._resettle = False
+        self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
         self.handlers: dict[str, tuple[type, Callable[..., Any]]] = {
             "put_model_chunk": (m.PutModelChunk, self.on_put_model_chunk),
             "put_model": (m.PutModel, self.on_put_model),
@@ -119,7 +123,7 @@ class Coordinator(AdaptiveMixin):
         if not self.endpoint:
             self.bind()
         self.timers.every(self.cfg.heartbeat_interval_s, self._check_nodes)
-        self.timers.every(0.05, self._check_waiters)
+        self.timers.every(0.05, self._settle)
         self.timers.every(self.cfg.adaptive_interval_s, self._adaptive_tick)
         self.timers.every(1.0, self._expire_warm)
         self._running = True
@@ -135,23 +139,37 @@ class Coordinator(AdaptiveMixin):
         poller.register(self.sock, zmq.POLLIN)
         try:
             while self._running:
-                events = dict(poller.poll(self.timers.timeout_ms(200)))
-                if self.sock in events:
-                    for _ in range(256):
-                        try:
-                            raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        user = None
-                        if self.curve is not None and len(raw) > 1:
-                            try:
-                                user = raw[1].get("User-Id")
-                            except zmq.ZMQError:
-                                user = None
-                        self._on_frames([f.bytes for f in raw], user)
-                self.timers.run_due()
+                self._guarded("poll", lambda: self._loop_once(poller))
         finally:
             self.close()
+
+    def _loop_once(self, poller: zmq.Poller) -> None:
+        events = dict(poller.poll(self.timers.timeout_ms(200)))
+        if self.sock in events:
+            for _ in range(256):
+                try:
+                    raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                user = None
+                if self.curve is not None and len(raw) > 1:
+                    try:
+                        user = raw[1].get("User-Id")
+                    except zmq.ZMQError:
+                        user = None
+                frames = [f.bytes for f in raw]
+                self._guarded("frame", lambda: self._on_frames(frames, user))
+        self.timers.run_due()
+        self._settle()
+
+    def _guarded(self, what: str, fn: Callable[[], Any]) -> None:
+        """No exception escapes the loop: a fault is logged with its traceback and counted, and
+        the daemon goes on (the request that hit it, if any, was already answered 500)."""
+        try:
+            fn()
+        except Exception:
+            self.loop_errors += 1
+            log.exception("coordinator: %s failed; carrying on", what)
 
     def stop(self, *_: Any) -> None:
         self._running = False
@@ -226,7 +244,7 @@ class Coordinator(AdaptiveMixin):
         except Exception as e:  # a handler bug must not take the daemon down
             log.exception("handler failed for request %s", rid)
             self._reply(ident, rid, 500, ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
-        self._after_change()
+        self._settle()
 
     # ---- helpers -------------------------------------------------------------------------------
     def _model(self, model_id: str) -> ModelRecord:
@@ -291,7 +309,27 @@ class Coordinator(AdaptiveMixin):
         return max(self.clock.wall_ms(), max((d.routing_version for d in self.deployments.values()),
                                              default=0) + 1)
 
-    def _after_change(self) -> None:
+    def _settle(self) -> None:
+        """After a frame, a timer or a change of state: bump the routing versions whose routable
+        set changed, then answer the waiters whose condition holds (or whose deadline passed).
+
+        A waiter's check may itself change state (a failed start begins a stop): a call made
+        while settling only asks for another round, so nothing recurses; rounds are bounded."""
+        if self._settling:
+            self._resettle = True
+            return
+        self._settling = True
+        try:
+            for _ in range(8):
+                self._resettle = False
+                self._update_route_versions()
+                self._check_waiters()
+                if not self._resettle:
+                    break
+        finally:
+            self._settling = False
+
+    def _update_route_versions(self) -> None:
         """Bump the routing version of every deployment whose routable set changed."""
         for dep in self.deployments.values():
             routes = self._routes(dep)
@@ -303,25 +341,29 @@ class Coordinator(AdaptiveMixin):
                 dep.routing_version = self._next_version()
                 current = sum(r.current_allocations for r in routes if r.routable)
                 dep.max_assigned_allocations = max(dep.max_assigned_allocations, current)
-        self._check_waiters()
 
     def _check_waiters(self) -> None:
         if not self.waiters:
             return
         now = self.clock.monotonic()
+        waiting, self.waiters = self.waiters, []
         keep = []
-        for w in self.waiters:
+        for w in waiting:
             try:
                 result = w.check()
                 if result is None and now >= w.deadline:
                     result = w.on_timeout()
             except ApiError as e:
                 result = (e.status, e.to_body())
+            except Exception as e:  # a bug in a check answers its own request, nothing else
+                self.loop_errors += 1
+                log.exception("waiter for request %s failed", w.rid)
+                result = (500, ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
             if result is None:
                 keep.append(w)
             else:
                 self._reply(w.ident, w.rid, *result)
-        self.waiters = keep
+        self.waiters = keep + self.waiters  # waiters parked by a check stay too
 
     def _park(self, ident: bytes, timeout_s: float, check, on_timeout, tag: str = "") -> object:
         # the waiting request's id is the one being handled: read it from the current frame
@@ -443,7 +485,7 @@ class Coordinator(AdaptiveMixin):
         if lost:
             self._rebalance("nodes left: " + ",".join(n.node_id for n in lost))
             self._finish_stops()
-            self._after_change()
+            self._settle()
 
     # ---- models --------------------------------------------------------------------------------
     def on_put_model_chunk(self, ident: bytes, msg: m.PutModelChunk) -> dict[str, Any]:
@@ -518,6 +560,8 @@ class Coordinator(AdaptiveMixin):
     # ---- deployments ---------------------------------------------------------------------------
     def on_start(self, ident: bytes, msg: m.StartDeployment) -> Any:
         p = validate_start(msg)
+        if p.priority == "low":
+            low_priority_rules(p.number_of_allocations, p.adaptive)
         model = self._model(p.model_id)
         if p.deployment_id in self.deployments:
             raise BadRequest("Could not start model deployment because an existing deployment with "
@@ -579,6 +623,8 @@ class Coordinator(AdaptiveMixin):
     def on_update(self, ident: bytes, msg: m.UpdateDeployment) -> dict[str, Any]:
         dep = self._deployment(msg.deployment_id)
         n, adaptive = validate_update(msg.number_of_allocations, msg.adaptive_allocations, dep.adaptive)
+        if dep.priority == "low":
+            low_priority_rules(n, adaptive)
         model = self.models[dep.model_id]
         routes = self._routes(dep)
         if (n is None or n == dep.number_of_allocations) and adaptive == dep.adaptive:
@@ -639,7 +685,7 @@ class Coordinator(AdaptiveMixin):
         dep.stopping = True
         dep.finish_pending_work = finish_pending_work and not force
         self.store.save_deployment(dep)
-        self._after_change()
+        self._settle()
         for node_id in set(dep.targets) | self._reporting_nodes(dep):
             self._push_sync(node_id)
         self._finish_stops()
@@ -718,6 +764,21 @@ class Coordinator(AdaptiveMixin):
                                                                    RoutingState.STOPPING)]}
 
 
+def low_priority_rules(number_of_allocations: Optional[int], adaptive: Optional[Adaptive]) -> None:
+    """A low-priority deployment is one allocation of one thread, through start, update and
+    adaptive allocations (which may scale it to zero and back to one, no further)."""
+    errors = []
+    if number_of_allocations is not None and number_of_allocations != 1:
+        errors.append("[number_of_allocations] must be 1 when [priority] is low")
+    if adaptive is not None and adaptive.enabled:
+        if (adaptive.min_number_of_allocations or 0) > 1:
+            errors.append("[min_number_of_allocations] must be 0 or 1 when [priority] is low")
+        if adaptive.max_number_of_allocations not in (None, 1):
+            errors.append("[max_number_of_allocations] must be 1 when [priority] is low")
+    if errors:
+        raise ValidationError(errors)
+
+
 def _is_torchscript(path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
@@ -728,9 +789,11 @@ def _is_torchscript(path) -> bool:
         "/constants.pkl") for n in names)
 
 
-def serve(config: CoordinatorConfig) -> None:
+def start(config: CoordinatorConfig) -> Coordinator:
+    """Start-up: read the store and keys, bind. Errors here are configuration errors (the CLI
+    exits with code 2); once ``run`` serves, nothing ends the daemon but a signal."""
     coord = Coordinator(config)
     signal.signal(signal.SIGTERM, coord.stop)
     signal.signal(signal.SIGINT, coord.stop)
     coord.bind()
-    coord.run()
+    return coord
