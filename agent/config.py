@@ -17,7 +17,10 @@ class AgentConfig:
     ready_file: Optional[str] = None
     worker_restart_budget: int = 3         # restarts allowed per window before a route is failed
     worker_restart_window_s: float = 60.0
-    stop_grace_s: float = 5.0
+    stop_grace_s: float = 5.0              # a stopped deployment's running requests get this long
+    overrun_grace_s: float = 5.0           # a forward pass this far past its deadline is cut off
+    queue_max_bytes: int = 256 << 20       # bytes of requests held per deployment (429 past it)
+    load_retries: int = 2                  # a model that fails to load is tried this many more times
     curve_secret_key: Optional[str] = None        # CURVE for the coordinator link and inference
     coordinator_public_key: Optional[str] = None
     metrics_listen: Optional[str] = None          # HOST:PORT for Prometheus (port 0: the OS picks)

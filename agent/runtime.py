@@ -22,7 +22,7 @@ from mlfleet.common import messages as m
 from mlfleet.common.errors import (ApiError, Conflict, NotFound, RequestTimeout, ServerError,
                            ServiceUnavailable, TooManyRequests)
 from mlfleet.common.proc import describe_exit
-from mlfleet.common.protocol import pack
+from mlfleet.common.protocol import pack, unpack
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -64,11 +64,13 @@ class Job:
     key: Optional[bytes] = None
     answered: bool = False
     dispatched: float = 0.0
+    nbytes: int = 0          # the request's size on the wire, held until it is answered
 
 
 @dataclass
 class Stats:
-    """Counts documents (inferences), as Elasticsearch does; cache hits count as inferences."""
+    """Counts documents (inferences), as Elasticsearch does; cache hits count as inferences.
+    The last minute's throughput is kept in 60 one-second buckets: constant memory at any rate."""
     start_time_ms: int
     inference_count: int = 0
     error_count: int = 0
@@ -82,7 +84,16 @@ class Stats:
     batched_jobs: int = 0
     last_access_ms: Optional[int] = None
     peak_per_minute: int = 0
-    recent: collections.deque = field(default_factory=collections.deque)
+    buckets: list[int] = field(default_factory=lambda: [0] * 60)  # docs per second, by second % 60
+    bucket_second: int = 0  # the last second written
+
+    def _advance(self, now: float) -> None:
+        second = int(now)
+        gap = second - self.bucket_second
+        if gap > 0:
+            for k in range(1, min(gap, 60) + 1):
+                self.buckets[(self.bucket_second + k) % 60] = 0
+            self.bucket_second = second
 
     def record(self, now: float, wall_ms: int, docs: int, time_ms: float, hit: bool) -> None:
         self.inference_count += docs
@@ -92,12 +103,12 @@ class Stats:
         else:
             self.compute_time_ms += time_ms
         self.last_access_ms = wall_ms
-        self.recent.extend([now] * docs)
+        self._advance(now)
+        self.buckets[int(now) % 60] += docs
 
     def last_minute(self, now: float) -> int:
-        while self.recent and self.recent[0] < now - 60.0:
-            self.recent.popleft()
-        n = len(self.recent)
+        self._advance(now)
+        n = sum(self.buckets)
         self.peak_per_minute = max(self.peak_per_minute, n)
         return n
 
@@ -109,12 +120,17 @@ class DeploymentRuntime:
     def __init__(self, a: m.NodeAssignment, *, node_id: str, worker_endpoint: str, clock,
                  reply: Reply, send_worker: Callable[[bytes, dict], None],
                  schedule: Callable[[float, Callable[[], None]], None],
-                 restart_budget: int = 3, restart_window_s: float = 60.0) -> None:
+                 restart_budget: int = 3, restart_window_s: float = 60.0,
+                 overrun_grace_s: float = 5.0, stop_grace_s: float = 5.0,
+                 queue_max_bytes: int = 256 << 20, load_retries: int = 2,
+                 reply_raw: Optional[Callable[[bytes, int, int, bytes], None]] = None) -> None:
         self.a = a
         self.node_id = node_id
         self.worker_endpoint = worker_endpoint
         self.clock = clock
         self.reply = reply
+        self.reply_raw = reply_raw or (lambda client, rid, status, body: reply(client, rid, status,
+                                                                                 unpack(body)))
         self.send_worker = send_worker
         self.schedule = schedule
         self.phase = Phase.FETCHING
@@ -131,6 +147,16 @@ class DeploymentRuntime:
         self.restart_budget = restart_budget
         self.restart_window_s = restart_window_s
         self.finish_pending_work = False
+        self.overrun_grace_s = overrun_grace_s
+        self.stop_grace_s = stop_grace_s
+        self.stop_deadline: Optional[float] = None   # past it, a stop stops waiting for work
+        self.host_kill_at: Optional[float] = None    # past it, a host that did not exit is killed
+        self.queue_max_bytes = queue_max_bytes
+        self.held_bytes = 0                           # requests queued or running, on the wire
+        self.load_retries = load_retries
+        self.load_attempts = 0
+        self._load_error = ""
+        self._paths: tuple[str, Optional[str]] = ("", None)
         self._batch_wake_at: Optional[float] = None
         self._respawn_at = 0.0  # restart backoff after a worker died
         self.observe: Optional[Callable[[float, float], None]] = None  # (queue s, compute s) per request
@@ -160,10 +186,22 @@ class DeploymentRuntime:
         if self.phase != Phase.FETCHING:
             return
         self._set_phase(Phase.LOADING)
+        self._paths = (model_path, tokenizer_path)
+        self._start_host()
+
+    def _start_host(self) -> None:
+        if self.phase != Phase.LOADING:
+            return
+        model_path, tokenizer_path = self._paths
+        self.load_attempts += 1
+        self.host_exit_sent = False
+        self.host_kill_at = None
+        self.host_buf = b""
         args = [sys.executable, "-m", "mlfleet.agent.host", "--model", model_path,
                 "--endpoint", self.worker_endpoint, "--threads", str(self.a.threads_per_allocation),
                 "--priority", self.a.priority, "--task", self.a.task,
-                "--model-config", json.dumps(self.a.model_config or {}), "--parent-pid", str(os.getpid())]
+                "--model-config", json.dumps(self.a.model_config or {}), "--parent-pid", str(os.getpid()),
+                "--grace", str(self.stop_grace_s)]
         if tokenizer_path:
             args += ["--tokenizer", tokenizer_path]
         # no preexec_fn (unsafe beside ZeroMQ's threads): the host asks for its own death signal
@@ -177,12 +215,16 @@ class DeploymentRuntime:
         self._host_exit()
 
     def begin_stop(self, finish_pending_work: bool) -> None:
-        """Take no new requests; finish the queue (or answer it with a retryable 409), then stop."""
+        """Take no new requests; finish the queue (or answer it with a retryable 409), then stop.
+        Without finish_pending_work, running requests get ``stop_grace_s`` to finish; then every
+        process of the deployment is ended, escalating to SIGKILL."""
         self.finish_pending_work = finish_pending_work
         if self.phase in (Phase.FETCHING, Phase.LOADING, Phase.FAILED) and self.host is None:
             self._fail_queue(self._stopping_error())
             self._set_phase(Phase.STOPPED)
             return
+        if self.phase != Phase.STOPPING:
+            self.stop_deadline = None if finish_pending_work else self.clock.monotonic() + self.stop_grace_s
         self._set_phase(Phase.STOPPING)
         if not finish_pending_work:
             self._fail_queue(self._stopping_error())
@@ -211,9 +253,14 @@ class DeploymentRuntime:
                 pass
 
     def _host_exit(self) -> None:
+        """Ask the host to end (it stops its workers, SIGKILL after its grace); past twice the
+        grace the agent kills the host itself (its workers die with it)."""
         if not self.host_exit_sent:
             self.host_exit_sent = True
             self._host_cmd({"cmd": "exit"})
+            if self.host is not None:
+                self.host_kill_at = self.clock.monotonic() + 2 * self.stop_grace_s + 1.0
+                self.schedule(self.host_kill_at, self.tick)
 
     def host_fd(self) -> Optional[int]:
         h = self.host
@@ -238,8 +285,8 @@ class DeploymentRuntime:
             if self.phase == Phase.LOADING:
                 self._set_phase(Phase.RUNNING)
             self.tick()
-        elif kind == "failed":
-            self.fail(ev.get("reason", "model host failed"))
+        elif kind == "failed":  # the host exits next; _on_host_exit retries or fails the route
+            self._load_error = str(ev.get("reason", "model host failed"))[:1000]
         elif kind == "spawned":
             w = self.workers.get(ev["worker_id"])
             if w:
@@ -252,9 +299,22 @@ class DeploymentRuntime:
         self.host.stdout.close()
         for w in list(self.workers.values()):
             self._on_worker_exit(w.worker_id, None)
+        self.host_kill_at = None
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             self._fail_queue(self._stopping_error())
             self._set_phase(Phase.STOPPED)
+        elif self.phase == Phase.LOADING:
+            reason = self._load_error or f"model host {describe_exit(code)} while loading the model"
+            if self.load_attempts <= self.load_retries:
+                backoff = 0.5 * 2 ** (self.load_attempts - 1)
+                log.warning("deployment [%s] on node [%s]: %s; loading again in %.1fs (attempt %d of %d)",
+                            self.deployment_id, self.node_id, reason, backoff, self.load_attempts + 1,
+                            self.load_retries + 1)
+                self.host = None
+                self.schedule(self.clock.monotonic() + backoff, self._start_host)
+            else:
+                self.host = None
+                self.fail(f"{reason} ({self.load_attempts} attempts)")
         elif self.phase != Phase.FAILED:
             self.fail(f"model host {describe_exit(code)}")
 
@@ -331,15 +391,14 @@ class DeploymentRuntime:
             if job is None or job.answered:
                 continue
             if "results" in item:
-                job.answered = True
-                results = item["results"]
+                self._release(job)
                 self.stats.record(now, wall, len(job.docs), per_doc_ms * len(job.docs), hit=False)
                 if self.observe is not None:
                     self.observe(job.dispatched - job.enqueued, per_doc_ms * len(job.docs) / 1000.0)
-                body = {"inference_results": results}
+                body = pack({"inference_results": item["results"]})  # once: sent and cached as is
                 if job.key is not None:
-                    self.cache.put(job.key, results, len(pack(results)))
-                self.reply(job.client, job.rid, 200, body)
+                    self.cache.put(job.key, body)
+                self.reply_raw(job.client, job.rid, 200, body)
             else:
                 self._answer_error(job, ApiError(str(item.get("reason", "inference failed")),
                                                  status=int(item.get("status", 500))))
@@ -354,9 +413,12 @@ class DeploymentRuntime:
             self.dispatch()  # the hot path: deadlines and reconciling wait for the periodic tick
 
     # ---- requests -------------------------------------------------------------------------------
-    def submit(self, client: bytes, rid: int, docs: list, timeout_s: float, dispatch: bool = True) -> None:
+    def submit(self, client: bytes, rid: int, docs: list, timeout_s: float, dispatch: bool = True,
+               nbytes: int = 0) -> None:
         """Queue a request (or answer it from the cache). ``dispatch=False`` leaves handing work to
-        workers to the caller, which drains a burst of requests first so they can share a batch."""
+        workers to the caller, which drains a burst of requests first so they can share a batch.
+        ``nbytes`` is the request's size on the wire: the bytes held for requests not yet answered
+        have a budget (``queue_max_bytes``), as their count has one (``queue_capacity``)."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             raise self._stopping_error()
         if self.phase == Phase.FAILED:
@@ -368,19 +430,28 @@ class DeploymentRuntime:
             hit = self.cache.get(key)
             if hit is not None:
                 self.stats.record(self.clock.monotonic(), self.clock.wall_ms(), len(docs), 0.0, hit=True)
-                self.reply(client, rid, 200, {"inference_results": hit})
+                self.reply_raw(client, rid, 200, hit)
                 return
         if self.a.target_allocations == 0:  # warm at zero (adaptive): the client must ask for one
             raise ServiceUnavailable(f"deployment [{self.deployment_id}] has no allocation on node "
                                      f"[{self.node_id}]", retryable=True)
-        if len(self.queue) >= self.a.queue_capacity:
+        idle = sum(1 for w in self.workers.values() if w.state == WorkerState.IDLE)
+        if len(self.queue) >= self.a.queue_capacity + idle:  # idle workers take theirs at dispatch
             self.stats.rejected_execution_count += 1
             raise TooManyRequests(
                 f"inference process queue for deployment [{self.deployment_id}] on node "
                 f"[{self.node_id}] is full ({self.a.queue_capacity}). Unable to execute command",
                 retry_after_ms=self.retry_after_ms())
+        if self.held_bytes + nbytes > self.queue_max_bytes and (self.queue or self.jobs):
+            self.stats.rejected_execution_count += 1
+            raise TooManyRequests(
+                f"inference process queue for deployment [{self.deployment_id}] on node "
+                f"[{self.node_id}] holds [{self.held_bytes}] bytes of requests; this one ([{nbytes}] "
+                f"bytes) would pass its budget of [{self.queue_max_bytes}] bytes (--queue-max-bytes). "
+                "Unable to execute command", retry_after_ms=self.retry_after_ms())
         now = self.clock.monotonic()
-        self.queue.append(Job(client, rid, docs, now + timeout_s, now, key))
+        self.held_bytes += nbytes
+        self.queue.append(Job(client, rid, docs, now + timeout_s, now, key, nbytes=nbytes))
         if dispatch:
             self.dispatch()
 
@@ -439,10 +510,16 @@ class DeploymentRuntime:
             f"inference on deployment [{self.deployment_id}] timed out after [{timeout_s:.3g}s] "
             f"on node [{self.node_id}]"))
 
+    def _release(self, job: Job) -> None:
+        """A job is answered: once, and the bytes it held are free again."""
+        job.answered = True
+        self.held_bytes -= job.nbytes
+        job.nbytes = 0
+
     def _answer_error(self, job: Job, e: ApiError) -> None:
         if job.answered:
             return
-        job.answered = True
+        self._release(job)
         if e.status not in (408, 429) and not e.retryable:
             self.stats.error_count += 1
         self.reply(job.client, job.rid, e.status, e.to_body())
@@ -470,6 +547,7 @@ class DeploymentRuntime:
         for job in self.jobs.values():
             if not job.answered and now >= job.deadline:
                 self._timeout(job)
+        self._cut_overruns(now)
         if self.phase == Phase.RUNNING:
             live = self.live_workers()
             want = self.a.target_allocations
@@ -485,6 +563,12 @@ class DeploymentRuntime:
         for w in list(self.workers.values()):
             if w.state == WorkerState.DRAINING and not w.jobs:
                 self._retire(w)
+        if self.phase == Phase.STOPPING and self.stop_deadline is not None and now >= self.stop_deadline:
+            self._fail_queue(self._stopping_error())
+            for w in list(self.workers.values()):
+                if w.jobs:
+                    self._kill_worker(w, f"the deployment was stopped and its stop grace "
+                                         f"({self.stop_grace_s:g}s) passed")
         if self.phase == Phase.STOPPING and not self.queue and not self.jobs:
             for w in self.workers.values():
                 if w.state not in (WorkerState.KILLED,):
@@ -492,7 +576,38 @@ class DeploymentRuntime:
             self._host_exit()
             if self.host is None:
                 self._set_phase(Phase.STOPPED)
+        if (self.host_kill_at is not None and now >= self.host_kill_at and self.host is not None
+                and self.host.poll() is None):
+            log.warning("deployment [%s] on node [%s]: the model host (pid %d) did not exit in time; "
+                        "killing it", self.deployment_id, self.node_id, self.host.pid)
+            self.host.kill()
+            self.host_kill_at = None
         self.dispatch()
+
+    def _cut_overruns(self, now: float) -> None:
+        """A forward pass past its request's deadline by ``overrun_grace_s`` is cut off: its worker
+        is killed and replaced by a new fork of the warm host (the next tick spawns it)."""
+        for w in list(self.workers.values()):
+            if not w.jobs or w.state == WorkerState.KILLED:
+                continue
+            late = [j for j in (self.jobs.get(i) for i in w.jobs) if j is not None
+                    and now >= j.deadline + self.overrun_grace_s]
+            if late:
+                self._kill_worker(w, f"a forward pass ran past its request's deadline by more than "
+                                     f"{self.overrun_grace_s:g}s")
+
+    def _kill_worker(self, w: Worker, why: str) -> None:
+        log.warning("deployment [%s] on node [%s]: killing allocation worker %s (pid %s): %s",
+                    self.deployment_id, self.node_id, w.worker_id, w.pid, why)
+        for job_id in w.jobs:
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                self._answer_error(job, ServerError(
+                    f"allocation worker of deployment [{self.deployment_id}] on node [{self.node_id}] "
+                    f"was killed while running this request: {why}"))
+        w.jobs = []
+        w.state = WorkerState.KILLED
+        self._host_cmd({"cmd": "kill", "worker_id": w.worker_id, "force": True})
 
     def _retire(self, w: Worker) -> None:
         w.state = WorkerState.KILLED

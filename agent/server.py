@@ -30,8 +30,8 @@ from mlfleet.common.clock import Clock
 from mlfleet.common.errors import ApiError, BadRequest, NotFound, ServerError
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
-from mlfleet.common.protocol import (decode_request, encode_reply, encode_request, pack, request_id_of,
-                             unpack)
+from mlfleet.common.protocol import (decode_request, encode_reply, encode_reply_raw, encode_request,
+                                     pack, request_id_of, unpack)
 from mlfleet.common.zmqutil import Timers, bind, make_socket
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Agent:
         self._last_heartbeat = 0.0
         self._submitted: set[DeploymentRuntime] = set()
         self._running = False
+        self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
         self.models = ModelCache(self.data_dir / "models", self._request_chunk)
         cpus = psutil.cpu_count(logical=True) or 1
         self.allocated_processors = cfg.allocated_processors or cpus
@@ -125,30 +126,42 @@ class Agent:
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
+        self._host_fds: dict[int, DeploymentRuntime] = {}
         try:
-            registered: dict[int, DeploymentRuntime] = {}
             while self._running:
-                host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
-                if host_fds.keys() != registered.keys():
-                    for fd in registered.keys() - host_fds.keys():
-                        self.poller.unregister(fd)
-                    for fd in host_fds.keys() - registered.keys():
-                        self.poller.register(fd, zmq.POLLIN)
-                registered = host_fds
-                events = dict(self.poller.poll(self.timers.timeout_ms(100)))
-                if self.coord in events:
-                    self._drain(self.coord, self._on_coordinator)
-                if self.worker_sock in events:
-                    self._drain(self.worker_sock, self._on_worker)
-                if self.infer_sock in events:
-                    self._drain_clients()
-                for fd, rt in host_fds.items():
-                    if fd in events:
-                        rt.on_host_readable()
-                self.timers.run_due()
-                self._reap_stopped()
+                self._guarded("poll", self._loop_once)
         finally:
             self.close()
+
+    def _loop_once(self) -> None:
+        host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
+        if host_fds.keys() != self._host_fds.keys():
+            for fd in self._host_fds.keys() - host_fds.keys():
+                self.poller.unregister(fd)
+            for fd in host_fds.keys() - self._host_fds.keys():
+                self.poller.register(fd, zmq.POLLIN)
+        self._host_fds = host_fds
+        events = dict(self.poller.poll(self.timers.timeout_ms(100)))
+        if self.coord in events:
+            self._drain(self.coord, self._on_coordinator)
+        if self.worker_sock in events:
+            self._drain(self.worker_sock, self._on_worker)
+        if self.infer_sock in events:
+            self._drain_clients()
+        for fd, rt in host_fds.items():
+            if fd in events:
+                self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
+        self.timers.run_due()
+        self._guarded("reaping stopped deployments", self._reap_stopped)
+
+    def _guarded(self, what: str, fn: Callable[[], Any]) -> None:
+        """No exception escapes the loop: a fault is logged with its traceback and counted, and
+        the daemon goes on."""
+        try:
+            fn()
+        except Exception:
+            self.loop_errors += 1
+            log.exception("agent: %s failed; carrying on", what)
 
     def stop(self, *_: Any) -> None:
         self._running = False
@@ -325,11 +338,19 @@ class Agent:
 
         def reply(client: bytes, rid: int, status: int, body: dict) -> None:
             self._reply_client(client, rid, status, body, rv=self.routing_versions.get(dep_id, 0))
+
+        def reply_raw(client: bytes, rid: int, status: int, body: bytes) -> None:
+            self._send_client(client, encode_reply_raw(rid, status, body,
+                                                       rv=self.routing_versions.get(dep_id, 0)))
         rt = DeploymentRuntime(a, node_id=self.node_id, worker_endpoint=self.worker_endpoint,
-                               clock=self.clock, reply=reply, send_worker=self._send_worker,
-                               schedule=self.timers.at,
+                               clock=self.clock, reply=reply, reply_raw=reply_raw,
+                               send_worker=self._send_worker, schedule=self.timers.at,
                                restart_budget=self.cfg.worker_restart_budget,
-                               restart_window_s=self.cfg.worker_restart_window_s)
+                               restart_window_s=self.cfg.worker_restart_window_s,
+                               overrun_grace_s=self.cfg.overrun_grace_s,
+                               stop_grace_s=self.cfg.stop_grace_s,
+                               queue_max_bytes=self.cfg.queue_max_bytes,
+                               load_retries=self.cfg.load_retries)
         self.runtimes[a.deployment_id] = rt
         if self.metrics is not None:
             qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)
@@ -429,8 +450,11 @@ class Agent:
 
     # ---- clients -------------------------------------------------------------------------------
     def _reply_client(self, ident: bytes, rid: int, status: int, body: dict, **extra: Any) -> None:
+        self._send_client(ident, encode_reply(rid, status, body, **extra))
+
+    def _send_client(self, ident: bytes, frame: bytes) -> None:
         try:
-            self.infer_sock.send_multipart([ident, encode_reply(rid, status, body, **extra)], zmq.NOBLOCK)
+            self.infer_sock.send_multipart([ident, frame], zmq.NOBLOCK)
         except zmq.ZMQError:
             log.debug("client %r went away before its answer", ident)
 
@@ -457,7 +481,7 @@ class Agent:
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "
                                f"[{self.node_id}]", retryable=True)
-            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0, dispatch=False)
+            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0, dispatch=False, nbytes=len(frames[1]))
             self._submitted.add(rt)
         except ApiError as e:
             self._reply_client(ident, rid, e.status, e.to_body())
@@ -466,9 +490,11 @@ class Agent:
             self._reply_client(ident, rid, 500, ServerError(f"internal error: {e}").to_body())
 
 
-def serve(cfg: AgentConfig) -> None:
+def start(cfg: AgentConfig) -> Agent:
+    """Start-up: keys, sockets, bind. Errors here are configuration errors (the CLI exits with
+    code 2); once ``run`` serves, nothing ends the daemon but a signal."""
     agent = Agent(cfg)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.bind()
-    agent.run()
+    return agent

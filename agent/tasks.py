@@ -27,7 +27,11 @@ def _tensor(obj: Any, where: str) -> torch.Tensor:
     arr = decode_array(obj, where)
     if not arr.flags.writeable:
         arr = arr.copy()
-    return torch.from_numpy(arr)
+    try:
+        return torch.from_numpy(arr)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise BadRequest(f"[{where}] has dtype [{arr.dtype}], which a model cannot take: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
 def _output(out: Any) -> Any:
@@ -76,6 +80,8 @@ class PassThrough:
                 out.append(self.one(doc))
             except ApiError as e:
                 out.append(e)
+            except Exception as e:  # anything else fails this document only
+                out.append(ApiError(f"inference failed: {type(e).__name__}: {e}"[:1000]))
         return out
 
 
@@ -122,11 +128,8 @@ class TextEmbedding:
                 emb = self._pool(h, mask)
                 if self.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2.0, dim=1)
-            except Exception as e:
-                err = _model_error(e)
-                for i in where:
-                    out[i] = err
-                return out
+            except Exception as e:  # the caller runs each request alone to isolate the bad one
+                raise _model_error(e) from None
             for row, i in enumerate(where):
                 out[i] = {"predicted_value": emb[row].tolist()}
         return out

@@ -25,7 +25,9 @@ from mlfleet.common.protocol import pack, unpack
 
 def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
     """All documents of all jobs go through the task together; outcomes are split back per job.
-    A job with any failed document is answered with the first error (its status and reason)."""
+    A job with any failed document is answered with the first error (its status and reason).
+    If the batch as a whole fails (one document broke the forward pass of all), each job is
+    run again on its own, so a bad document fails its own request only."""
     docs, bounds = [], []
     for job in jobs:
         d = job.get("docs") or []
@@ -34,7 +36,10 @@ def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
     try:
         outcomes = task.run(docs)
     except Exception as e:  # a bug or a broken model must not end the worker
-        outcomes = [ApiError(f"inference failed: {type(e).__name__}: {e}"[:1000])] * len(docs)
+        if len(jobs) > 1:
+            return [item for job in jobs for item in run_jobs(task, [job])]
+        err = e if isinstance(e, ApiError) else ApiError(f"inference failed: {type(e).__name__}: {e}"[:1000])
+        outcomes = [err] * len(docs)
     items = []
     for job, (a, b) in zip(jobs, bounds):
         mine = outcomes[a:b]

@@ -55,6 +55,15 @@ def encode_reply(rid: int, status: int, body: dict[str, Any], **extra: Any) -> b
     return pack({"v": PROTOCOL_VERSION, "id": rid, "status": status, "body": body, **extra})
 
 
+def encode_reply_raw(rid: int, status: int, body: bytes, **extra: Any) -> bytes:
+    """A reply whose body is already msgpack (a cached or relayed body), without decoding it:
+    the envelope map is written around the body's bytes."""
+    fields = {"v": PROTOCOL_VERSION, "id": rid, "status": status, **extra}
+    n = len(fields) + 1
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    return head + b"".join(pack(k) + pack(v) for k, v in fields.items()) + pack("body") + body
+
+
 def _envelope(frame: bytes) -> dict[str, Any]:
     try:
         msg = unpack(frame)

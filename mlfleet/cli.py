@@ -210,7 +210,7 @@ def coordinator(
     """
     from mlfleet.common.zmqutil import is_loopback
     from mlfleet.coordinator.config import CoordinatorConfig
-    from mlfleet.coordinator.server import serve
+    from mlfleet.coordinator.server import start
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
@@ -218,17 +218,8 @@ def coordinator(
         raise typer.BadParameter("is required with --curve-secret-key (lines 'ROLE Z85_PUBLIC_KEY')",
                                  param_hint="--authorized-keys")
 
-    def parse_time(value: str, name: str, allow_zero: bool = False) -> float:
-        from mlfleet.common.units import parse_time as parse
-        try:
-            seconds = parse(value, name)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint=f"--{name.replace('_', '-')}")
-        if seconds < 0 or (seconds == 0 and not allow_zero):
-            raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}",
-                                     param_hint=f"--{name.replace('_', '-')}")
-        return seconds
-    _serve_or_exit(serve, CoordinatorConfig(
+    parse_time = _duration
+    _serve_or_exit(start, CoordinatorConfig(
         listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
         heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),
         node_timeout_s=parse_time(node_timeout, "node_timeout"),
@@ -240,9 +231,26 @@ def coordinator(
         authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen))
 
 
-def _serve_or_exit(serve, config) -> None:
-    """Configuration problems (a bad key file, a port in use) end the daemon with a clear message
-    and exit code 2, which systemd's RestartPreventExitStatus=2 will not restart in a loop."""
+def _duration(value: str, name: str, allow_zero: bool = False) -> float:
+    """A time-value option in seconds; a bad one is a usage error naming the option."""
+    import math
+
+    from mlfleet.common.units import parse_time
+    hint = f"--{name.replace('_', '-')}"
+    try:
+        seconds = parse_time(value, name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=hint)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}", param_hint=hint)
+    return seconds
+
+
+def _serve_or_exit(start, config) -> None:
+    """Configuration problems found at start-up (a bad key file, a port in use) end the daemon
+    with a clear message and exit code 2, which systemd's RestartPreventExitStatus=2 will not
+    restart in a loop. Once the daemon serves, its loop catches every fault itself: exit code 2
+    never means anything that happened after start-up."""
     import dataclasses
 
     import zmq
@@ -250,10 +258,11 @@ def _serve_or_exit(serve, config) -> None:
         sys.stdout.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         return
     try:
-        serve(config)
+        daemon = start(config)
     except (ValueError, OSError, zmq.ZMQError) as e:
         sys.stderr.write(f"mlfleet: cannot start: {e}\n")
         raise typer.Exit(2)
+    daemon.run()
 
 
 def _refuse_without_keys(listen: str) -> None:
@@ -277,24 +286,35 @@ def agent(
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="This agent's CURVE secret key."),
     coordinator_public_key: Optional[Path] = typer.Option(None, exists=True, help="The coordinator's public key."),
     metrics_listen: Optional[str] = typer.Option(None, help="HOST:PORT for the Prometheus endpoint (port 0: the OS picks)."),
+    stop_grace: str = typer.Option("5s", help="A stopped deployment's running requests get this long; then its processes are killed."),
+    overrun_grace: str = typer.Option("5s", help="A forward pass this far past its request's deadline has its worker killed and replaced."),
+    queue_max_bytes: str = typer.Option("256mb", help="Bytes of inference requests held per deployment (queued or running); 429 past it."),
+    load_retries: int = typer.Option(2, min=0, max=10, help="A model that fails to load is tried this many more times before its route fails."),
 ) -> None:
     """Run a node agent.
 
     Example: mlfleet agent --coordinator tcp://10.0.0.1:7600 --node-id gpu-host-1
     """
     from mlfleet.agent.config import AgentConfig
-    from mlfleet.agent.server import serve
+    from mlfleet.agent.server import start
     from mlfleet.common.zmqutil import is_loopback
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
-    _serve_or_exit(serve, AgentConfig(coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
-                      curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
-                      coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
-                      metrics_listen=metrics_listen,
-                      allocated_processors=allocated_processors,
-                      data_dir=str(data_dir) if data_dir else None,
-                      ready_file=str(ready_file) if ready_file else None))
+    from mlfleet.common.units import parse_bytes
+    try:
+        max_bytes = parse_bytes(queue_max_bytes, "queue_max_bytes")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--queue-max-bytes")
+    _serve_or_exit(start, AgentConfig(
+        coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
+        curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
+        coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
+        metrics_listen=metrics_listen, allocated_processors=allocated_processors,
+        data_dir=str(data_dir) if data_dir else None, ready_file=str(ready_file) if ready_file else None,
+        stop_grace_s=_duration(stop_grace, "stop_grace"),
+        overrun_grace_s=_duration(overrun_grace, "overrun_grace"),
+        queue_max_bytes=max_bytes, load_retries=load_retries))
 
 
 def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float = 60.0) -> dict[str, Any]:

@@ -154,14 +154,15 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(workdir: Path, nodes: dict[str, int] | None = None,
-                    coordinator_extra: list[str] | None = None) -> Iterator[Cluster]:
+                    coordinator_extra: list[str] | None = None,
+                    agent_extra: list[str] | None = None) -> Iterator[Cluster]:
     """A coordinator and agents (node id -> allocated processors), all ended by pid on exit;
     fails if any process outlived its daemon."""
     c = Cluster(workdir)
     try:
         c.start_coordinator(extra=coordinator_extra)
         for node_id, processors in (nodes if nodes is not None else {"node-a": 2}).items():
-            c.start_agent(node_id, processors)
+            c.start_agent(node_id, processors, agent_extra)
         if c.agents:
             c.wait_nodes(len(c.agents))
         yield c
@@ -238,6 +239,21 @@ class Slow(torch.nn.Module):
         for _ in range(n):
             acc = torch.tanh(acc @ w) + 0.5
         return x + acc.sum() * 0.0
+
+
+def broken_torchscript(path: Path) -> Path:
+    """A zip laid out like a TorchScript archive (it passes the upload check) that
+    ``torch.jit.load`` cannot read."""
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("broken/data.pkl", b"not a pickle")
+        z.writestr("broken/code/__torch__.py", "garbage")
+        z.writestr("broken/constants.pkl", b"")
+    return path
+
+
+def descendants_of(daemon: "Daemon") -> set[int]:
+    return {p.pid for p in daemon.children()}
 
 
 def save_model(module: torch.nn.Module, path: Path, seed: int = 0) -> Path:

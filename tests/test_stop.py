@@ -62,23 +62,28 @@ def test_stop_without_finish_pending_work_answers_queued_requests(slow_cluster):
 
 
 def test_full_queue_is_429_with_a_retry_hint(slow_cluster):
+    """The first request runs long and the second waits behind it, so the states the test waits
+    for hold until it has sent the third: no race with a request finishing early."""
     with slow_cluster.client() as client:
-        client.start_deployment("slow", deployment_id="tight", queue_capacity=1, wait_for="fully_allocated")
-        xs = [np.array([0.4 + i / 100], np.float32) for i in range(3)]  # distinct: no cache hits
+        client.start_deployment("slow", deployment_id="tight", queue_capacity=1, wait_for="fully_allocated",
+                                cache_size="0b")
         try:
             with cf.ThreadPoolExecutor(2) as pool:
-                first = pool.submit(client.infer, "tight", [{"input": xs[0]}], "30s")
+                first = pool.submit(client.infer, "tight", [{"input": np.array([30.0], np.float32)}], "60s")
                 wait_until(lambda: _pending(client, "tight") == 1, 15, what="one running")
-                second = pool.submit(client.infer, "tight", [{"input": xs[1]}], "30s")
+                second = pool.submit(client.infer, "tight", [{"input": np.array([0.01], np.float32)}], "60s")
                 wait_until(lambda: _pending(client, "tight") == 2, 15, what="one queued")
                 with pytest.raises(TooManyRequests) as e:
-                    client.infer("tight", [{"input": xs[2]}])
+                    client.infer("tight", [{"input": np.array([0.02], np.float32)}])
                 assert e.value.type == "es_rejected_execution_exception"
                 assert isinstance(e.value.retry_after_ms, int) and e.value.retry_after_ms > 0
-                first.result(30), second.result(30)
-            stats = wait_until(lambda: (s := client.get_stats("tight")["trained_model_stats"][0]
-                                        ["deployment_stats"])["inference_count"] == 2 and s,
-                               10, what="both served requests counted")
-            assert stats["rejected_execution_count"] == 1
+                stats = wait_until(lambda: (s := client.get_stats("tight")["trained_model_stats"][0]
+                                            ["deployment_stats"])["rejected_execution_count"] == 1 and s,
+                                   10, what="the rejection counted")
+                assert stats["nodes"][0]["number_of_pending_requests"] == 2
+                client.stop_deployment("tight")  # the running one is cut at the stop grace
+                for f in (first, second):
+                    with pytest.raises(ApiError):
+                        f.result(30)
         finally:
             client.stop_deployment("tight")
