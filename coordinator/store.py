@@ -1,18 +1,55 @@
 """Durable coordinator state: SQLite in WAL mode plus content-addressed model files.
 
 Every change is committed before it is acknowledged, so a coordinator restart loses nothing.
+
+Files before rows. A model file (``models/<sha256>.pt``) or blob (``models/<sha256><suffix>``)
+is written to a temporary name, fsynced, renamed into place and its directory fsynced
+(``mlfleet.common.files``) *before* the SQLite row that names it is committed (``synchronous=FULL``
+makes the commit itself durable). A crash between the two leaves an unreferenced file, which
+``check_models`` removes at the next start; it never leaves a row pointing at a missing or
+empty file. Deleting goes the other way: the row is committed first, then the file removed.
+
+Threads. The SQLite connection belongs to the loop thread: every method that touches rows
+(``save_*``, ``delete_*``, ``load_*``, ``*_meta``, ``check_models``) runs there. The methods
+that do large file I/O or hashing touch no rows and are meant to run on an ``Offload`` pool
+thread: ``append_upload``, ``finish_upload``, ``read_chunk``, ``put_blob``, ``cleanup_uploads``.
+
+How the server uses the upload API (each call below on Offload; results back on the loop):
+
+    put_model_chunk:  size = store.append_upload(upload_id, offset, data)
+    put_model:        size = store.finish_upload(upload_id, sha256)      # hash, validate, place
+                      tok = store.put_blob(tokenizer, ".tokenizer.json") # if any
+                      then, on the loop: re-check model_id is free, store.save_model(rec)
+    model_chunk:      data, size = store.read_chunk(sha256, offset, length)
+    at start:         problems = store.check_models()   # on the loop, before serving; log them
+    at start and every few minutes:  store.cleanup_uploads(max_age_s)
+
+Errors are ``mlfleet.common.errors`` API errors ready for a reply: ``BadRequest`` for a bad
+offset, hash, archive or upload, ``NotFound`` for an unknown blob, ``ServerError`` with a
+message like ``no space left on device writing <path>: ...`` for a full disk.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import os
+import re
 import sqlite3
+import threading
+import time
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
+from mlfleet.common.errors import BadRequest, NotFound, ServerError
+from mlfleet.common.files import (DiskFullError, disk_error, durable_replace, durable_write,
+                                  fsync_file, read_at, sha256_file, unlink_quiet)
 from mlfleet.coordinator.state import DeploymentRecord, ModelRecord
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -22,6 +59,28 @@ CREATE TABLE IF NOT EXISTS deployments (
     deployment_id TEXT PRIMARY KEY, model_id TEXT NOT NULL, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+UPLOAD_RE = re.compile(r"^[0-9a-f]{16,64}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_CHUNK_BYTES = 8 << 20
+TMP_SUFFIX = ".tmp"
+
+
+def is_model_archive(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` looks like a ``torch.jit.save`` archive (a zip with data.pkl and code)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and any(
+        "/code/" in n or n.endswith("/constants.pkl") for n in names)
+
+
+def _storage_error(e: OSError, path: Path, action: str = "writing") -> ServerError:
+    clear = disk_error(e, path, action)
+    if isinstance(clear, DiskFullError):
+        return ServerError(str(clear))
+    return ServerError(f"error {action} {path}: {e}")
 
 
 class Store:
@@ -35,6 +94,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        # Shared between the loop and Offload threads, under _lock:
+        self._lock = threading.Lock()
+        self._busy_uploads: set[str] = set()            # uploads being appended to or finished
+        self._pinned: collections.Counter[str] = collections.Counter()  # shas being placed
 
     def close(self) -> None:
         self.db.close()
@@ -46,6 +109,11 @@ class Store:
     def tokenizer_path(self, sha256: str) -> Path:
         return self.models_dir / f"{sha256}.tokenizer.json"
 
+    def upload_path(self, upload_id: str) -> Path:
+        if not UPLOAD_RE.match(upload_id):
+            raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
+        return self.uploads_dir / upload_id
+
     def blob_path(self, sha256: str) -> Path | None:
         for p in (self.model_path(sha256), self.tokenizer_path(sha256)):
             if p.exists():
@@ -53,33 +121,225 @@ class Store:
         return None
 
     def put_blob(self, data: bytes, suffix: str) -> str:
+        """Store ``data`` as ``models/<sha256><suffix>``, durably; returns the sha256. Blocking
+        (hash and fsync): Offload it. A full disk raises ``ServerError`` and leaves nothing."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.models_dir / f"{sha}{suffix}"
-        if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        return sha
+        with self._lock:
+            self._pinned[sha] += 1
+        try:
+            try:
+                if path.stat().st_size == len(data):
+                    return sha
+            except FileNotFoundError:
+                pass
+            try:
+                durable_write(path, data)
+            except OSError as e:
+                raise _storage_error(e, path) from e
+            return sha
+        finally:
+            self._unpin(sha)
+
+    def _unpin(self, sha: str) -> None:
+        with self._lock:
+            self._pinned[sha] -= 1
+            if self._pinned[sha] <= 0:
+                del self._pinned[sha]
 
     def save_model(self, m: ModelRecord) -> None:
+        """Commit a model's row. Its files must already be in place (``finish_upload``,
+        ``put_blob`` returned): a row is never committed for a file that is not there."""
+        path = self.model_path(m.sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ServerError(f"model file {path} for model [{m.model_id}] is missing; "
+                              "upload the model again") from None
+        if size != m.size:
+            raise ServerError(f"model file {path} for model [{m.model_id}] has {size} bytes, "
+                              f"expected {m.size}; upload the model again")
+        if m.tokenizer_sha256 and not self.tokenizer_path(m.tokenizer_sha256).exists():
+            raise ServerError(f"tokenizer file for model [{m.model_id}] is missing; upload the model again")
         self.db.execute(
             "INSERT INTO models VALUES (?,?,?,?,?,?,?)",
             (m.model_id, m.sha256, m.size, m.task, m.tokenizer_sha256,
              json.dumps(m.model_config) if m.model_config is not None else None, m.create_time_ms))
 
     def delete_model(self, m: ModelRecord) -> None:
+        """Commit the row's deletion, then remove files no other row references (nor an upload
+        being finished right now)."""
         self.db.execute("DELETE FROM models WHERE model_id=?", (m.model_id,))
         for sha, path in ((m.sha256, self.model_path(m.sha256)),
                           (m.tokenizer_sha256, self.tokenizer_path(m.tokenizer_sha256 or ""))):
             if sha and not self.db.execute(
                     "SELECT 1 FROM models WHERE sha256=? OR tokenizer_sha256=?", (sha, sha)).fetchone():
-                path.unlink(missing_ok=True)
+                with self._lock:
+                    if not self._pinned.get(sha):
+                        path.unlink(missing_ok=True)
 
     def load_models(self) -> Iterator[ModelRecord]:
         for row in self.db.execute("SELECT model_id, sha256, size, task, tokenizer_sha256, "
                                    "model_config, create_time_ms FROM models"):
             yield ModelRecord(row[0], row[1], row[2], row[3], row[4],
                               json.loads(row[5]) if row[5] else None, row[6])
+
+    def check_models(self, remove_orphans: bool = True) -> list[tuple[str, str]]:
+        """At start-up, on the loop, before serving: every model row's file must exist with the
+        row's size (and its tokenizer exist). Returns ``[(model_id, problem), ...]`` for the
+        server to log (an agent fetching such a model gets 404 and fails the route with that
+        reason). With ``remove_orphans``, also removes model files no row references (left by
+        a crash between placing a file and committing its row) and leftover temporary files;
+        only call it so while no upload is being finished."""
+        problems: list[tuple[str, str]] = []
+        referenced: set[str] = set()
+        for m in self.load_models():
+            path = self.model_path(m.sha256)
+            referenced.add(path.name)
+            try:
+                size = path.stat().st_size
+                if size != m.size:
+                    problems.append((m.model_id, f"model file {path} has {size} bytes, expected {m.size}"))
+            except FileNotFoundError:
+                problems.append((m.model_id, f"model file {path} is missing"))
+            if m.tokenizer_sha256:
+                tok = self.tokenizer_path(m.tokenizer_sha256)
+                referenced.add(tok.name)
+                if not tok.exists():
+                    problems.append((m.model_id, f"tokenizer file {tok} is missing"))
+        if remove_orphans:
+            with self._lock:
+                pinned = set(self._pinned)
+            for p in self.models_dir.iterdir():
+                if p.name in referenced or p.name.split(".", 1)[0] in pinned:
+                    continue
+                log.info("removing unreferenced model file %s", p)
+                unlink_quiet(p)
+        return problems
+
+    # -- uploads (blocking: run these on Offload) -------------------------------------------
+    def _claim(self, upload_id: str) -> None:
+        with self._lock:
+            if upload_id in self._busy_uploads:
+                raise BadRequest(f"upload [{upload_id}] is busy with another request; "
+                                 "send its chunks one at a time")
+            self._busy_uploads.add(upload_id)
+
+    def _release(self, upload_id: str) -> None:
+        with self._lock:
+            self._busy_uploads.discard(upload_id)
+
+    def append_upload(self, upload_id: str, offset: int, data: bytes) -> int:
+        """Append a chunk to upload ``upload_id`` (created by its first chunk, offset 0);
+        ``offset`` must equal the bytes received so far. Returns the new size. A failed write
+        never leaves a partial chunk behind; on a full disk the whole upload is removed (to
+        free its space) and ``ServerError("no space left on device writing ...")`` raised."""
+        path = self.upload_path(upload_id)
+        self._claim(upload_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if offset != size:
+                    if size == 0:
+                        unlink_quiet(path)  # created by this very call
+                    raise BadRequest(f"[offset] must be [{size}], the bytes received so far, got [{offset}]")
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError as e:
+                    try:
+                        os.ftruncate(fd, size)  # never leave a partial chunk
+                    except OSError:
+                        unlink_quiet(path)
+                    clear = disk_error(e, path)
+                    if isinstance(clear, DiskFullError):
+                        unlink_quiet(path)  # give its space back
+                        raise ServerError(f"{clear}; upload [{upload_id}] discarded: free some "
+                                          "space and upload the model again") from e
+                    raise ServerError(f"error writing {path}: {e}") from e
+                return size + len(data)
+            finally:
+                os.close(fd)
+        finally:
+            self._release(upload_id)
+
+    def finish_upload(self, upload_id: str, sha256: str) -> int:
+        """Verify upload ``upload_id`` against ``sha256``, check it is a TorchScript archive,
+        and place it durably as ``models/<sha256>.pt`` (fsync, rename, fsync the directories).
+        Returns its size. The upload is gone afterwards, whatever happened. Blocking (a hash
+        over the whole file): Offload it, then commit the row with ``save_model`` on the loop.
+
+        Raises ``BadRequest`` (no such upload, wrong sha256, not a model) or ``ServerError``
+        (disk errors, e.g. ``no space left on device ...``)."""
+        if not SHA_RE.match(sha256):
+            raise BadRequest("[sha256] must be 64 lowercase hex characters")
+        upload = self.upload_path(upload_id)
+        self._claim(upload_id)
+        with self._lock:
+            self._pinned[sha256] += 1
+        try:
+            try:
+                got = sha256_file(upload)
+            except FileNotFoundError:
+                raise BadRequest(f"no upload [{upload_id}]: send the model with put_model_chunk first") from None
+            if got != sha256:
+                raise BadRequest(f"[sha256] does not match the uploaded bytes (got {got})")
+            if not is_model_archive(upload):
+                raise BadRequest("[file] is not a TorchScript model (expected a torch.jit.save archive)")
+            size = upload.stat().st_size
+            dest = self.model_path(sha256)
+            try:
+                if dest.exists() and dest.stat().st_size == size:
+                    fsync_file(dest)  # a copy from before durable writes: make sure it is on disk
+                else:
+                    durable_replace(upload, dest)
+            except OSError as e:
+                raise _storage_error(e, dest, "storing") from e
+            return size
+        finally:
+            unlink_quiet(upload)
+            self._unpin(sha256)
+            self._release(upload_id)
+
+    def read_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, int]:
+        """``(data, total_size)`` of model file or blob ``sha256`` from ``offset``; blocking."""
+        if not SHA_RE.match(sha256):
+            raise BadRequest("[sha256] must be 64 lowercase hex characters")
+        if offset < 0 or not 0 < length <= MAX_CHUNK_BYTES:
+            raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
+        for path in (self.model_path(sha256), self.tokenizer_path(sha256)):
+            try:
+                return read_at(path, offset, length)
+            except FileNotFoundError:
+                continue
+        raise NotFound(f"Could not find model definition [{sha256}]")
+
+    def cleanup_uploads(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Remove uploads untouched for ``max_age_s`` (abandoned by their client) and temporary
+        files of interrupted durable writes in models/. Uploads being written or finished are
+        kept. Returns the names removed. Call at start and every few minutes (on Offload)."""
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        candidates = [(p, False) for p in self.uploads_dir.iterdir()] + [
+            (p, True) for p in self.models_dir.glob(f"*{TMP_SUFFIX}")]
+        for p, is_tmp in candidates:
+            try:
+                age = now - p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < max_age_s:
+                continue
+            with self._lock:
+                if not is_tmp and p.name in self._busy_uploads:
+                    continue
+                if unlink_quiet(p):
+                    removed.append(p.name)
+        if removed:
+            log.info("removed %d abandoned upload(s) and temporary file(s): %s",
+                     len(removed), ", ".join(removed))
+        return removed
 
     # -- deployments -----------------------------------------------------------------------
     def save_deployment(self, d: DeploymentRecord) -> None:
@@ -100,4 +360,3 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
-
