@@ -27,11 +27,12 @@ from mlfleet.agent.modelcache import ModelCache
 from mlfleet.agent.runtime import DeploymentRuntime, Phase
 from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
+from mlfleet.common.offload import Offload
 from mlfleet.common.errors import ApiError, BadRequest, NotFound, ServerError
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
-from mlfleet.common.protocol import (decode_request, encode_reply, encode_reply_raw, encode_request,
-                                     pack, request_id_of, unpack)
+from mlfleet.common.protocol import (OP_LIMITS, EnvelopeError, decode_request, encode_reply,
+                                     encode_reply_raw, encode_request, pack, peek_request, unpack)
 from mlfleet.common.zmqutil import Timers, bind, make_socket
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ class Agent:
         self._submitted: set[DeploymentRuntime] = set()
         self._running = False
         self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
-        self.models = ModelCache(self.data_dir / "models", self._request_chunk)
+        self.offload = Offload(2, "mlfleet-agent-io")  # hashing and chunk writes, off the loop
+        self.models = ModelCache(self.data_dir / "models", self._request_chunk, self.offload,
+                                 clock=self.clock.monotonic)
         cpus = psutil.cpu_count(logical=True) or 1
         self.allocated_processors = cfg.allocated_processors or cpus
         self.poller = zmq.Poller()
@@ -106,6 +109,7 @@ class Agent:
         self.coord.connect(self.cfg.coordinator)
         self.poller.register(self.coord, zmq.POLLIN)
         self.pending.clear()
+        self.models.on_reconnect()  # fetches in flight ask again for what they were waiting for
         self.registered = False
         self.last_heard = self.clock.monotonic()
         self._register()
@@ -115,6 +119,7 @@ class Agent:
             self.bind()
         self.poller.register(self.infer_sock, zmq.POLLIN)
         self.poller.register(self.worker_sock, zmq.POLLIN)
+        self.poller.register(self.offload.fd, zmq.POLLIN)
         self.timers.every(0.1, self._tick)
         self.timers.every(0.05, self._maybe_heartbeat)
         self._running = True
@@ -148,6 +153,8 @@ class Agent:
             self._drain(self.worker_sock, self._on_worker)
         if self.infer_sock in events:
             self._drain_clients()
+        if self.offload.fd in events:
+            self.offload.run_done()
         for fd, rt in host_fds.items():
             if fd in events:
                 self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
@@ -167,6 +174,8 @@ class Agent:
         self._running = False
 
     def close(self) -> None:
+        self.models.abort_all("the agent is stopping")
+        self.offload.close()
         for rt in self.runtimes.values():
             rt.kill()
         for rt in self.runtimes.values():
@@ -332,6 +341,12 @@ class Agent:
             if dep_id not in wanted and rt.phase not in (Phase.STOPPING, Phase.STOPPED):
                 log.info("deployment [%s] is no longer wanted on node [%s]; draining it", dep_id, self.node_id)
                 rt.begin_stop(finish_pending_work=True)
+        keep = {sha for a in wanted.values() for sha in (a.sha256, a.tokenizer_sha256) if sha}
+        keep |= {sha for rt in self.runtimes.values() if rt.phase != Phase.STOPPED
+                 for sha in (rt.a.sha256, rt.a.tokenizer_sha256) if sha}
+        removed = self.models.prune(keep)  # cached models no deployment here uses any more
+        if removed:
+            log.info("removed %d cached model files no deployment uses: %s", len(removed), ", ".join(removed))
 
     def _create(self, a: m.NodeAssignment) -> None:
         dep_id = a.deployment_id
@@ -414,6 +429,7 @@ class Agent:
                           self._on_sync_reply)
 
     def _tick(self) -> None:
+        self.models.tick(self.clock.monotonic())
         for rt in list(self.runtimes.values()):
             before = (rt.routing_state(), rt.ready_count())
             rt.tick()
@@ -464,16 +480,19 @@ class Agent:
             self._reply_client(ident, 0, 400, BadRequest(
                 f"malformed message: expected 1 frame, got {len(frames) - 1}").to_body())
             return
-        rid = request_id_of(frames[1])
+        rid = 0
         try:
-            req = decode_request(frames[1])
+            # Trust before decoding: op and id from the envelope (the body skipped), the key's
+            # role checked, then the body decoded within the op's limits.
+            op, rid = peek_request(frames[1])
             if self.curve is not None:
-                authorize(self.client_keys.get(user or ""), req.op if req.op in ("ping", "infer") else "?", user)
-            if req.op == "ping":
+                authorize(self.client_keys.get(user or ""), op if op in ("ping", "infer") else "?", user)
+            if op == "ping":
                 self._reply_client(ident, rid, 200, {"node_id": self.node_id})
                 return
-            if req.op != "infer":
-                raise BadRequest(f"unknown op [{req.op[:64]}] on the inference endpoint")
+            if op != "infer":
+                raise BadRequest(f"unknown op [{op[:64]}] on the inference endpoint")
+            req = decode_request(frames[1], OP_LIMITS["infer"])
             msg = m.decode(m.Infer, req.body, "infer")
             if msg.timeout_ms <= 0:
                 raise BadRequest("[timeout] must be positive")
@@ -483,6 +502,8 @@ class Agent:
                                f"[{self.node_id}]", retryable=True)
             rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0, dispatch=False, nbytes=len(frames[1]))
             self._submitted.add(rt)
+        except EnvelopeError as e:
+            self._reply_client(ident, e.request_id, e.status, e.to_body())
         except ApiError as e:
             self._reply_client(ident, rid, e.status, e.to_body())
         except Exception as e:

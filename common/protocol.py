@@ -22,6 +22,39 @@ from mlfleet.common.errors import BadRequest
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
 
+# What a body may hold, per op, checked while it is decoded (msgpack's own limits) and, for
+# frames past SMALL_FRAME, a budget of containers so no frame expands into much more memory
+# than its own size. Ops not listed get DEFAULT_LIMITS.
+SMALL_FRAME = 64 << 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame: int = 1 << 20          # the whole frame
+    max_bin: int = 1 << 20            # one bytes value
+    max_str: int = 64 << 10           # one string
+    max_array: int = 10_000           # items in one list
+    max_map: int = 256                # keys in one map
+
+
+DEFAULT_LIMITS = Limits()
+OP_LIMITS = {
+    "infer": Limits(max_frame=MAX_MESSAGE_BYTES, max_bin=MAX_MESSAGE_BYTES, max_str=16 << 20,
+                    max_array=1 << 20),
+    "put_model_chunk": Limits(max_frame=(8 << 20) + 4096, max_bin=8 << 20),
+    "put_model": Limits(max_frame=(32 << 20) + 4096, max_bin=32 << 20, max_map=4096),
+    "register": Limits(max_frame=4 << 20, max_array=100_000),
+    "heartbeat": Limits(max_frame=4 << 20, max_array=100_000),
+}
+
+
+class EnvelopeError(BadRequest):
+    """A frame that is not a request envelope; ``request_id`` is its id when it could be read."""
+
+    def __init__(self, reason: str, request_id: int = 0) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
+
 
 @dataclass(frozen=True)
 class Request:
@@ -64,11 +97,14 @@ def encode_reply_raw(rid: int, status: int, body: bytes, **extra: Any) -> bytes:
     return head + b"".join(pack(k) + pack(v) for k, v in fields.items()) + pack("body") + body
 
 
-def _envelope(frame: bytes) -> dict[str, Any]:
-    try:
-        msg = unpack(frame)
-    except Exception as e:  # msgpack raises several unrelated types on bad input
-        raise BadRequest(f"malformed message: not valid msgpack ({type(e).__name__})") from None
+def _envelope(frame: bytes, limits: Limits | None = None) -> dict[str, Any]:
+    if limits is not None:
+        msg = unpack_limited(frame, limits)
+    else:
+        try:
+            msg = unpack(frame)
+        except Exception as e:  # msgpack raises several unrelated types on bad input
+            raise BadRequest(f"malformed message: not valid msgpack ({type(e).__name__})") from None
     if not isinstance(msg, dict):
         raise BadRequest("malformed message: expected a map with [v], [op], [id] and [body]")
     v = msg.get("v")
@@ -80,8 +116,80 @@ def _envelope(frame: bytes) -> dict[str, Any]:
     return msg
 
 
-def decode_request(frame: bytes) -> Request:
-    msg = _envelope(frame)
+def peek_request(frame: bytes) -> tuple[str, int]:
+    """The op and id of a request, read without decoding its body (skipped, never built): what a
+    server needs to authorize a message before it trusts it with a decode. Raises BadRequest
+    (with the id when it could be read) for anything that is not a request envelope."""
+    u = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) or 1, max_str_len=256,
+                         max_bin_len=0, max_array_len=0, max_map_len=16, strict_map_key=True)
+    u.feed(frame)
+    op: Any = None
+    rid: Any = None
+    v: Any = None
+    try:
+        n = u.read_map_header()
+        if n > 16:
+            raise ValueError("too many keys")
+        for _ in range(n):
+            key = u.unpack()
+            if key in ("v", "op", "id"):
+                value = u.unpack()
+                if key == "v":
+                    v = value
+                elif key == "op":
+                    op = value
+                else:
+                    rid = value
+            else:
+                u.skip()
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise EnvelopeError(f"malformed message: not a request envelope ({type(e).__name__})",
+                            _int_or_zero(rid)) from None
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise EnvelopeError("malformed message: [id] must be an integer")
+    rid = _int_or_zero(rid)
+    if type(v) is not int or v != PROTOCOL_VERSION:
+        raise EnvelopeError(f"unsupported protocol version [{v!r:.20}]; this server speaks "
+                            f"[{PROTOCOL_VERSION}]", rid)
+    if not isinstance(op, str):
+        raise EnvelopeError("malformed message: [op] must be a string", rid)
+    return op, rid
+
+
+def _int_or_zero(rid: Any) -> int:
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 1 << 63 else 0
+
+
+def unpack_limited(frame: bytes, limits: Limits) -> Any:
+    """Decode with msgpack's limits and, for frames past SMALL_FRAME, a budget of containers
+    (maps and lists) of one per 8 bytes of frame: a body of empty maps cannot expand into more
+    than about 8x its size in memory. Raises BadRequest naming the limit."""
+    if len(frame) > limits.max_frame:
+        raise BadRequest(f"malformed message: [{len(frame)}] bytes is more than this op takes "
+                         f"([{limits.max_frame}])")
+    kw: dict[str, Any] = {}
+    if len(frame) > SMALL_FRAME:
+        budget = [len(frame) // 8 + 64]
+
+        def count(obj: Any) -> Any:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise ValueError("more maps and lists than a frame this size may hold")
+            return obj
+        kw = {"object_hook": count, "list_hook": count}
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False, max_bin_len=limits.max_bin,
+                               max_str_len=limits.max_str, max_array_len=limits.max_array,
+                               max_map_len=limits.max_map, max_ext_len=0, **kw)
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise BadRequest(f"malformed message: not valid msgpack within this op's limits "
+                         f"({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def decode_request(frame: bytes, limits: Limits | None = None) -> Request:
+    """Decode a whole request. Servers peek (``peek_request``) and authorize first, then decode
+    with the op's limits (``OP_LIMITS``)."""
+    msg = _envelope(frame, limits)
     op, body = msg.get("op"), msg.get("body", {})
     if not isinstance(op, str):
         raise BadRequest("malformed message: [op] must be a string")

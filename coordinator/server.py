@@ -4,12 +4,8 @@ is re-checked after every state change and answered at its deadline at the lates
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import re
 import signal
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,13 +13,15 @@ import zmq
 
 from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
+from mlfleet.common.offload import Offload
 from mlfleet.common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
                                    ServerError, TooManyRequests, ValidationError)
 from mlfleet.common.params import (Adaptive, id_problem, validate_start, validate_update,
                                    wait_for_reached)
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
-from mlfleet.common.protocol import decode_request, encode_reply, encode_request, request_id_of
+from mlfleet.common.protocol import (DEFAULT_LIMITS, OP_LIMITS, EnvelopeError, decode_request,
+                                     encode_reply, encode_request, peek_request)
 from mlfleet.common.units import format_time
 from mlfleet.common.zmqutil import Timers, bind, make_socket
 from mlfleet.coordinator import planner
@@ -32,13 +30,12 @@ from mlfleet.coordinator.config import CoordinatorConfig
 from mlfleet.coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
                                RouteReport, RoutingState, allocation_status, assignment_body,
                                assignment_state, deployment_stats_body, routes_of)
-from mlfleet.coordinator.store import Store
+from mlfleet.coordinator.store import SHA_RE, UPLOAD_RE, Store
 
 log = logging.getLogger(__name__)
 AGENT_PREFIX = b"agent/"
 TASKS = ("pass_through", "text_embedding")
-_UPLOAD_RE = re.compile(r"^[0-9a-f]{16,64}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+UPLOAD_MAX_AGE_S = 24 * 3600.0
 DEFER = object()
 
 
@@ -57,6 +54,9 @@ class Coordinator(AdaptiveMixin):
         self.cfg = config
         self.clock = clock or Clock()
         self.store = Store(config.data_dir)
+        self.offload = Offload(2, "mlfleet-coordinator-io")
+        for model_id, problem in self.store.check_models():
+            log.error("model [%s] is unusable: %s; put it again", model_id, problem)
         self.models: dict[str, ModelRecord] = {r.model_id: r for r in self.store.load_models()}
         self.deployments: dict[str, DeploymentRecord] = {
             d.deployment_id: d for d in self.store.load_deployments()}
@@ -135,8 +135,11 @@ class Coordinator(AdaptiveMixin):
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
+        self.timers.every(600.0, self._cleanup_uploads)
+        self._cleanup_uploads()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.offload.fd, zmq.POLLIN)
         try:
             while self._running:
                 self._guarded("poll", lambda: self._loop_once(poller))
@@ -159,8 +162,19 @@ class Coordinator(AdaptiveMixin):
                         user = None
                 frames = [f.bytes for f in raw]
                 self._guarded("frame", lambda: self._on_frames(frames, user))
+        if self.offload.fd in events:
+            self.offload.run_done()
         self.timers.run_due()
         self._settle()
+
+    def _cleanup_uploads(self) -> None:
+        """Uploads abandoned for a day are removed (off the loop)."""
+        def done(removed: Any, error: Optional[BaseException]) -> None:
+            if error is not None:
+                log.warning("could not clean up abandoned uploads: %s", error)
+            elif removed:
+                log.info("removed %d abandoned uploads: %s", len(removed), ", ".join(removed))
+        self.offload.submit(self.store.cleanup_uploads, UPLOAD_MAX_AGE_S, done=done)
 
     def _guarded(self, what: str, fn: Callable[[], Any]) -> None:
         """No exception escapes the loop: a fault is logged with its traceback and counted, and
@@ -175,6 +189,8 @@ class Coordinator(AdaptiveMixin):
         self._running = False
 
     def close(self) -> None:
+        self.offload.wait_idle(10.0)  # uploads being placed finish (their replies are dropped)
+        self.offload.close()
         self.sock.close(0)
         if self.auth is not None:
             self.auth.stop()
@@ -221,17 +237,20 @@ class Coordinator(AdaptiveMixin):
             self._reply(ident, 0, 400, BadRequest(
                 f"malformed message: expected 1 frame, got {len(frames) - 1}").to_body())
             return
-        rid = request_id_of(frames[1])
+        rid = 0
         try:
-            req = decode_request(frames[1])
-            rid = req.id
-            entry = self.handlers.get(req.op)
-            if entry is None:
-                raise BadRequest(f"unknown op [{req.op[:64]}]")
+            # Trust before decoding: the op and id are read from the envelope (the body is
+            # skipped, never built); the key's role is checked; only then is the body decoded,
+            # within the limits of its op.
+            op, rid = peek_request(frames[1])
             if self.curve is not None:
-                authorize(self.keys.get(user or ""), req.op, user)
-            if req.op in self.agent_ops and not ident.startswith(AGENT_PREFIX):
-                raise BadRequest(f"op [{req.op}] is for agents only")
+                authorize(self.keys.get(user or ""), op, user)
+            entry = self.handlers.get(op)
+            if entry is None:
+                raise BadRequest(f"unknown op [{op[:64]}]")
+            if op in self.agent_ops and not ident.startswith(AGENT_PREFIX):
+                raise BadRequest(f"op [{op}] is for agents only")
+            req = decode_request(frames[1], OP_LIMITS.get(op, DEFAULT_LIMITS))
             cls, handler = entry
             msg = m.decode(cls, req.body, req.op)
             self._current_rid = rid
@@ -239,6 +258,8 @@ class Coordinator(AdaptiveMixin):
             result = handler(ident, msg)
             if result is not DEFER:
                 self._reply(ident, rid, 200, result)
+        except EnvelopeError as e:
+            self._reply(ident, e.request_id, e.status, e.to_body())
         except ApiError as e:
             self._reply(ident, rid, e.status, e.to_body())
         except Exception as e:  # a handler bug must not take the daemon down
@@ -365,6 +386,26 @@ class Coordinator(AdaptiveMixin):
                 self._reply(w.ident, w.rid, *result)
         self.waiters = keep + self.waiters  # waiters parked by a check stay too
 
+    def _offload(self, ident: bytes, fn: Callable[..., Any], *args: Any,
+                 then: Callable[[Any], dict[str, Any]]) -> object:
+        """Run blocking work (hashing, file I/O) on the Offload pool; answer the request when it
+        is done, from the loop: ``then(result)`` builds the body (and may raise an ApiError)."""
+        rid = self._current_rid
+
+        def done(result: Any, error: Optional[BaseException]) -> None:
+            try:
+                if error is not None:
+                    raise error
+                self._reply(ident, rid, 200, then(result))
+            except ApiError as e:
+                self._reply(ident, rid, e.status, e.to_body())
+            except Exception as e:
+                self.loop_errors += 1
+                log.error("request %s failed", rid, exc_info=e)
+                self._reply(ident, rid, 500, ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
+        self.offload.submit(fn, *args, done=done)
+        return DEFER
+
     def _park(self, ident: bytes, timeout_s: float, check, on_timeout, tag: str = "") -> object:
         # the waiting request's id is the one being handled: read it from the current frame
         self.waiters.append(Waiter(ident, self._current_rid, self.clock.monotonic() + timeout_s,
@@ -463,17 +504,14 @@ class Coordinator(AdaptiveMixin):
         return self._sync_body(msg.node_id)
 
     def on_model_chunk(self, ident: bytes, msg: m.ModelChunk) -> dict[str, Any]:
-        if not _SHA_RE.match(msg.sha256):
+        if not SHA_RE.match(msg.sha256):
             raise BadRequest("[sha256] must be 64 lowercase hex characters")
-        path = self.store.blob_path(msg.sha256)
-        if path is None:
+        if self.store.blob_path(msg.sha256) is None:
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
-        with open(path, "rb") as f:
-            f.seek(msg.offset)
-            data = f.read(msg.length)
-        return {"data": data, "size": path.stat().st_size}
+        return self._offload(ident, self.store.read_chunk, msg.sha256, msg.offset, msg.length,
+                             then=lambda r: {"data": r[0], "size": r[1]})
 
     def _check_nodes(self) -> None:
         now = self.clock.monotonic()
@@ -489,15 +527,10 @@ class Coordinator(AdaptiveMixin):
 
     # ---- models --------------------------------------------------------------------------------
     def on_put_model_chunk(self, ident: bytes, msg: m.PutModelChunk) -> dict[str, Any]:
-        if not _UPLOAD_RE.match(msg.upload_id):
+        if not UPLOAD_RE.match(msg.upload_id):
             raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
-        path = self.store.uploads_dir / msg.upload_id
-        size = path.stat().st_size if path.exists() else 0
-        if msg.offset != size:
-            raise BadRequest(f"[offset] must be [{size}], the bytes received so far, got [{msg.offset}]")
-        with open(path, "ab") as f:
-            f.write(msg.data)
-        return {"upload_id": msg.upload_id, "size": size + len(msg.data)}
+        return self._offload(ident, self.store.append_upload, msg.upload_id, msg.offset, msg.data,
+                             then=lambda size: {"upload_id": msg.upload_id, "size": size})
 
     def on_put_model(self, ident: bytes, msg: m.PutModel) -> dict[str, Any]:
         if (p := id_problem("model_id", msg.model_id)):
@@ -511,35 +544,30 @@ class Coordinator(AdaptiveMixin):
             raise BadRequest(f"invalid [task] [{msg.task}]; must be one of [{','.join(TASKS)}]")
         if msg.task == "text_embedding" and not msg.tokenizer:
             raise BadRequest("[tokenizer] is required for task [text_embedding]")
-        if not _UPLOAD_RE.match(msg.upload_id):
+        if not UPLOAD_RE.match(msg.upload_id):
             raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
-        upload = self.store.uploads_dir / msg.upload_id
-        if not upload.exists():
+        if not self.store.upload_path(msg.upload_id).exists():
             raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
-        try:
-            h = hashlib.sha256()
-            with open(upload, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != msg.sha256:
-                raise BadRequest(f"[sha256] does not match the uploaded bytes (got {h.hexdigest()})")
-            if not _is_torchscript(upload):
-                raise BadRequest("[file] is not a TorchScript model (expected a torch.jit.save archive)")
-            dest = self.store.model_path(msg.sha256)
-            size = upload.stat().st_size
-            if dest.exists():
-                upload.unlink()
-            else:
-                os.replace(upload, dest)
-        finally:
-            upload.unlink(missing_ok=True)
-        tok_sha = self.store.put_blob(msg.tokenizer, ".tokenizer.json") if msg.tokenizer else None
-        rec = ModelRecord(msg.model_id, msg.sha256, size, msg.task, tok_sha, msg.model_config,
-                          self.clock.wall_ms())
-        self.store.save_model(rec)
-        self.models[rec.model_id] = rec
-        log.info("stored model [%s] (%d bytes, sha256 %s, task %s)", rec.model_id, size, rec.sha256, rec.task)
-        return {"model_id": rec.model_id, "model_size_bytes": size, "task": rec.task, "sha256": rec.sha256}
+
+        def place() -> tuple[int, Optional[str]]:  # on an Offload thread: hash, check, fsync, rename
+            size = self.store.finish_upload(msg.upload_id, msg.sha256)
+            tok = self.store.put_blob(msg.tokenizer, ".tokenizer.json") if msg.tokenizer else None
+            return size, tok
+
+        def store(placed: tuple[int, Optional[str]]) -> dict[str, Any]:  # back on the loop
+            size, tok_sha = placed
+            if msg.model_id in self.models or msg.model_id in self.deployments:
+                raise BadRequest(f"Trained machine learning model [{msg.model_id}] already exists",
+                                 type="resource_already_exists_exception")
+            rec = ModelRecord(msg.model_id, msg.sha256, size, msg.task, tok_sha, msg.model_config,
+                              self.clock.wall_ms())
+            self.store.save_model(rec)  # the file is durable first, then its row
+            self.models[rec.model_id] = rec
+            log.info("stored model [%s] (%d bytes, sha256 %s, task %s)", rec.model_id, size,
+                     rec.sha256, rec.task)
+            return {"model_id": rec.model_id, "model_size_bytes": size, "task": rec.task,
+                    "sha256": rec.sha256}
+        return self._offload(ident, place, then=store)
 
     def on_get_models(self, ident: bytes, msg: m.GetModels) -> dict[str, Any]:
         if msg.model_id is not None and msg.model_id not in ("_all", "*"):
@@ -777,16 +805,6 @@ def low_priority_rules(number_of_allocations: Optional[int], adaptive: Optional[
             errors.append("[max_number_of_allocations] must be 1 when [priority] is low")
     if errors:
         raise ValidationError(errors)
-
-
-def _is_torchscript(path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/data.pkl") for n in names) and any("/code/" in n or n.endswith(
-        "/constants.pkl") for n in names)
 
 
 def start(config: CoordinatorConfig) -> Coordinator:
