@@ -306,8 +306,10 @@ class Agent:
         if status != 200:
             log.warning("coordinator answered %s: %s", status, body)
             return
-        if body.get("reregister"):
-            self.registered = False
+        if body.get("reregister"):  # the coordinator restarted (or lost us): what we asked the
+            self.registered = False  # old one will not be answered; fetches ask again
+            self.pending.clear()
+            self.models.on_reconnect()
             self._register()
             return
         if not self.registered:

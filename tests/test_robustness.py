@@ -5,11 +5,14 @@ allocation. Real daemons on loopback, real workers, real models built here."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import time
 
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from mlfleet.common.errors import ApiError, BadRequest, RequestTimeout, ServerError, TooManyRequests
 from tests.helpers import Mlp, Slow, broken_torchscript, running_cluster, save_model, wait_until
@@ -186,3 +189,42 @@ def test_bad_numbers_are_400_and_the_coordinator_keeps_serving(cluster):
             assert e.value.status == 400, kw
         assert cluster.coordinator.proc.poll() is None
         assert client.get_nodes()["nodes"]
+
+
+class Heavy(torch.nn.Module):
+    """Mlp's answers with 256 MB of weights beside them: a fetch of many chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = Mlp()
+        self.register_buffer("ballast", torch.zeros(64 << 20))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.ballast[0]
+
+
+def test_a_fetch_survives_a_coordinator_outage_and_restart(tmp_path):
+    with running_cluster(tmp_path, {"node-a": 2}) as c:
+        endpoint = c.coordinator.endpoint
+        with c.client(request_timeout="120s") as client:
+            client.put_model("heavy", save_model(Heavy(), tmp_path / "heavy.pt"))
+            client.start_deployment("heavy", wait_for="starting", timeout="60s")
+            # freeze the coordinator as soon as the agent has begun the 256 MB fetch, then kill
+            # it and start it again on the same address and data
+            models = tmp_path / "agent-node-a" / "models"
+            wait_until(lambda: list(models.glob("*.part")), 30, 0.002, what="the fetch to begin")
+            os.kill(c.coordinator.pid, signal.SIGSTOP)
+            mid_fetch = list(models.glob("*.part")) and not [p for p in models.iterdir()
+                                                             if not p.name.endswith(".part")]
+            c.coordinator.stop(signal.SIGKILL)
+            c.retired.append(c.coordinator)
+            c.start_coordinator(listen=endpoint)
+            assert c.coordinator.endpoint == endpoint
+        with c.client(request_timeout="30s") as client:
+            wait_until(lambda: client.get_stats("heavy")["trained_model_stats"][0]["deployment_stats"]
+                       ["allocation_status"]["state"] == "fully_allocated", 90,
+                       what="the deployment started after the outage")
+            out = client.infer("heavy", [{"input": np.ones((1, 8), np.float32)}])
+            assert out["inference_results"][0]["predicted_value"].shape == (1, 4)
+            client.stop_deployment("heavy")
+        assert mid_fetch, "the fetch had finished when the coordinator froze (test premise)"
