@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--model-config", default="{}")
     ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--require-sandbox", action="store_true")
     args = ap.parse_args(argv)
 
     set_parent_death_signal(signal.SIGKILL)
@@ -46,6 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         proto.write(json.dumps(event) + "\n")
         proto.flush()
 
+    # The sandbox goes on before torch is imported and before the model file is read: whatever
+    # loading or running the model does, it can read only the Python installation, the system's
+    # libraries, the model and its tokenizer; it can write nothing, open no socket but a unix
+    # one, run no program. Workers forked later inherit it.
+    from mlfleet.agent import sandbox
+    try:
+        report = sandbox.apply(
+            read_paths=sandbox.default_read_paths() + [args.model] + ([args.tokenizer] if args.tokenizer else []),
+            require_all=args.require_sandbox)
+        if report.missing:
+            print(f"model host: WARNING: the sandbox is incomplete on this kernel: {report.summary()}",
+                  file=sys.stderr)
+    except sandbox.SandboxError as e:
+        emit(event="failed", reason=f"could not sandbox the model host: {e}"[:1000])
+        return 2
     try:
         import torch
         model = torch.jit.load(args.model, map_location="cpu")

@@ -123,6 +123,7 @@ class DeploymentRuntime:
                  restart_budget: int = 3, restart_window_s: float = 60.0,
                  overrun_grace_s: float = 5.0, stop_grace_s: float = 5.0,
                  queue_max_bytes: int = 256 << 20, load_retries: int = 2,
+                 require_sandbox: bool = False,
                  reply_raw: Optional[Callable[[bytes, int, int, bytes], None]] = None) -> None:
         self.a = a
         self.node_id = node_id
@@ -154,6 +155,7 @@ class DeploymentRuntime:
         self.queue_max_bytes = queue_max_bytes
         self.held_bytes = 0                           # requests queued or running, on the wire
         self.load_retries = load_retries
+        self.require_sandbox = require_sandbox
         self.load_attempts = 0
         self._load_error = ""
         self._paths: tuple[str, Optional[str]] = ("", None)
@@ -204,8 +206,12 @@ class DeploymentRuntime:
                 "--grace", str(self.stop_grace_s)]
         if tokenizer_path:
             args += ["--tokenizer", tokenizer_path]
-        # no preexec_fn (unsafe beside ZeroMQ's threads): the host asks for its own death signal
-        self.host = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        if self.require_sandbox:
+            args.append("--require-sandbox")
+        # no preexec_fn (unsafe beside ZeroMQ's threads): the host asks for its own death signal.
+        # One OpenBLAS thread: the host sandboxes itself while it is still single-threaded.
+        self.host = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                     env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
         os.set_blocking(self.host.stdout.fileno(), False)
 
     def fail(self, reason: str) -> None:

@@ -87,7 +87,24 @@ class Agent:
             self.metrics = Metrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
+    def check_sandbox(self) -> None:
+        """Models run in a sandbox (Landlock and a seccomp filter, see agent/sandbox.py); where the
+        kernel lacks them, warn, or with --require-sandbox refuse to start."""
+        from mlfleet.agent import sandbox
+        info = sandbox.probe()
+        missing = [name for name, ok in (("Landlock", info["landlock_abi"]),
+                                         ("seccomp filters", info["seccomp_filter"])) if not ok]
+        if missing and self.cfg.require_sandbox:
+            raise ValueError(f"this kernel lacks {' and '.join(missing)}: models cannot be sandboxed, "
+                             "and --require-sandbox is set")
+        if missing:
+            log.warning("this kernel lacks %s: models will run without that part of their sandbox "
+                        "(--require-sandbox refuses to start instead)", " and ".join(missing))
+        else:
+            log.info("models run sandboxed: Landlock ABI %d and a seccomp filter", info["landlock_abi"])
+
     def bind(self) -> str:
+        self.check_sandbox()
         self.endpoint = bind(self.infer_sock, self.cfg.listen)
         self.advertise = self.cfg.advertise or self.endpoint
         bind(self.worker_sock, self.worker_endpoint)
@@ -367,7 +384,8 @@ class Agent:
                                overrun_grace_s=self.cfg.overrun_grace_s,
                                stop_grace_s=self.cfg.stop_grace_s,
                                queue_max_bytes=self.cfg.queue_max_bytes,
-                               load_retries=self.cfg.load_retries)
+                               load_retries=self.cfg.load_retries,
+                               require_sandbox=self.cfg.require_sandbox)
         self.runtimes[a.deployment_id] = rt
         if self.metrics is not None:
             qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)

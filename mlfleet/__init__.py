@@ -9,7 +9,18 @@ The one installed import package. Its subpackages are the repository's folders:
     mlfleet.cli          the ``mlfleet`` command, which sits above the daemons and launches them
 """
 
-from mlfleet.common.client import Client
-from mlfleet.common.errors import ApiError, NoAnswer, TooManyRequests
+from typing import Any
 
 __all__ = ["ApiError", "Client", "NoAnswer", "TooManyRequests"]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names load on first use, so a daemon's subprocess that imports one module of
+    the package (a model host) does not pull in the client, ZeroMQ and numpy with it."""
+    if name == "Client":
+        from mlfleet.common.client import Client
+        return Client
+    if name in ("ApiError", "NoAnswer", "TooManyRequests"):
+        from mlfleet.common import errors
+        return getattr(errors, name)
+    raise AttributeError(f"module 'mlfleet' has no attribute {name!r}")
