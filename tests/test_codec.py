@@ -376,7 +376,7 @@ def test_encode_decode_round_trip_all_fields():
 
 
 def test_round_trip_bytes_and_defaults_factory():
-    msg = M.PutModelChunk(upload_id="u", offset=0, data=b"\x00\x01")
+    msg = M.PutModelChunk(upload_id="0123456789abcdef", offset=0, data=b"\x00\x01")
     assert M.decode(M.PutModelChunk, P.unpack(P.pack(M.encode(msg)))) == msg
     reg = M.Register(node_id="n", hostname="h", transport_address="tcp://x:1",
                      allocated_processors=4, cpu={"physical": 2, "logical": 4},
@@ -386,7 +386,7 @@ def test_round_trip_bytes_and_defaults_factory():
 
 
 def test_decode_bytes_like():
-    assert M.decode(M.PutModelChunk, {"upload_id": "u", "offset": 0,
+    assert M.decode(M.PutModelChunk, {"upload_id": "0123456789abcdef", "offset": 0,
                                       "data": bytearray(b"ab")}).data == b"ab"
 
 
@@ -454,6 +454,374 @@ def test_decode_empty_message():
     assert M.decode(M.Empty, {}) == M.Empty()
     with pytest.raises(E.BadRequest):
         M.decode(M.Empty, {"x": 1})
+
+
+# ---- value rules (declared per field, checked at decode) -----------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+SHA = "ab" * 32
+UPLOAD = "0123456789abcdef"
+STATS = {"inference_count": 3, "error_count": 0, "timeout_count": 0, "rejected_execution_count": 0,
+         "inference_cache_hit_count": 1, "average_inference_time_ms": 1.5,
+         "average_inference_time_ms_excluding_cache_hits": 2.25, "average_queue_time_ms": 0.0,
+         "number_of_pending_requests": 0, "throughput_last_minute": 3, "peak_throughput_per_minute": 3,
+         "cache_bytes": 128, "average_batch_size": 1.0, "start_time": 1_700_000_000_000, "last_access": None}
+
+
+def report(**kw):
+    r = {"deployment_id": "dep", "routing_state": "started", "current_allocations": 1,
+         "target_allocations": 1, "reason": "", "stats": dict(STATS)}
+    r.update(kw)
+    return r
+
+
+def register(**kw):
+    b = {"node_id": "node-a", "hostname": "host-1.example", "transport_address": "tcp://10.0.0.1:7601",
+         "allocated_processors": 8, "cpu": {"physical": 4, "logical": 8},
+         "memory": {"total_bytes": 16 << 30, "available_bytes": 8 << 30}, "pid": 4242,
+         "deployments": [report()]}
+    b.update(kw)
+    return b
+
+
+def nest(depth: int):
+    out: object = 1
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+def rule_errors(cls, body) -> list[str]:
+    """The value-rule messages of a body whose types are right (400, validation format)."""
+    with pytest.raises(E.ValidationError) as ei:
+        M.decode(cls, body)
+    e = ei.value
+    assert e.status == 400 and e.type == "action_request_validation_exception"
+    assert e.reason == "Validation Failed: " + "".join(f"{i}: {m};" for i, m in enumerate(e.messages, 1))
+    return e.messages
+
+
+def one_error(cls, body) -> str:
+    msgs = rule_errors(cls, body)
+    assert len(msgs) == 1, msgs
+    return msgs[0]
+
+
+def test_agent_bodies_as_agents_send_them_pass():
+    import os
+    import socket
+
+    import psutil
+    vm = psutil.virtual_memory()
+    body = register(node_id="gpu-host-1", hostname=socket.gethostname(), pid=os.getpid(),
+                    allocated_processors=psutil.cpu_count() or 1,
+                    cpu={"physical": psutil.cpu_count(logical=False) or 1, "logical": psutil.cpu_count() or 1},
+                    memory={"total_bytes": vm.total, "available_bytes": vm.available},
+                    deployments=[report(), report(deployment_id="other", routing_state="failed",
+                                                  current_allocations=0, reason="x" * 1100,
+                                                  stats={**STATS, "last_access": 1_700_000_000_123})])
+    msg = M.decode(M.Register, P.unpack(P.pack(body)))
+    assert msg.deployments == body["deployments"]
+    hb = M.decode(M.Heartbeat, {"node_id": "gpu-host-1", "memory": body["memory"], "deployments": []})
+    assert hb.node_id == "gpu-host-1"
+    for r in body["deployments"]:
+        assert M.decode(M.RouteReport, r).deployment_id == r["deployment_id"]
+
+
+def test_node_assignment_as_the_coordinator_builds_it_passes():
+    a = M.NodeAssignment(deployment_id="dep", model_id="m", sha256=SHA, model_bytes=1844, task="pass_through",
+                         threads_per_allocation=2, target_allocations=3, queue_capacity=1024,
+                         cache_size_bytes=1844, priority="normal", routing_version=1_700_000_000_000,
+                         tokenizer_sha256=None, model_config={"pooling": "mean", "normalize": True},
+                         max_batch_size=8, max_batch_delay_ms=5.0)
+    M.validate(a)
+    assert M.decode(M.NodeAssignment, P.unpack(P.pack(M.encode(a)))) == a
+
+
+@pytest.mark.parametrize("cls,body,field", [
+    (M.StartDeployment, {"model_id": "m", "max_batch_delay": NAN}, "max_batch_delay"),
+    (M.StartDeployment, {"model_id": "m", "max_batch_delay": INF}, "max_batch_delay"),
+    (M.StartDeployment, {"model_id": "m", "timeout": -INF}, "timeout"),
+    (M.StartDeployment, {"model_id": "m", "timeout": NAN}, "timeout"),
+    (M.NodeAssignment, None, "max_batch_delay_ms"),
+    (M.RouteReport, report(stats={**STATS, "average_inference_time_ms": NAN}), "stats.average_inference_time_ms"),
+    (M.RouteReport, report(stats={**STATS, "average_batch_size": INF}), "stats.average_batch_size"),
+    (M.Infer, {"deployment_id": "d", "docs": [{"input": [1.0, NAN]}]}, "docs[0].input[1]"),
+    (M.Infer, {"deployment_id": "d", "docs": [{"x": {"y": -INF}}]}, "docs[0].x.y"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"other": [NAN]}},
+     "model_config.other[0]"),
+])
+def test_non_finite_numbers_are_rejected_everywhere(cls, body, field):
+    if body is None:  # NodeAssignment: every required field, then the NaN
+        body = M.encode(M.NodeAssignment(deployment_id="d", model_id="m", sha256=SHA, model_bytes=1,
+                                         task="pass_through", threads_per_allocation=1, target_allocations=1,
+                                         queue_capacity=1, cache_size_bytes=0, priority="normal",
+                                         max_batch_delay_ms=NAN))
+    msg = one_error(cls, body)
+    assert msg.startswith(f"[{field}] must be a finite number"), msg
+
+
+def test_the_reported_nan_delay_is_rejected_before_any_handler():
+    # seen on main: start_deployment(max_batch_delay=NaN) passed validation and the coordinator exited
+    body = P.unpack(P.pack({"model_id": "m", "max_batch_delay": NAN}))
+    assert one_error(M.StartDeployment, body) == "[max_batch_delay] must be a finite number, got [nan]"
+
+
+@pytest.mark.parametrize("body,expected", [
+    (register(allocated_processors=0), "[allocated_processors] must be greater than or equal to 1"),
+    (register(allocated_processors=10**9), "[allocated_processors] must be less than or equal to 4096"),
+    (register(allocated_processors=4097), "[allocated_processors] must be less than or equal to 4096"),
+    (register(pid=0), "[pid] must be greater than or equal to 1"),
+    (register(pid=(1 << 22) + 1), "[pid] must be less than or equal to 4194304"),
+    (register(memory={"total_bytes": -1, "available_bytes": 0}),
+     "[memory.total_bytes] must be greater than or equal to 0"),
+    (register(memory={"total_bytes": (1 << 50) + 1, "available_bytes": 0}),
+     "[memory.total_bytes] must be less than or equal to 1125899906842624"),
+    (register(memory={"total_bytes": 2**64 - 1, "available_bytes": 0}),
+     "[memory.total_bytes] must be less than or equal to 1125899906842624"),
+    (register(cpu={"physical": 0, "logical": 1}), "[cpu.physical] must be greater than or equal to 1"),
+    (register(cpu={"physical": 1, "logical": 5000}), "[cpu.logical] must be less than or equal to 4096"),
+    (register(deployments=[report(current_allocations=-1)]),
+     "[deployments[0].current_allocations] must be greater than or equal to 0"),
+    (register(deployments=[report(target_allocations=10**6)]),
+     "[deployments[0].target_allocations] must be less than or equal to 100000"),
+    (register(deployments=[report(stats={**STATS, "inference_count": -5})]),
+     "[deployments[0].stats.inference_count] must be greater than or equal to 0"),
+    (register(deployments=[report(stats={**STATS, "start_time": 2**63})]),
+     "[deployments[0].stats.start_time] must be less than or equal to 9007199254740992"),
+    (register(deployments=[report(stats={**STATS, "average_queue_time_ms": -1.0})]),
+     "[deployments[0].stats.average_queue_time_ms] must be greater than or equal to 0"),
+])
+def test_register_ranges(body, expected):
+    assert one_error(M.Register, body) == expected
+
+
+@pytest.mark.parametrize("cls,body,expected", [
+    (M.ModelChunk, {"sha256": SHA, "offset": -1, "length": 1}, "[offset] must be greater than or equal to 0"),
+    (M.ModelChunk, {"sha256": SHA, "offset": 2**64 - 1, "length": 1},
+     "[offset] must be less than or equal to 1125899906842624"),
+    (M.ModelChunk, {"sha256": SHA, "offset": 0, "length": 0}, "[length] must be greater than or equal to 1"),
+    (M.ModelChunk, {"sha256": SHA, "offset": 0, "length": (8 << 20) + 1},
+     "[length] must be less than or equal to 8388608"),
+    (M.PutModelChunk, {"upload_id": UPLOAD, "offset": -1, "data": b""}, "[offset] must be greater than or equal to 0"),
+    (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 0}, "[timeout] must be positive"),
+    (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": -2**63}, "[timeout] must be positive"),
+    (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 3_600_001}, "[timeout_ms] must be less than or equal to 3600000"),
+    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 0}, "[timeout] must be positive"),
+    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 2**64 - 1},
+     "[timeout_ms] must be less than or equal to 3600000"),
+])
+def test_int_ranges(cls, body, expected):
+    assert one_error(cls, body) == expected
+
+
+def test_range_edges_are_accepted():
+    M.decode(M.Register, register(allocated_processors=4096, pid=1 << 22,
+                                  memory={"total_bytes": 1 << 50, "available_bytes": 0},
+                                  cpu={"physical": 1, "logical": 4096}))
+    M.decode(M.ModelChunk, {"sha256": SHA, "offset": 1 << 50, "length": 8 << 20})
+    M.decode(M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 3_600_000})
+    M.decode(M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 1})
+
+
+ID_MSG = ("Invalid [{0}]; [{1}] can contain lowercase alphanumeric (a-z and 0-9), hyphens, periods or "
+          "underscores; must start and end with alphanumeric and be at most 64 characters")
+
+
+@pytest.mark.parametrize("cls,field", [
+    (M.DeleteModel, "model_id"), (M.DeploymentRef, "deployment_id"), (M.StopDeployment, "deployment_id"),
+    (M.UpdateDeployment, "deployment_id"), (M.AwaitRoutes, "deployment_id"), (M.Infer, "deployment_id"),
+    (M.StartDeployment, "model_id"), (M.GetStats, "deployment_id"), (M.GetModels, "model_id"),
+])
+@pytest.mark.parametrize("bad", ["UPPER", "-start", "end-", "has space", "a" * 65, "sl/ash", "", "é", "a\x00"])
+def test_model_and_deployment_ids(cls, field, bad):
+    body = {"docs": []} if cls is M.Infer else {}
+    body[field] = bad
+    assert one_error(cls, body) == ID_MSG.format(field, bad[:80])
+
+
+@pytest.mark.parametrize("good", ["a", "my-model", "m.v1_2", "a" * 64, "0"])
+def test_valid_ids(good):
+    assert M.decode(M.DeploymentRef, {"deployment_id": good}).deployment_id == good
+
+
+def test_get_stats_and_models_also_take_all():
+    for v in ("_all", "*"):
+        assert M.decode(M.GetStats, {"deployment_id": v}).deployment_id == v
+        assert M.decode(M.GetModels, {"model_id": v}).model_id == v
+
+
+def test_a_ten_thousand_character_id_is_rejected_without_echoing_it():
+    msg = one_error(M.DeleteModel, {"model_id": "x" * 10_000})
+    assert msg == "[model_id] must be at most 4096 characters long"
+    msg = one_error(M.DeleteModel, {"model_id": "x" * 4000})
+    assert msg == ID_MSG.format("model_id", "x" * 80)
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "a/b", "-x", "x" * 129, "é", "a\nb", "agent/x"])
+def test_node_ids(bad):
+    msg = one_error(M.Heartbeat, {"node_id": bad, "memory": {"total_bytes": 1, "available_bytes": 1}})
+    assert msg.startswith("Invalid [node_id]") or msg.startswith("[node_id] must be at most"), msg
+
+
+@pytest.mark.parametrize("good", ["node-a", "gpu-host-1", "Host_1.example.com", "10.0.0.1:7601", "x" * 128])
+def test_node_ids_accepted(good):
+    assert M.decode(M.Heartbeat, {"node_id": good, "memory": {"total_bytes": 1, "available_bytes": 1}}).node_id == good
+
+
+@pytest.mark.parametrize("cls,body,expected", [
+    (M.PutModelChunk, {"upload_id": "u", "offset": 0, "data": b""}, "[upload_id] must be 16 to 64 lowercase hex characters"),
+    (M.PutModelChunk, {"upload_id": "0123456789ABCDEF", "offset": 0, "data": b""},
+     "[upload_id] must be 16 to 64 lowercase hex characters"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA.upper()}, "[sha256] must be 64 lowercase hex characters"),
+    (M.ModelChunk, {"sha256": "../../etc/passwd", "offset": 0, "length": 1}, "[sha256] must be 64 lowercase hex characters"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "task": "regression"},
+     "invalid [task] [regression]; must be one of [pass_through,text_embedding]"),
+    (M.RouteReport, report(routing_state="running"),
+     "invalid [routing_state] [running]; must be one of [starting,started,stopping,stopped,failed]"),
+    (M.RouteReport, report(reason="r" * 4097), "[reason] must be at most 4096 characters long"),
+    (M.Register, register(hostname="bad\x00host"), "[hostname] must be 1 to 255 characters without control characters"),
+    (M.Register, register(hostname="h" * 256), "[hostname] must be at most 255 characters long"),
+    (M.Register, register(transport_address="nowhere"),
+     "[transport_address] must be an endpoint such as tcp://host:port, got [nowhere]"),
+    (M.NodeAssignment, None, "invalid [priority] [urgent]; must be one of [normal,low]"),
+])
+def test_string_rules(cls, body, expected):
+    if body is None:
+        body = M.encode(M.NodeAssignment(deployment_id="d", model_id="m", sha256=SHA, model_bytes=1,
+                                         task="pass_through", threads_per_allocation=1, target_allocations=1,
+                                         queue_capacity=1, cache_size_bytes=0, priority="urgent"))
+    assert one_error(cls, body) == expected
+
+
+@pytest.mark.parametrize("cls,body,expected", [
+    (M.Register, register(memory={"total_bytes": 1}), "[memory.available_bytes] is required"),
+    (M.Register, register(memory={"total_bytes": 1, "available_bytes": 1, "swap": 1}), "[memory] does not support [swap]"),
+    (M.Register, register(cpu={"physical": 1, "logical": 1, "ghz": 3}), "[cpu] does not support [ghz]"),
+    (M.Heartbeat, {"node_id": "n", "memory": {"total_bytes": "x", "available_bytes": 1}},
+     "[memory.total_bytes] must be an integer, got ['x']"),
+    (M.Heartbeat, {"node_id": "n", "memory": {"total_bytes": True, "available_bytes": 1}},
+     "[memory.total_bytes] must be an integer"),
+    (M.Heartbeat, {"node_id": "n", "memory": {"total_bytes": 1.5, "available_bytes": 1}},
+     "[memory.total_bytes] must be an integer, got [1.5]"),
+    (M.Register, register(deployments=[report(stats={"bogus": 1})]), "[deployments[0].stats] does not support [bogus]"),
+    (M.Register, register(deployments=[report(stats={**STATS, "start_time": "yesterday"})]),
+     "[deployments[0].stats.start_time] must be an integer, got ['yesterday']"),
+    (M.Register, register(deployments=[7]), "[deployments[0]] must be a map, got [7]"),
+    (M.Register, register(deployments=[{"deployment_id": "d", "current_allocations": 0, "target_allocations": 0}]),
+     "[deployments[0].routing_state] is required"),
+    (M.Register, register(deployments=[report(extra=1)]), "[deployments[0]] does not support [extra]"),
+    (M.Register, register(deployments=[report(stats=[])]), "[deployments[0].stats] must be a map, got [[]]"),
+    (M.StartDeployment, {"model_id": "m", "adaptive_allocations": {"enabled": True, "bogus": 1}},
+     "[adaptive_allocations] does not support [bogus]"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"max_sequence_length": 0}},
+     "[model_config.max_sequence_length] must be greater than or equal to 1"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"normalize": "yes"}},
+     "[model_config.normalize] must be a boolean, got ['yes']"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"blob": b"\x00"}},
+     "[model_config.blob] must not be bytes"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"m": {1: "x"}}},
+     "[model_config.m] keys must be strings, got [1]"),
+])
+def test_map_shapes(cls, body, expected):
+    assert one_error(cls, body) == expected
+
+
+def test_every_broken_rule_is_reported_at_once_with_its_path():
+    body = register(allocated_processors=10**9, pid=0, hostname="",
+                    memory={"total_bytes": "x", "available_bytes": -1}, cpu={"physical": 0},
+                    deployments=[report(routing_state="zzz", current_allocations=-1,
+                                        stats={"inference_count": NAN}), 5])
+    assert rule_errors(M.Register, body) == [
+        "[hostname] must be 1 to 255 characters without control characters",
+        "[allocated_processors] must be less than or equal to 4096",
+        "[cpu.logical] is required",
+        "[cpu.physical] must be greater than or equal to 1",
+        "[memory.total_bytes] must be an integer, got ['x']",
+        "[memory.available_bytes] must be greater than or equal to 0",
+        "[pid] must be greater than or equal to 1",
+        "invalid [deployments[0].routing_state] [zzz]; must be one of [starting,started,stopping,stopped,failed]",
+        "[deployments[0].current_allocations] must be greater than or equal to 0",
+        "[deployments[0].stats.inference_count] must be an integer, got [nan]",
+        "[deployments[1]] must be a map, got [5]",
+    ]
+
+
+def test_type_errors_come_first_and_alone():
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(M.Register, register(allocated_processors="8", pid=0))
+    assert not isinstance(ei.value, E.ValidationError)
+    assert ei.value.reason == "[allocated_processors] must be an integer, got ['8']"
+
+
+@pytest.mark.parametrize("cls,body,expected", [
+    (M.Infer, {"deployment_id": "d", "docs": [{}] * 10_001}, "[docs] must have at most 10000 elements"),
+    (M.Register, register(deployments=[report()] * 4097), "[deployments] must have at most 4096 elements"),
+    (M.Infer, {"deployment_id": "d", "docs": [nest(20)]}, "is nested too deeply (at most 16 levels)"),
+    (M.Infer, {"deployment_id": "d", "docs": [{"input": list(range(1_000_001))}]}, "[docs] must have at most 1000000 values in all"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {str(i): i for i in range(65)}},
+     "[model_config] must have at most 64 entries"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"x": nest(9)}},
+     "is nested too deeply (at most 8 levels)"),
+    (M.StartDeployment, {"model_id": "m", "timeout": "9" * 65 + "s"}, "[timeout] must be at most 64 characters long"),
+])
+def test_sizes_and_depth(cls, body, expected):
+    assert expected in one_error(cls, body)
+
+
+def test_deep_nesting_does_not_recurse():
+    # deeper than the interpreter's recursion limit: the walk is iterative
+    msg = one_error(M.Infer, {"deployment_id": "d", "docs": [nest(5000)]})
+    assert "nested too deeply" in msg
+
+
+def test_a_model_config_put_accepts_reaches_the_agent():
+    cfg = {"pooling": "weird", "normalize": False, "max_sequence_length": 512, "embedding_size": 384,
+           "source": "minilm", "notes": {"a": [1, 2.5, "x", None, True]}}
+    put = M.decode(M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": cfg})
+    a = M.NodeAssignment(deployment_id="d", model_id="m", sha256=SHA, model_bytes=1, task="text_embedding",
+                         threads_per_allocation=1, target_allocations=1, queue_capacity=1, cache_size_bytes=0,
+                         priority="normal", model_config=put.model_config)
+    assert M.decode(M.NodeAssignment, M.encode(a)).model_config == cfg
+
+
+def test_huge_ints_where_floats_belong_are_a_400():
+    with pytest.raises(E.BadRequest) as ei:
+        M.decode(M.NodeAssignment, {**M.encode(M.NodeAssignment(
+            deployment_id="d", model_id="m", sha256=SHA, model_bytes=1, task="pass_through",
+            threads_per_allocation=1, target_allocations=1, queue_capacity=1, cache_size_bytes=0,
+            priority="normal")), "max_batch_delay_ms": 10**400})
+    assert ei.value.status == 400 and "[max_batch_delay_ms]" in ei.value.reason
+
+
+def test_validate_checks_messages_built_in_code():
+    with pytest.raises(E.ValidationError, match=r"\[allocated_processors\]"):
+        M.validate(M.Register(**register(allocated_processors=0)))
+
+
+_JUNK = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
+              st.text(max_size=8), st.binary(max_size=8),
+              st.sampled_from([NAN, INF, -INF, 2**63, "x" * 5000, "", "0" * 64, UPLOAD, "started"])),
+    lambda ch: st.lists(ch, max_size=3) | st.dictionaries(st.text(max_size=6), ch, max_size=3),
+    max_leaves=8)
+_CLASSES = [M.PutModelChunk, M.PutModel, M.GetModels, M.DeleteModel, M.StartDeployment, M.UpdateDeployment,
+            M.StopDeployment, M.DeploymentRef, M.AwaitRoutes, M.GetStats, M.Empty, M.Infer, M.Register,
+            M.Heartbeat, M.ModelChunk, M.RouteReport, M.NodeAssignment]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cls=st.sampled_from(_CLASSES), data=st.data())
+def test_decode_of_any_body_is_a_message_or_a_400(cls, data):
+    import dataclasses
+    names = [f.name for f in dataclasses.fields(cls)] + ["bogus"]
+    body = data.draw(st.dictionaries(st.sampled_from(names), _JUNK, max_size=len(names)))
+    try:
+        msg = M.decode(cls, body)
+    except E.BadRequest as e:
+        assert e.status == 400 and e.reason
+        return
+    M.validate(msg)  # what decode returns obeys every rule
 
 
 # ---- units ------------------------------------------------------------------------------------

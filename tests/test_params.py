@@ -489,3 +489,108 @@ def test_wire_body_decoded_then_validated():
     msg = decode(StartDeployment, body, op="start_deployment")
     assert errors_of(validate_start, msg).messages == [TPA_POSITIVE, TPA_POW2, QC_POSITIVE,
                                                        TIMEOUT_POSITIVE]
+
+
+# ---- bounds beyond Elasticsearch's rules: finiteness and caps -------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def time_parse_msg(name: str, value) -> str:
+    return f"failed to parse setting [{name}] with value [{value}] as a time value"
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, "9" * 400 + "s"])
+def test_non_finite_timeout(value):
+    assert single(timeout=value).startswith(time_parse_msg("timeout", str(value)[:80]))
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF, "9" * 400 + "ms"])
+def test_non_finite_max_batch_delay(value):
+    # seen on main: NaN passed both range checks and the coordinator died converting it to an int
+    assert single(max_batch_delay=value).startswith(time_parse_msg("max_batch_delay", str(value)[:80]))
+
+
+@pytest.mark.parametrize("value", ["8d", "169h", 7 * 86400 + 1, 1e300, "99999999999d"])
+def test_timeout_capped_at_seven_days(value):
+    assert single(timeout=value) == "[timeout] must be less than or equal to 7d"
+
+
+@pytest.mark.parametrize("value,seconds", [("7d", 7 * 86400.0), ("168h", 7 * 86400.0), (7 * 86400, 7 * 86400.0)])
+def test_timeout_cap_itself_is_valid(value, seconds):
+    assert validate_start(start(timeout=value)).timeout_s == seconds
+
+
+@pytest.mark.parametrize("value", ["1001ms", 1.5, "2s", 1e300])
+def test_max_batch_delay_cap(value):
+    assert single(max_batch_delay=value) == "[max_batch_delay] must be less than or equal to 1s"
+
+
+@pytest.mark.parametrize("value,ms", [("1s", 1000.0), (1, 1000.0), ("0ms", 0.0), (0.25, 250.0)])
+def test_max_batch_delay_valid(value, ms):
+    assert validate_start(start(max_batch_delay=value)).max_batch_delay_ms == ms
+
+
+def test_max_batch_delay_negative():
+    assert single(max_batch_delay="-1ms") == "[max_batch_delay] must not be negative"
+
+
+@pytest.mark.parametrize("value", ["2pb", "1025tb", (1 << 50) + 1, 2**64 - 1, "99999999pb"])
+def test_cache_size_capped_at_one_pb(value):
+    assert single(cache_size=value) == "[cache_size] must be less than or equal to 1pb"
+
+
+@pytest.mark.parametrize("value", ["1pb", "1024tb", 1 << 50])
+def test_cache_size_cap_itself_is_valid(value):
+    assert validate_start(start(cache_size=value)).cache_size is not None
+
+
+def test_cache_size_too_many_digits_is_a_parse_error_not_a_crash():
+    value = "9" * 400 + "pb"  # float() of the digits is inf: int(inf) would raise OverflowError
+    assert single(cache_size=value) == (f"failed to parse setting [cache_size] with value [{value[:80]}] "
+                                        "as a size in bytes")
+
+
+NA_MAX = "[number_of_allocations] must be less than or equal to 100000"
+
+
+@pytest.mark.parametrize("n", [100_001, 2**31, 2**63, 2**64 - 1])
+def test_number_of_allocations_capped(n):
+    assert single(number_of_allocations=n) == NA_MAX
+    assert update_errors(n, None, None) == [NA_MAX]
+
+
+def test_number_of_allocations_cap_itself_is_valid():
+    assert validate_start(start(number_of_allocations=100_000)).number_of_allocations == 100_000
+    assert validate_update(100_000, None, None) == (100_000, None)
+
+
+@pytest.mark.parametrize("key", ["min_number_of_allocations", "max_number_of_allocations"])
+def test_adaptive_bounds_capped(key):
+    msg = f"[{key}] must be less than or equal to 100000"
+    assert single(adaptive_allocations={"enabled": True, key: 100_001}) == msg
+    assert update_errors(None, {key: 2**63}, Adaptive(True, 0, 4)) == [msg]
+
+
+@pytest.mark.parametrize("lo", [NAN, INF, 1e300])
+def test_adaptive_non_finite_or_float_bounds(lo):
+    assert single(adaptive_allocations={"enabled": True, "min_number_of_allocations": lo}) == MIN_BAD
+
+
+def test_number_of_allocations_wrong_type_from_code_is_a_validation_error():
+    # the wire decoder rejects these types first; a caller in code gets the Elasticsearch message
+    assert update_errors(1.5, None, None) == [NA_POSITIVE]
+    assert update_errors(True, None, None) == [NA_POSITIVE]
+
+
+def test_caps_reported_with_the_other_rules():
+    msgs = start_errors(number_of_allocations=10**6, threads_per_allocation=3, timeout="30d",
+                        cache_size="4pb", max_batch_delay=NAN)
+    assert msgs == [NA_MAX, TPA_POW2, "[timeout] must be less than or equal to 7d",
+                    time_parse_msg("max_batch_delay", "nan"), "[cache_size] must be less than or equal to 1pb"]
+
+
+def test_id_problem_is_the_message_layer_rule():
+    from mlfleet.common import messages, params
+    assert params.id_problem is messages.id_problem
+    assert params.id_problem("model_id", "ok-id") is None
