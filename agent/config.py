@@ -24,4 +24,7 @@ class AgentConfig:
     require_sandbox: bool = False          # refuse to start where Landlock or seccomp is missing
     curve_secret_key: Optional[str] = None        # CURVE for the coordinator link and inference
     coordinator_public_key: Optional[str] = None
-    metrics_listen: Optional[str] = None          # HOST:PORT for Prometheus (port 0: the OS picks)
+    metrics_listen: Optional[str] = None          # [HOST:]PORT for Prometheus (loopback by default)
+    metrics_tls_cert: Optional[str] = None        # TLS for the metrics endpoint (required off loopback)
+    metrics_tls_key: Optional[str] = None
+    metrics_basic_auth: Optional[str] = None      # file of "user:password" lines (required off loopback)

@@ -33,7 +33,7 @@ from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
 from mlfleet.common.protocol import (OP_LIMITS, EnvelopeError, decode_request, encode_reply,
                                      encode_reply_raw, encode_request, pack, peek_request, unpack)
-from mlfleet.common.zmqutil import Timers, bind, make_socket
+from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class Agent:
         self._last_heartbeat = 0.0
         self._submitted: set[DeploymentRuntime] = set()
         self._running = False
+        self._leave_requested = False
+        self._refetch = False
+        self._leaving_since: float | None = None
         self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
         self.offload = Offload(2, "mlfleet-agent-io")  # hashing and chunk writes, off the loop
         self.models = ModelCache(self.data_dir / "models", self._request_chunk, self.offload,
@@ -109,7 +112,9 @@ class Agent:
         self.advertise = self.cfg.advertise or self.endpoint
         bind(self.worker_sock, self.worker_endpoint)
         if self.metrics is not None:
-            log.info("agent [%s] metrics on %s", self.node_id, self.metrics.serve(self.cfg.metrics_listen))
+            log.info("agent [%s] metrics on %s", self.node_id, self.metrics.serve(
+                self.cfg.metrics_listen, tls_cert=self.cfg.metrics_tls_cert,
+                tls_key=self.cfg.metrics_tls_key, basic_auth=self.cfg.metrics_basic_auth))
         self._connect_coordinator()
         log.info("agent [%s] serving inference on %s (advertised %s), %d allocated processors, "
                  "coordinator %s", self.node_id, self.endpoint, self.advertise,
@@ -120,13 +125,15 @@ class Agent:
         if self.coord is not None:
             self.poller.unregister(self.coord)
             self.coord.close(0)
-        self.coord = make_socket(self.ctx, zmq.DEALER, identity=b"agent/" + self.node_id.encode())
+        # no routing id of our own: the coordinator's ROUTER picks one, and our registration
+        # (with our key) binds it to our node id; a peer cannot squat a name we use
+        self.coord = make_socket(self.ctx, zmq.DEALER)
         if self.curve is not None:
             self.curve.client(self.coord)
         self.coord.connect(self.cfg.coordinator)
         self.poller.register(self.coord, zmq.POLLIN)
         self.pending.clear()
-        self.models.on_reconnect()  # fetches in flight ask again for what they were waiting for
+        self._refetch = True  # once registered, fetches in flight ask again for what they await
         self.registered = False
         self.last_heard = self.clock.monotonic()
         self._register()
@@ -177,6 +184,8 @@ class Agent:
                 self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         self.timers.run_due()
         self._guarded("reaping stopped deployments", self._reap_stopped)
+        if self._leave_requested:
+            self._guarded("leaving", self._leave)
 
     def _guarded(self, what: str, fn: Callable[[], Any]) -> None:
         """No exception escapes the loop: a fault is logged with its traceback and counted, and
@@ -188,7 +197,27 @@ class Agent:
             log.exception("agent: %s failed; carrying on", what)
 
     def stop(self, *_: Any) -> None:
-        self._running = False
+        """SIGTERM/SIGINT: leave cleanly (see ``_leave``); a second signal exits at once."""
+        if self._leave_requested:
+            self._running = False
+        self._leave_requested = True
+
+    def _leave(self) -> None:
+        """Tell the coordinator we leave (our routes go first, our allocations are planned
+        elsewhere), stop every deployment (queued requests are answered with a retryable 409,
+        running ones get --stop-grace), then exit once they have stopped."""
+        now = self.clock.monotonic()
+        if self._leaving_since is None:
+            self._leaving_since = now
+            log.info("agent [%s] leaving: stopping %d deployments", self.node_id, len(self.runtimes))
+            if self.registered:
+                self._request("leave", {"node_id": self.node_id})
+            for rt in self.runtimes.values():
+                if rt.phase not in (Phase.STOPPING, Phase.STOPPED):
+                    rt.begin_stop(finish_pending_work=False)
+        all_stopped = all(rt.phase == Phase.STOPPED for rt in self.runtimes.values())
+        if all_stopped or now > self._leaving_since + 2 * self.cfg.stop_grace_s + 2.0:
+            self._running = False
 
     def close(self) -> None:
         self.models.abort_all("the agent is stopping")
@@ -324,14 +353,17 @@ class Agent:
             log.warning("coordinator answered %s: %s", status, body)
             return
         if body.get("reregister"):  # the coordinator restarted (or lost us): what we asked the
-            self.registered = False  # old one will not be answered; fetches ask again
-            self.pending.clear()
-            self.models.on_reconnect()
+            self.registered = False  # old one will not be answered; fetches ask again once
+            self.pending.clear()     # we are registered with the new one
+            self._refetch = True
             self._register()
             return
         if not self.registered:
             log.info("agent [%s] registered with the coordinator", self.node_id)
         self.registered = True
+        if self._refetch:
+            self._refetch = False
+            self.models.on_reconnect()
         self._apply_sync(body)
 
     def _apply_sync(self, body: dict) -> None:
@@ -505,6 +537,8 @@ class Agent:
             # Trust before decoding: op and id from the envelope (the body skipped), the key's
             # role checked, then the body decoded within the op's limits.
             op, rid = peek_request(frames[1])
+            if not assigned_routing_id(ident):
+                raise BadRequest(ROUTING_ID_CHOSEN)
             if self.curve is not None:
                 authorize(self.client_keys.get(user or ""), op if op in ("ping", "infer") else "?", user)
             if op == "ping":

@@ -15,6 +15,7 @@ import collections
 import concurrent.futures as cf
 import hashlib
 import itertools
+import math
 import os
 import random
 import threading
@@ -37,6 +38,17 @@ START_MARGIN_S = 10.0
 INFER_MARGIN_S = 5.0
 ROUTING_TTL_S = 60.0
 CONNECT_TIMEOUT_S = 5.0
+INFER_CONNECT_TIMEOUT_S = 1.0  # an agent that does not take the connection: try another node
+MAX_WAIT_S = 7 * 86400.0
+
+
+def _encode(op: str, rid: int, body: dict[str, Any]) -> bytes:
+    """A request's frame; a value msgpack cannot carry (an int past 64 bits) is the caller's
+    error, raised as the server would answer it."""
+    try:
+        return encode_request(op, rid, body)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}") from None
 
 
 class _IO(threading.Thread):
@@ -51,6 +63,8 @@ class _IO(threading.Thread):
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.socks: dict[str, zmq.Socket] = {}
+        self.monitors: dict[zmq.Socket, str] = {}   # socket monitor -> address
+        self.failed: dict[str, str] = {}             # address -> why its handshake failed
         self.pending: dict[int, cf.Future] = {}
         self.unsent: list[tuple[str, bytes, int, cf.Future, float]] = []
         self.running = True
@@ -80,22 +94,55 @@ class _IO(threading.Thread):
             s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: fail fast otherwise
             if self.curve is not None:
                 self.curve.client(s)
+            mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             s.connect(address)
             self.socks[address] = s
+            self.monitors[mon] = address
             self.poller.register(s, zmq.POLLIN)
+            self.poller.register(mon, zmq.POLLIN)
         return s
 
     def _reset(self, address: str) -> None:
         s = self.socks.pop(address, None)
         if s is not None:
+            for mon, addr in list(self.monitors.items()):
+                if addr == address:
+                    self.poller.unregister(mon)
+                    del self.monitors[mon]
+                    s.disable_monitor()
+                    mon.close(0)
             self.poller.unregister(s)
             s.close(0)
+
+    def _on_monitor(self, mon: zmq.Socket) -> None:
+        """A handshake that fails says why at once, instead of a timeout that says nothing."""
+        from zmq.utils.monitor import recv_monitor_message
+        address = self.monitors[mon]
+        while True:
+            try:
+                ev = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed.pop(address, None)
+                continue
+            self.failed[address] = handshake_failure(address, ev["event"], ev["value"], self.curve is not None)
+            for item in [u for u in self.unsent if u[0] == address]:
+                self.unsent.remove(item)
+                self.pending.pop(item[2], None)
+                if not item[3].done():
+                    item[3].set_exception(NoAnswer(self.failed[address]))
 
     def _try_send(self, address: str, frame: bytes, rid: int, fut: cf.Future, deadline: float) -> None:
         try:
             self._sock(address).send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            if time.monotonic() < deadline:
+            if address in self.failed:
+                self.pending.pop(rid, None)
+                fut.set_exception(NoAnswer(self.failed[address]))
+            elif time.monotonic() < deadline:
                 self.unsent.append((address, frame, rid, fut, deadline))
             else:
                 self.pending.pop(rid, None)
@@ -129,6 +176,9 @@ class _IO(threading.Thread):
                     self.pending.pop(rid, None)
                     if address is not None:
                         self._reset(address)
+            for mon in list(self.monitors):
+                if mon in events:
+                    self._on_monitor(mon)
             for s in list(self.socks.values()):
                 if s in events:
                     for _ in range(1024):
@@ -154,6 +204,22 @@ class _IO(threading.Thread):
     def stop(self) -> None:
         self.running = False
         self._wake()
+
+
+def handshake_failure(address: str, event: int, value: int, have_keys: bool) -> str:
+    """What a failed ZeroMQ handshake means, said so that the user knows what to do."""
+    how = ("pass secret_key= and server_public_key= to Client (the CLI: --secret-key and "
+           "--coordinator-key; or MLFLEET_SECRET_KEY and MLFLEET_COORDINATOR_KEY), with a key made by "
+           "`mlfleet keys generate NAME --out DIR` and listed in the coordinator's authorized keys")
+    mismatch = event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == getattr(
+        zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", 0x11000002)
+    if not have_keys:  # a keyless client can only fail against a server that wants keys
+        return f"the server at {address} requires CURVE keys and this client has none: {how}"
+    if mismatch:
+        return (f"the server at {address} does not use CURVE keys, but this client was given some: "
+                "connect without secret_key and server_public_key")
+    return (f"the CURVE handshake with {address} failed: the server's public key is not the one "
+            "given (server_public_key / MLFLEET_COORDINATOR_KEY), or the server refused this key")
 
 
 class _ThreadSockets:
@@ -196,7 +262,7 @@ class _ThreadSockets:
     def call(self, address: str, frame: bytes, rid: int, wait_s: float, op: str):
         s = self.get(address)
         deadline = time.monotonic() + wait_s
-        connect_by = time.monotonic() + min(wait_s, CONNECT_TIMEOUT_S)
+        connect_by = time.monotonic() + min(wait_s, INFER_CONNECT_TIMEOUT_S)
         while True:
             try:
                 s.send(frame, zmq.NOBLOCK)
@@ -206,7 +272,7 @@ class _ThreadSockets:
                     self.drop(address)
                     # never sent: safe to try another node
                     raise NoAnswer(f"no answer from {address}: could not connect within "
-                                   f"{CONNECT_TIMEOUT_S:g}s", retryable=True) from None
+                                   f"{INFER_CONNECT_TIMEOUT_S:g}s", retryable=True) from None
                 s.poll(20, zmq.POLLOUT)
         while True:
             left = deadline - time.monotonic()
@@ -284,7 +350,7 @@ class Client:
 
     def _send(self, address: str, op: str, body: dict[str, Any], wait_s: float):
         rid = next(self._ids)
-        fut = self._io.submit(address, encode_request(op, rid, body), rid)
+        fut = self._io.submit(address, _encode(op, rid, body), rid)
         try:
             rep = fut.result(wait_s)
         except cf.TimeoutError:
@@ -355,6 +421,8 @@ class Client:
             wait = parse_time(timeout) + START_MARGIN_S
         except ValueError:
             wait = self.request_timeout_s  # the server names the bad value
+        if not math.isfinite(wait) or wait > MAX_WAIT_S:
+            wait = self.request_timeout_s  # NaN, infinite, absurd: the server answers 400
         return self._call("start_deployment", body, max(wait, self.request_timeout_s))
 
     def update_deployment(self, deployment_id: str, number_of_allocations: int | None = None,
@@ -383,6 +451,15 @@ class Client:
 
     def get_nodes(self) -> dict[str, Any]:
         return self._call("get_nodes", {})
+
+    def rotate_node_key(self, node_id: str, public_key: str | os.PathLike[str]) -> dict[str, Any]:
+        """Move a node id to another agent key (admin): ``public_key`` is the new key's z85 text
+        or its NAME.pub file. The agent running now keeps serving; restart it with the new key."""
+        key = str(public_key)
+        if len(key) != 40 or os.path.exists(key):
+            from mlfleet.common.security import load_public
+            key = load_public(key).decode()
+        return self._call("rotate_node_key", {"node_id": node_id, "public_key": key})
 
     def get_routing(self, deployment_id: str) -> dict[str, Any]:
         return self._call("get_routing", {"deployment_id": deployment_id})
@@ -456,7 +533,7 @@ class Client:
                     poller.register(s, zmq.POLLIN)
                     registered.add(address)
                 try:
-                    s.send(encode_request("infer", rid, body), zmq.NOBLOCK)
+                    s.send(_encode("infer", rid, body), zmq.NOBLOCK)
                 except zmq.Again:  # no connection to that node: the one-by-one path retries elsewhere
                     try:
                         out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
@@ -509,8 +586,7 @@ class Client:
         timeout_s = parse_time(timeout, "timeout")
         if timeout_s <= 0:
             raise errors.BadRequest("[timeout] must be positive")
-        body = {"deployment_id": deployment_id, "docs": encode_tree(docs),
-                "timeout_ms": max(1, int(timeout_s * 1000))}
+        encoded_docs = encode_tree(docs)
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S
         routes = self._routes(deployment_id)
         tried: set[str] = set()
@@ -532,8 +608,11 @@ class Client:
                                                  "allocated to any nodes")
             address = route["address"]
             rid = next(self._ids)
+            left_s = deadline - INFER_MARGIN_S - time.monotonic()  # a retry gets what is left
+            body = {"deployment_id": deployment_id, "docs": encoded_docs,
+                    "timeout_ms": max(1, int(left_s * 1000))}
             try:
-                rep = self._infer_sockets().call(address, encode_request("infer", rid, body), rid,
+                rep = self._infer_sockets().call(address, _encode("infer", rid, body), rid,
                                                  max(0.1, deadline - time.monotonic()), "infer")
             except NoAnswer as e:
                 if not e.retryable:

@@ -655,3 +655,21 @@ class NodeAssignment:
     model_config: Optional[dict] = rule(None, max_len=64, content=_JSON)
     max_batch_size: int = rule(1, min=1, max=1024)
     max_batch_delay_ms: float = rule(0.0, min=0.0, max=1000.0)
+
+
+# ---- node lifecycle and keys -----------------------------------------------------------------
+
+Z85_KEY_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+@dataclass(frozen=True)
+class Leave:
+    """agent -> coordinator: the agent is shutting down cleanly; route elsewhere now."""
+    node_id: str = rule(**_NODE_ID)
+
+
+@dataclass(frozen=True)
+class RotateNodeKey:
+    """admin: the node id's next registration must come with this agent key."""
+    node_id: str = rule(**_NODE_ID)
+    public_key: str = rule(pattern=Z85_KEY_RE, pattern_msg="[{name}] must be a 40-character Z85 public key")

@@ -162,14 +162,15 @@ def _int_or_zero(rid: Any) -> int:
 
 def unpack_limited(frame: bytes, limits: Limits) -> Any:
     """Decode with msgpack's limits and, for frames past SMALL_FRAME, a budget of containers
-    (maps and lists) of one per 8 bytes of frame: a body of empty maps cannot expand into more
-    than about 8x its size in memory. Raises BadRequest naming the limit."""
+    (maps and lists) of one per 16 bytes of frame (real documents hold far fewer): a body of
+    empty maps (64 bytes each in memory, 1 byte on the wire) cannot expand into more than
+    about 4x its size. Raises BadRequest naming the limit."""
     if len(frame) > limits.max_frame:
         raise BadRequest(f"malformed message: [{len(frame)}] bytes is more than this op takes "
                          f"([{limits.max_frame}])")
     kw: dict[str, Any] = {}
     if len(frame) > SMALL_FRAME:
-        budget = [len(frame) // 8 + 64]
+        budget = [len(frame) // 16 + 64]
 
         def count(obj: Any) -> Any:
             budget[0] -= 1

@@ -33,6 +33,16 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None,
     return s
 
 
+ROUTING_ID_CHOSEN = "peers may not choose their own routing id (ZMQ_ROUTING_ID): connect without one"
+
+
+def assigned_routing_id(ident: bytes) -> bool:
+    """Whether a ROUTER picked this peer's routing id (5 bytes, the first zero) rather than the
+    peer itself. Our clients and agents never choose one; a peer that does could take or hold a
+    name another peer is known by, so servers do not act on its messages."""
+    return len(ident) == 5 and ident[0] == 0
+
+
 def bind(sock: zmq.Socket, endpoint: str) -> str:
     """Bind, turning port 0 into an OS-chosen port; returns the endpoint actually bound."""
     m = _TCP_RE.match(endpoint)

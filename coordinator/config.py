@@ -22,4 +22,7 @@ class CoordinatorConfig:
     warm_zero_keep_s: float = 300.0
     curve_secret_key: Optional[str] = None   # CURVE on every address when set
     authorized_keys: Optional[str] = None    # lines "ROLE Z85_PUBLIC_KEY"
-    metrics_listen: Optional[str] = None     # HOST:PORT for Prometheus (port 0: the OS picks)  # a deployment scaled to zero keeps its model host this long
+    metrics_listen: Optional[str] = None     # [HOST:]PORT for Prometheus (loopback unless a host is given)
+    metrics_tls_cert: Optional[str] = None   # TLS for the metrics endpoint (required off loopback)
+    metrics_tls_key: Optional[str] = None
+    metrics_basic_auth: Optional[str] = None  # file of "user:password" lines (required off loopback)

@@ -5,6 +5,7 @@ is re-checked after every state change and answered at its deadline at the lates
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -15,7 +16,7 @@ from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
 from mlfleet.common.offload import Offload
 from mlfleet.common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
-                                   ServerError, TooManyRequests, ValidationError)
+                                   ServerError, ServiceUnavailable, TooManyRequests, ValidationError)
 from mlfleet.common.params import (Adaptive, id_problem, validate_start, validate_update,
                                    wait_for_reached)
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
@@ -23,7 +24,7 @@ from mlfleet.common.security import Curve, authorize, load_authorized_keys, load
 from mlfleet.common.protocol import (DEFAULT_LIMITS, OP_LIMITS, EnvelopeError, decode_request,
                                      encode_reply, encode_request, peek_request)
 from mlfleet.common.units import format_time
-from mlfleet.common.zmqutil import Timers, bind, make_socket
+from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 from mlfleet.coordinator import planner
 from mlfleet.coordinator.adaptive import AdaptiveMixin
 from mlfleet.coordinator.config import CoordinatorConfig
@@ -33,7 +34,6 @@ from mlfleet.coordinator.state import (AssignmentState, DeploymentRecord, ModelR
 from mlfleet.coordinator.store import SHA_RE, UPLOAD_RE, Store
 
 log = logging.getLogger(__name__)
-AGENT_PREFIX = b"agent/"
 TASKS = ("pass_through", "text_embedding")
 UPLOAD_MAX_AGE_S = 24 * 3600.0
 DEFER = object()
@@ -74,12 +74,24 @@ class Coordinator(AdaptiveMixin):
             self.keys = load_authorized_keys(config.authorized_keys) if config.authorized_keys else {}
             self.auth = start_authenticator(self.ctx)
             self.curve.server(self.sock)
+        self._keys_mtime = self._keys_stamp()
         self.metrics = None
         if config.metrics_listen:
             from mlfleet.common.metrics import Metrics
             self.metrics = Metrics()
         self.endpoint = ""
         self.started_at = self.clock.monotonic()
+        # After a restart, the nodes our stored targets name are expected back within a node
+        # timeout: until then the planner counts them with their last known capacity, so the
+        # first node to re-register does not take the others' deployments (which would restart
+        # healthy workers). Those that do not come back in time are treated as lost.
+        self._expected: dict[str, planner.PlanNode] = {}
+        for d in self.deployments.values():
+            for node_id in d.targets:
+                cap = self.store.get_meta(f"node_capacity/{node_id}")
+                if cap and node_id not in self._expected:
+                    processors, memory = (int(x) for x in cap.split(","))
+                    self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
         self._current_rid = 0
         self._current_user: Optional[str] = None
@@ -104,8 +116,14 @@ class Coordinator(AdaptiveMixin):
             "register": (m.Register, self.on_register),
             "heartbeat": (m.Heartbeat, self.on_heartbeat),
             "model_chunk": (m.ModelChunk, self.on_model_chunk),
+            "leave": (m.Leave, self.on_leave),
+            "rotate_node_key": (m.RotateNodeKey, self.on_rotate_node_key),
         }
-        self.agent_ops = {"register", "heartbeat", "model_chunk"}
+        self.agent_ops = {"register", "heartbeat", "model_chunk", "leave"}
+        # The connection each node registered from (its ZeroMQ routing id, chosen by our ROUTER,
+        # never by the agent): pushes go there; agent messages from any other connection are not
+        # that node's.
+        self._node_of: dict[bytes, str] = {}
         for d in self.deployments.values():
             self._route_sigs[d.deployment_id] = ()
         self._adaptive_init()
@@ -114,7 +132,9 @@ class Coordinator(AdaptiveMixin):
     def bind(self) -> str:
         self.endpoint = bind(self.sock, self.cfg.listen)
         if self.metrics is not None:
-            log.info("coordinator metrics on %s", self.metrics.serve(self.cfg.metrics_listen))
+            log.info("coordinator metrics on %s", self.metrics.serve(
+                self.cfg.metrics_listen, tls_cert=self.cfg.metrics_tls_cert,
+                tls_key=self.cfg.metrics_tls_key, basic_auth=self.cfg.metrics_basic_auth))
         log.info("coordinator listening on %s (data dir %s, %d models, %d deployments)",
                  self.endpoint, self.cfg.data_dir, len(self.models), len(self.deployments))
         return self.endpoint
@@ -136,6 +156,9 @@ class Coordinator(AdaptiveMixin):
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
         self.timers.every(600.0, self._cleanup_uploads)
+        self.timers.every(2.0, self._reload_keys)
+        if self._expected:
+            self.timers.at(self.clock.monotonic() + self.cfg.node_timeout_s, self._end_startup_grace)
         self._cleanup_uploads()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -166,6 +189,40 @@ class Coordinator(AdaptiveMixin):
             self.offload.run_done()
         self.timers.run_due()
         self._settle()
+
+    def _end_startup_grace(self) -> None:
+        missing = sorted(n for n in self._expected if n not in self.nodes)
+        self._expected = {}
+        if missing:
+            log.warning("nodes %s did not come back within the node timeout after the coordinator "
+                        "started; planning their allocations elsewhere", missing)
+            self._rebalance("nodes did not come back: " + ",".join(missing))
+
+    def _keys_stamp(self) -> Optional[tuple[int, int]]:
+        try:
+            st = os.stat(self.cfg.authorized_keys) if self.cfg.authorized_keys else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size) if st else None
+
+    def _reload_keys(self) -> None:
+        """The authorized keys file is read again when it changes: keys are added, rotated and
+        revoked without a restart. A file that cannot be read keeps the keys we have."""
+        if self.curve is None or not self.cfg.authorized_keys:
+            return
+        stamp = self._keys_stamp()
+        if stamp == self._keys_mtime:
+            return
+        try:
+            keys = load_authorized_keys(self.cfg.authorized_keys)
+        except (OSError, ValueError) as e:
+            log.error("keeping the authorized keys we have: %s", e)
+            return
+        self._keys_mtime = stamp
+        if keys != self.keys:
+            log.info("authorized keys reloaded: %d keys (%d before)", len(keys), len(self.keys))
+            self.keys = keys
+            self._push_all()  # agents learn which client keys may send them inference
 
     def _cleanup_uploads(self) -> None:
         """Uploads abandoned for a day are removed (off the loop)."""
@@ -243,13 +300,13 @@ class Coordinator(AdaptiveMixin):
             # skipped, never built); the key's role is checked; only then is the body decoded,
             # within the limits of its op.
             op, rid = peek_request(frames[1])
+            if not assigned_routing_id(ident):
+                raise BadRequest(ROUTING_ID_CHOSEN)
             if self.curve is not None:
                 authorize(self.keys.get(user or ""), op, user)
             entry = self.handlers.get(op)
             if entry is None:
                 raise BadRequest(f"unknown op [{op[:64]}]")
-            if op in self.agent_ops and not ident.startswith(AGENT_PREFIX):
-                raise BadRequest(f"op [{op}] is for agents only")
             req = decode_request(frames[1], OP_LIMITS.get(op, DEFAULT_LIMITS))
             cls, handler = entry
             msg = m.decode(cls, req.body, req.op)
@@ -300,6 +357,7 @@ class Coordinator(AdaptiveMixin):
         override = override or {}
         nodes = [planner.PlanNode(n.node_id, n.allocated_processors,
                                   int(n.memory.get("total_bytes", 0))) for n in self._alive()]
+        nodes += [n for node_id, n in self._expected.items() if node_id not in self.nodes]
         deps = [override.get(d.deployment_id) or self._plan_deployment(d)
                 for d in self.deployments.values() if not d.stopping]
         deps += [p for k, p in override.items() if k not in self.deployments]
@@ -446,7 +504,7 @@ class Coordinator(AdaptiveMixin):
     def _push_sync(self, node_id: str) -> None:
         node = self.nodes.get(node_id)
         if node and node.alive:
-            self._send(AGENT_PREFIX + node_id.encode(), encode_request("sync", 0, self._sync_body(node_id)))
+            self._send(node.ident, encode_request("sync", 0, self._sync_body(node_id)))
 
     def _push_all(self) -> None:
         for node in self._alive():
@@ -454,6 +512,9 @@ class Coordinator(AdaptiveMixin):
 
     # ---- agent protocol ------------------------------------------------------------------------
     def _ingest_reports(self, node: NodeRecord, reports: list[Any]) -> None:
+        """An agent's reports count only for deployments planned on that node (or that it was
+        already running, while it drains them), and never for more allocations than it was
+        given: an agent key cannot attract traffic to deployments it was not assigned."""
         parsed: dict[str, RouteReport] = {}
         for raw in reports:
             if not isinstance(raw, dict):
@@ -463,26 +524,52 @@ class Coordinator(AdaptiveMixin):
                 state = RoutingState(r.routing_state)
             except ValueError:
                 raise BadRequest(f"unknown routing_state [{r.routing_state}]") from None
-            parsed[r.deployment_id] = RouteReport(state, r.current_allocations, r.target_allocations,
-                                                  r.reason, r.stats)
+            dep = self.deployments.get(r.deployment_id)
+            if dep is None or not (node.node_id in dep.targets or node.node_id in dep.warm
+                                   or r.deployment_id in node.reports):
+                if r.deployment_id not in node.ignored:
+                    node.ignored.add(r.deployment_id)
+                    log.warning("node [%s] reports deployment [%s], which is not assigned to it; "
+                                "ignoring the report", node.node_id, r.deployment_id[:64])
+                continue
+            target = dep.targets.get(node.node_id, 0)
+            cap = target if target > 0 else dep.number_of_allocations  # draining: what it may hold
+            parsed[r.deployment_id] = RouteReport(state, min(r.current_allocations, cap),
+                                                  r.target_allocations, r.reason, r.stats)
         node.reports = parsed
 
+    def _node_for(self, ident: bytes, node_id: str) -> Optional[NodeRecord]:
+        """The live node this connection registered as, if it is ``node_id``."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive or self._node_of.get(ident) != node_id or node.ident != ident:
+            return None
+        return node
+
     def on_register(self, ident: bytes, msg: m.Register) -> dict[str, Any]:
-        if ident != AGENT_PREFIX + msg.node_id.encode():
-            raise BadRequest(f"agent identity does not match [node_id] [{msg.node_id}]")
+        user = self._current_user if self.curve is not None else None
         if self.curve is not None:
-            # a node id belongs to the first agent key that registered it (kept across restarts)
+            # a node id belongs to the agent key that first registered it successfully, until an
+            # admin moves it to another key (rotate_node_key)
             owner = self.store.get_meta(f"node_key/{msg.node_id}")
-            if owner is None:
-                self.store.set_meta(f"node_key/{msg.node_id}", self._current_user or "")
-            elif owner != self._current_user:
+            if owner is not None and owner != user:
                 raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
-                          public_key=self._current_user if self.curve is not None else None)
+                          public_key=user, ident=ident)
+        if known is not None and known.alive:
+            node.reports = known.reports  # continuity: what it ran before counts while it drains
         self._ingest_reports(node, msg.deployments)
+        if known is not None:
+            self._node_of.pop(known.ident, None)
         self.nodes[msg.node_id] = node
+        self._node_of[ident] = msg.node_id
+        self._expected.pop(msg.node_id, None)
+        capacity = f"{msg.allocated_processors},{int(msg.memory.get('total_bytes', 0))}"
+        if self.store.get_meta(f"node_capacity/{msg.node_id}") != capacity:
+            self.store.set_meta(f"node_capacity/{msg.node_id}", capacity)
+        if self.curve is not None and self.store.get_meta(f"node_key/{msg.node_id}") is None:
+            self.store.set_meta(f"node_key/{msg.node_id}", user or "")
         log.info("node [%s] %s at %s with %d allocated processors (%d deployments running)",
                  msg.node_id, "re-registered" if known else "registered", msg.transport_address,
                  msg.allocated_processors, len(node.reports))
@@ -492,8 +579,8 @@ class Coordinator(AdaptiveMixin):
         return self._sync_body(msg.node_id)
 
     def on_heartbeat(self, ident: bytes, msg: m.Heartbeat) -> dict[str, Any]:
-        node = self.nodes.get(msg.node_id)
-        if node is None or not node.alive or ident != AGENT_PREFIX + msg.node_id.encode():
+        node = self._node_for(ident, msg.node_id)
+        if node is None:
             return {"reregister": True}
         if self.curve is not None and node.public_key != self._current_user:
             raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
@@ -503,9 +590,28 @@ class Coordinator(AdaptiveMixin):
         self._finish_stops()
         return self._sync_body(msg.node_id)
 
+    def on_leave(self, ident: bytes, msg: m.Leave) -> dict[str, Any]:
+        """An agent shutting down cleanly: its routes go at once (clients move first) and its
+        allocations are planned elsewhere, as for a lost node."""
+        node = self._node_for(ident, msg.node_id)
+        if node is None:
+            return {"left": False}
+        log.info("node [%s] is leaving the cluster", node.node_id)
+        self._lose([node], "left")
+        return {"left": True}
+
     def on_model_chunk(self, ident: bytes, msg: m.ModelChunk) -> dict[str, Any]:
+        """Model bytes go only to a registered node that runs (or is to run) that model."""
         if not SHA_RE.match(msg.sha256):
             raise BadRequest("[sha256] must be 64 lowercase hex characters")
+        node_id = self._node_of.get(ident)
+        node = self._node_for(ident, node_id) if node_id else None
+        if node is None:  # e.g. an agent reconnecting: it asks again once it has registered
+            raise ServiceUnavailable("[model_chunk] is for registered nodes: register first")
+        wanted = {sha for a in self._node_assignments(node.node_id)
+                  for sha in (a["sha256"], a["tokenizer_sha256"]) if sha}
+        if msg.sha256 not in wanted:
+            raise Forbidden(f"model definition [{msg.sha256}] is not assigned to node [{node.node_id}]")
         if self.store.blob_path(msg.sha256) is None:
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
@@ -513,17 +619,36 @@ class Coordinator(AdaptiveMixin):
         return self._offload(ident, self.store.read_chunk, msg.sha256, msg.offset, msg.length,
                              then=lambda r: {"data": r[0], "size": r[1]})
 
+    def on_rotate_node_key(self, ident: bytes, msg: m.RotateNodeKey) -> dict[str, Any]:
+        """Move a node id to another agent key (admin). The agent running now keeps its
+        connection; the next registration of that node id must come with the new key."""
+        self._reload_keys()
+        if self.curve is None:
+            raise BadRequest("this coordinator runs without CURVE keys: there is no key to rotate")
+        if self.keys.get(msg.public_key) != "agent":
+            raise BadRequest(f"[public_key] [{msg.public_key}] is not an agent key in the authorized "
+                             "keys file; add it there first")
+        old = self.store.get_meta(f"node_key/{msg.node_id}")
+        self.store.set_meta(f"node_key/{msg.node_id}", msg.public_key)
+        log.info("node [%s] moved from agent key [%s] to [%s]", msg.node_id, old, msg.public_key)
+        return {"node_id": msg.node_id, "public_key": msg.public_key, "previous_public_key": old}
+
     def _check_nodes(self) -> None:
         now = self.clock.monotonic()
         lost = [n for n in self._alive() if now - n.last_seen > self.cfg.node_timeout_s]
         for n in lost:
-            n.alive = False
-            n.reports = {}
             log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)
         if lost:
-            self._rebalance("nodes left: " + ",".join(n.node_id for n in lost))
-            self._finish_stops()
-            self._settle()
+            self._lose(lost, "lost")
+
+    def _lose(self, nodes: list[NodeRecord], why: str) -> None:
+        for n in nodes:
+            n.alive = False
+            n.reports = {}
+            self._node_of.pop(n.ident, None)
+        self._rebalance(f"nodes {why}: " + ",".join(n.node_id for n in nodes))
+        self._finish_stops()
+        self._settle()
 
     # ---- models --------------------------------------------------------------------------------
     def on_put_model_chunk(self, ident: bytes, msg: m.PutModelChunk) -> dict[str, Any]:
@@ -746,7 +871,7 @@ class Coordinator(AdaptiveMixin):
     def on_clear_cache(self, ident: bytes, msg: m.DeploymentRef) -> dict[str, Any]:
         dep = self._deployment(msg.deployment_id)
         for node_id in self._reporting_nodes(dep):
-            self._send(AGENT_PREFIX + node_id.encode(),
+            self._send(self.nodes[node_id].ident,
                        encode_request("clear_cache", 0, {"deployment_id": dep.deployment_id}))
         return {"cleared": True}
 

@@ -109,6 +109,8 @@ class NodeRecord:
     alive: bool = True
     reports: dict[str, RouteReport] = field(default_factory=dict)
     public_key: Optional[str] = None  # the agent's CURVE key (z85), for clients to reach it
+    ident: bytes = b""                # the connection (ZeroMQ routing id) it registered from
+    ignored: set[str] = field(default_factory=set)  # deployments it reported without being assigned
 
     def body(self, deployments: list[str]) -> dict[str, Any]:
         return {"name": self.node_id, "hostname": self.hostname,

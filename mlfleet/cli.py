@@ -202,7 +202,10 @@ def coordinator(
     warm_zero_keep: str = typer.Option("5m", help="How long a deployment scaled to zero keeps its weights loaded (0s: not at all)."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="CURVE secret key: enforces CURVE on every address."),
     authorized_keys: Optional[Path] = typer.Option(None, exists=True, help="Lines 'ROLE Z85_PUBLIC_KEY', roles admin, infer, agent."),
-    metrics_listen: Optional[str] = typer.Option(None, help="HOST:PORT for the Prometheus endpoint (port 0: the OS picks)."),
+    metrics_listen: Optional[str] = typer.Option(None, help="[HOST:]PORT for the Prometheus endpoint (loopback unless a host is given; port 0: the OS picks)."),
+    metrics_tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS certificate for the metrics endpoint (required off loopback)."),
+    metrics_tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS private key for the metrics endpoint."),
+    metrics_basic_auth: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="File of 'user:password' lines for the metrics endpoint (mode 600; required off loopback)."),
 ) -> None:
     """Run the coordinator daemon.
 
@@ -228,7 +231,13 @@ def coordinator(
         scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
         warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep", allow_zero=True),
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
-        authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen))
+        authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen,
+        **_metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_basic_auth)))
+
+
+def _metrics_tls(cert: Optional[Path], key: Optional[Path], auth: Optional[Path]) -> dict[str, Optional[str]]:
+    return {"metrics_tls_cert": str(cert) if cert else None, "metrics_tls_key": str(key) if key else None,
+            "metrics_basic_auth": str(auth) if auth else None}
 
 
 def _duration(value: str, name: str, allow_zero: bool = False) -> float:
@@ -285,7 +294,10 @@ def agent(
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="This agent's CURVE secret key."),
     coordinator_public_key: Optional[Path] = typer.Option(None, exists=True, help="The coordinator's public key."),
-    metrics_listen: Optional[str] = typer.Option(None, help="HOST:PORT for the Prometheus endpoint (port 0: the OS picks)."),
+    metrics_listen: Optional[str] = typer.Option(None, help="[HOST:]PORT for the Prometheus endpoint (loopback unless a host is given; port 0: the OS picks)."),
+    metrics_tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS certificate for the metrics endpoint (required off loopback)."),
+    metrics_tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS private key for the metrics endpoint."),
+    metrics_basic_auth: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="File of 'user:password' lines for the metrics endpoint (mode 600; required off loopback)."),
     stop_grace: str = typer.Option("5s", help="A stopped deployment's running requests get this long; then its processes are killed."),
     overrun_grace: str = typer.Option("5s", help="A forward pass this far past its request's deadline has its worker killed and replaced."),
     queue_max_bytes: str = typer.Option("256mb", help="Bytes of inference requests held per deployment (queued or running); 429 past it."),
@@ -312,6 +324,7 @@ def agent(
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
         coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
         metrics_listen=metrics_listen, allocated_processors=allocated_processors,
+        **_metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_basic_auth),
         data_dir=str(data_dir) if data_dir else None, ready_file=str(ready_file) if ready_file else None,
         stop_grace_s=_duration(stop_grace, "stop_grace"),
         overrun_grace_s=_duration(overrun_grace, "overrun_grace"),
@@ -624,6 +637,18 @@ def nodes_list(coordinator: Optional[str] = CoordOpt, format: Optional[Format] =
     """List live nodes. Example: mlfleet nodes list --format table"""
     with _client(coordinator) as c:
         _run(format, c.get_nodes)
+
+
+@nodes_app.command("rotate-key")
+def nodes_rotate_key(node_id: str,
+                     public_key: str = typer.Option(..., "--public-key", help="The new agent key: its NAME.pub file or z85 text (listed as 'agent' in the authorized keys file)."),
+                     coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
+    """Move a node id to a new agent key; then restart that agent with the new key.
+
+    Example: mlfleet nodes rotate-key host-1 --public-key /etc/mlfleet/keys/host-1-2027.pub
+    """
+    with _client(coordinator) as c:
+        _run(format, lambda: c.rotate_node_key(node_id, public_key))
 
 
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)

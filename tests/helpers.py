@@ -180,8 +180,8 @@ def alloc_status(client, dep: str) -> dict:
 class Stream:
     """Threads sending a continuous, bounded stream of requests; outcomes recorded."""
 
-    def __init__(self, client, dep: str, threads: int = 4) -> None:
-        self.client, self.dep = client, dep
+    def __init__(self, client, dep: str, threads: int = 4, timeout: str = "5s") -> None:
+        self.client, self.dep, self.timeout = client, dep, timeout
         self.stop = threading.Event()
         self.outcomes: list[object] = []
         self.pool = cf.ThreadPoolExecutor(threads)
@@ -195,7 +195,7 @@ class Stream:
                 return
             try:
                 self.client.infer(self.dep, [{"input": r.standard_normal((1, 8)).astype(np.float32)}],
-                                  timeout="5s")
+                                  timeout=self.timeout)
                 self.outcomes.append(True)
             except ApiError as e:  # noqa: PERF203
                 self.outcomes.append(e)
