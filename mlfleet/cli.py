@@ -289,7 +289,7 @@ def agent(
     node_id: str = typer.Option(..., help="This node's unique id."),
     listen: str = typer.Option("tcp://127.0.0.1:0", help="Inference endpoint to bind (port 0: the OS picks)."),
     advertise: Optional[str] = typer.Option(None, help="Address clients are given (default: the bound one)."),
-    allocated_processors: Optional[int] = typer.Option(None, min=1, help="Processors for allocations (default: CPU count)."),
+    allocated_processors: Optional[int] = typer.Option(None, min=1, max=4096, help="Processors for allocations (default: CPU count)."),
     data_dir: Optional[Path] = typer.Option(None, help="Model cache directory."),
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="This agent's CURVE secret key."),
@@ -314,6 +314,10 @@ def agent(
     _setup_logging()
     if not is_loopback(listen) and not curve_secret_key:
         _refuse_without_keys(listen)
+    from mlfleet.common.messages import NODE_ID_RE
+    if not NODE_ID_RE.match(node_id):
+        raise typer.BadParameter("must be 1 to 128 letters, digits, '_', '.', ':' or '-', starting "
+                                 "with a letter or digit", param_hint="--node-id")
     from mlfleet.common.units import parse_bytes
     try:
         max_bytes = parse_bytes(queue_max_bytes, "queue_max_bytes")
@@ -347,7 +351,7 @@ def up(
     data_dir: Path = typer.Option(Path("./mlfleet-data"), help="Where both daemons keep their state."),
     listen: str = typer.Option(DEFAULT_COORDINATOR, help="Coordinator address (loopback)."),
     node_id: str = typer.Option("local", help="The local agent's node id."),
-    allocated_processors: Optional[int] = typer.Option(None, min=1, help="Processors for allocations."),
+    allocated_processors: Optional[int] = typer.Option(None, min=1, max=4096, help="Processors for allocations."),
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON once both daemons serve."),
 ) -> None:
     """The embedded default: a coordinator and one agent on loopback. Ctrl-C stops both.
