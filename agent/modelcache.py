@@ -40,12 +40,20 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from mlfleet.common.files import (DiskFullError, durable_replace, is_disk_full, sha256_file,
-                                  temp_path, unlink_quiet, write_at)
+from mlfleet.common.files import (
+    DiskFullError,
+    durable_replace,
+    is_disk_full,
+    sha256_file,
+    temp_path,
+    unlink_quiet,
+    write_at,
+)
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 4 << 20
@@ -71,7 +79,8 @@ class _Inline:
     """Runs work at once on the calling thread: only for a caller that passes no Offload
     (older wiring, tests); a daemon passes its Offload so nothing blocks its loop."""
 
-    def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any, Optional[BaseException]], None]) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any,
+               done: Callable[[Any, Optional[BaseException]], None]) -> None:
         try:
             result, error = fn(*args), None
         except Exception as e:  # noqa: BLE001 - handed to the callback like Offload does
@@ -211,7 +220,8 @@ class ModelCache:
             removed.append(name)
             self._discard(p)
         if removed:
-            log.info("model cache: removed %d file(s) no deployment uses: %s", len(removed), ", ".join(removed))
+            log.info("model cache: removed %d file(s) no deployment uses: %s", len(removed),
+                     ", ".join(removed))
         return removed
 
     def abort_all(self, reason: str) -> None:
@@ -221,7 +231,8 @@ class ModelCache:
 
     def progress(self) -> dict[str, dict[str, Any]]:
         """For logs and stats: ``{sha: {"phase", "received", "size"}}`` of fetches under way."""
-        return {s: {"phase": f.phase, "received": f.received, "size": f.size} for s, f in self.fetches.items()}
+        return {s: {"phase": f.phase, "received": f.received, "size": f.size}
+                for s, f in self.fetches.items()}
 
     # ---- cached files --------------------------------------------------------------------------
     def _on_cached_hash(self, f: Fetch, got: str | None, error: BaseException | None) -> None:
@@ -320,7 +331,8 @@ class ModelCache:
                             done=lambda n, e: self._on_written(f, c, token, n, e))
         self._pump(f)
 
-    def _on_written(self, f: Fetch, c: _Chunk, token: int, n: int | None, error: BaseException | None) -> None:
+    def _on_written(self, f: Fetch, c: _Chunk, token: int, n: int | None,
+                    error: BaseException | None) -> None:
         if (self.fetches.get(f.sha256) is not f or f.phase != FETCHING or f.chunks.get(c.offset) is not c
                 or c.state != WRITING or c.token != token):
             return  # a write of a download that ended or started over

@@ -23,9 +23,9 @@ process gets it. landlock_restrict_self() confines only the calling thread (thre
 later inherit it; kernels before a Landlock TSYNC flag offer no way to confine the others), and an
 unconfined thread sharing the address space defeats it, so apply() refuses (SandboxError) when
 the process has more than one thread, unless allow_threads=True. Landlock ABI >= 8 (Linux 7.0)
-has LANDLOCK_RESTRICT_SELF_TSYNC, used when present (not testable on this ABI 7 kernel). Note that `import torch` (numpy's
-OpenBLAS) starts a thread unless OPENBLAS_NUM_THREADS=1; a zmq.Context starts I/O threads; a
-forked child has a single thread. Hence the call sites:
+has LANDLOCK_RESTRICT_SELF_TSYNC, used when present (not testable on this ABI 7 kernel). Note
+that `import torch` (numpy's OpenBLAS) starts a thread unless OPENBLAS_NUM_THREADS=1; a
+zmq.Context starts I/O threads; a forked child has a single thread. Hence the call sites:
 - the model host applies the sandbox at the top of main(), before `import torch` and before
   loading the model (so code run while loading, such as an AOTInductor .so's constructors, is
   confined too), reading beneath default_read_paths() + the model file (+ the tokenizer);
@@ -371,7 +371,8 @@ def seccomp_program(allow_unix_sockets: bool = True) -> list[tuple[int, int, int
     ins(BPF_JGE_K, X32_SYSCALL_BIT, "deny", 0)  # the x32 ABI
     for name in DENIED_SYSCALLS:
         ins(BPF_JEQ_K, NR[name], "deny", 0)
-    ins(BPF_JEQ_K, NR["clone3"], "enosys", 0)  # flags are in memory, not inspectable: libc falls back to clone
+    # clone3: its flags are in memory, not inspectable; libc falls back to clone
+    ins(BPF_JEQ_K, NR["clone3"], "enosys", 0)
     ins(BPF_JEQ_K, NR["socket"], "sock", 0)
     ins(BPF_JEQ_K, NR["socketpair"], "sock", 0)
     ins(BPF_JEQ_K, NR["clone"], "clone", 0)

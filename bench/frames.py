@@ -122,9 +122,10 @@ def main() -> None:
                                               "--coordinator-public-key", str(keys["coordinator"][1])])
             stranger = (*load_secret(keys["stranger"][0]),)
             admin = (*load_secret(keys["admin"][0]),)
+            coordinator, agent = c.coordinator, c.agents["node-a"]
             for name, pid, endpoint, server_key, frame in (
-                    ("coordinator", c.coordinator.pid, c.coordinator.endpoint, keys["coordinator"][1], frame_c),
-                    ("agent", c.agents["node-a"].pid, c.agents["node-a"].endpoint, keys["agent"][1], frame_a)):
+                    ("coordinator", coordinator.pid, coordinator.endpoint, keys["coordinator"][1], frame_c),
+                    ("agent", agent.pid, agent.endpoint, keys["agent"][1], frame_a)):
                 sk = load_public(server_key)
                 grown, status, alive = measure(pid, endpoint, frame, (stranger[0], stranger[1], sk),
                                                (admin[0], admin[1], sk))
@@ -137,8 +138,10 @@ def main() -> None:
         try:
             c.start_coordinator()
             c.start_agent("node-a", 2)
-            for name, pid, endpoint, frame in (("coordinator", c.coordinator.pid, c.coordinator.endpoint, frame_c),
-                                               ("agent", c.agents["node-a"].pid, c.agents["node-a"].endpoint, frame_a)):
+            coordinator, agent = c.coordinator, c.agents["node-a"]
+            for name, pid, endpoint, frame in (
+                    ("coordinator", coordinator.pid, coordinator.endpoint, frame_c),
+                    ("agent", agent.pid, agent.endpoint, frame_a)):
                 grown, status, alive = measure(pid, endpoint, frame, None, None)
                 rows.append([f"loopback peer, no keys (decoded within limits) -> {name}", status,
                              f"{grown / mb:.0f}", f"{grown / len(frame):.2f}", alive])

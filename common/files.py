@@ -22,8 +22,9 @@ import hashlib
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -22,7 +22,8 @@ import concurrent.futures as cf
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mlfleet.common.errors import ValidationError
-from mlfleet.common.messages import (MAX_MEMORY_BYTES, MAX_NUMBER_OF_ALLOCATIONS, StartDeployment,
-                                     id_problem)
+from mlfleet.common.messages import MAX_MEMORY_BYTES, MAX_NUMBER_OF_ALLOCATIONS, StartDeployment, id_problem
 from mlfleet.common.units import normalize_bytes, parse_bytes, parse_time
 
 __all__ = ["Adaptive", "StartParams", "id_problem", "validate_start", "validate_update",
@@ -107,13 +106,15 @@ def _adaptive_problems(raw: Any, errors: list[str]) -> Optional[Adaptive]:
         errors.append("[min_number_of_allocations] must be a non-negative integer or null")
         ok = False
     elif lo is not None and lo > MAX_NUMBER_OF_ALLOCATIONS:
-        errors.append(f"[min_number_of_allocations] must be less than or equal to {MAX_NUMBER_OF_ALLOCATIONS}")
+        errors.append("[min_number_of_allocations] must be less than or equal to "
+                      f"{MAX_NUMBER_OF_ALLOCATIONS}")
         ok = False
     if hi is not None and (not _is_int(hi) or hi < 1):
         errors.append("[max_number_of_allocations] must be a positive integer or null")
         ok = False
     elif hi is not None and hi > MAX_NUMBER_OF_ALLOCATIONS:
-        errors.append(f"[max_number_of_allocations] must be less than or equal to {MAX_NUMBER_OF_ALLOCATIONS}")
+        errors.append("[max_number_of_allocations] must be less than or equal to "
+                      f"{MAX_NUMBER_OF_ALLOCATIONS}")
         ok = False
     if ok and lo is not None and hi is not None and lo > hi:
         errors.append("[min_number_of_allocations] must not be larger than [max_number_of_allocations]")

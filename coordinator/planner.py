@@ -17,8 +17,8 @@ Deterministic: nodes and deployments are visited in a fixed order; no clock, no 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 MB = 1 << 20
 PROCESS_OVERHEAD_BYTES = 240 * MB  # Elasticsearch's per-deployment base estimate
@@ -126,7 +126,8 @@ def plan(nodes: list[PlanNode], deployments: list[PlanDeployment]) -> Plan:
         placed = out[d.deployment_id]
         need = d.allocations - sum(placed.values())
         while need > 0:
-            best, best_key = None, None
+            best: _Room | None = None
+            best_key: tuple[bool, int, int, int] | None = None
             for room in rooms.values():
                 hosts = d.deployment_id in room.hosts
                 if not hosts and room.memory < d.memory_bytes:
@@ -137,7 +138,7 @@ def plan(nodes: list[PlanNode], deployments: list[PlanDeployment]) -> Plan:
                 key = (hosts, fit, room.cores, room.memory)
                 if best_key is None or key > best_key:
                     best, best_key = room, key
-            if best is None:
+            if best is None or best_key is None:
                 break
             fit = best_key[1]
             if d.deployment_id not in best.hosts:

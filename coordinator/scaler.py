@@ -51,11 +51,16 @@ class KalmanFilter1d:
     def has_value(self) -> bool:
         return self.value is not None
 
+    def _estimate(self) -> float:
+        if self.value is None:
+            raise ValueError("the filter has no value yet: add() one first")
+        return self.value
+
     def lower(self) -> float:
-        return self.value - math.sqrt(self.variance)
+        return self._estimate() - math.sqrt(self.variance)
 
     def upper(self) -> float:
-        return self.value + math.sqrt(self.variance)
+        return self._estimate() + math.sqrt(self.variance)
 
 
 @dataclass(frozen=True)
@@ -84,10 +89,10 @@ class Scaler:
             return
         count = s.success + s.pending + s.failed
         r = count / dt_s
-        est = self.rate.value if self.rate.has_value else r
+        est = self.rate.value if self.rate.value is not None else r
         self.rate.add(r, max(1.0, est * dt_s) / (dt_s * dt_s))
         if s.success > 0 and s.inference_time_s is not None and not math.isnan(s.inference_time_s):
-            t_est = self.time.value if self.time.has_value else s.inference_time_s
+            t_est = self.time.value if self.time.value is not None else s.inference_time_s
             self.time.add(s.inference_time_s, max(t_est * t_est, 1e-12) / s.success,
                           self._allocations_changed)
             self._allocations_changed = False

@@ -41,12 +41,20 @@ import sqlite3
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mlfleet.common.errors import BadRequest, NotFound, ServerError
-from mlfleet.common.files import (DiskFullError, disk_error, durable_replace, durable_write,
-                                  fsync_file, read_at, sha256_file, unlink_quiet)
+from mlfleet.common.files import (
+    DiskFullError,
+    disk_error,
+    durable_replace,
+    durable_write,
+    fsync_file,
+    read_at,
+    sha256_file,
+    unlink_quiet,
+)
 from mlfleet.coordinator.state import DeploymentRecord, ModelRecord
 
 log = logging.getLogger(__name__)
@@ -283,7 +291,8 @@ class Store:
             try:
                 got = sha256_file(upload)
             except FileNotFoundError:
-                raise BadRequest(f"no upload [{upload_id}]: send the model with put_model_chunk first") from None
+                raise BadRequest(f"no upload [{upload_id}]: "
+                                 "send the model with put_model_chunk first") from None
             if got != sha256:
                 raise BadRequest(f"[sha256] does not match the uploaded bytes (got {got})")
             if not is_model_archive(upload):

@@ -74,7 +74,8 @@ class ChaosCluster:
         out = []
         for d in self.daemons():
             if d.proc.poll() is not None:
-                out.append(f"{d.name} (pid {d.pid}) exited with {d.proc.returncode}; log tail:\n{tail(d.log)}")
+                out.append(f"{d.name} (pid {d.pid}) exited with {d.proc.returncode}; "
+                           f"log tail:\n{tail(d.log)}")
         return out
 
     def kill_coordinator(self) -> None:

@@ -119,8 +119,7 @@ class _AddOne(torch.nn.Module):
 def native_package(out: str | os.PathLike, *, read_path: str, write_path: str,
                    marker_path: str) -> str:
     """Builds the hostile AOTInductor package at out (a .pt2 path); returns its path."""
-    from torch._inductor import aoti_compile_and_package
-    from torch._inductor import codecache, config
+    from torch._inductor import aoti_compile_and_package, codecache, config
 
     prelude = (f"#define READ_PATH {_c_string(read_path)}\n#define WRITE_PATH {_c_string(write_path)}\n"
                f"#define MARKER_PATH {_c_string(marker_path)}\n" + _HOSTILE_CPP)

@@ -43,8 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from mlfleet.common.errors import (ApiError, BadRequest, Conflict, RequestTimeout, ServerError,
-                                   TooManyRequests)
+from mlfleet.common.errors import ApiError, BadRequest, Conflict, RequestTimeout, ServerError, TooManyRequests
 from tests.chaos_support import ChaosCluster, Load, alive, tail, wait_gone
 from tests.helpers import Mlp, Slow, broken_torchscript, save_model, wait_until
 
@@ -326,7 +325,7 @@ class Chaos:
         now = time.monotonic()
         candidates = []
         for node, hosts in self.cc.tree().items():
-            for host, workers in hosts.items():
+            for workers in hosts.values():
                 for w in workers:
                     dep_id = owners.get(w, ("?", ""))[0]
                     if dep_id not in self.deps or self.deps[dep_id].failing:
@@ -390,7 +389,7 @@ class Chaos:
                ("overrun", 5)]
 
     def run(self) -> None:
-        names, weights = zip(*self.ACTIONS)
+        names, weights = zip(*self.ACTIONS, strict=True)
         end = self.t0 + ACTION_S
         while time.monotonic() < end and self.step < MAX_STEPS:
             self.step += 1

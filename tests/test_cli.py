@@ -80,4 +80,5 @@ def test_cli_without_coordinator_fails_fast_with_a_clear_error(tmp_path):
                         "tcp://127.0.0.1:1", "--format", "json"], capture_output=True, text=True,
                        cwd=ROOT, timeout=90, env={**__import__("os").environ})
     assert p.returncode == 3 and p.stdout == ""
-    assert "no answer from tcp://127.0.0.1:1" in json.loads(p.stderr.strip().splitlines()[-1])["error"]["reason"]
+    error = json.loads(p.stderr.strip().splitlines()[-1])["error"]
+    assert "no answer from tcp://127.0.0.1:1" in error["reason"]

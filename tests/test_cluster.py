@@ -49,7 +49,8 @@ def test_put_and_get_model(client, mlp_model, mlp_path):
         client.put_model("mlp", mlp_path)
 
 
-def test_six_allocations_spread_over_two_nodes_and_serve_correct_results(cluster2, client, mlp_model, mlp_path):
+def test_six_allocations_spread_over_two_nodes_and_serve_correct_results(cluster2, client, mlp_model,
+                                                                         mlp_path):
     body = client.start_deployment("mlp", deployment_id="mlp-six", number_of_allocations=6,
                                    wait_for="fully_allocated", timeout="60s")
     a = body["assignment"]
@@ -63,7 +64,8 @@ def test_six_allocations_spread_over_two_nodes_and_serve_correct_results(cluster
 
     # one model host per node plus one worker process per allocation
     for node_id, r in table.items():
-        wait_until(lambda: len(cluster2.worker_pids(node_id)) == 1 + r["current_allocations"],
+        want = 1 + r["current_allocations"]
+        wait_until(lambda node_id=node_id, want=want: len(cluster2.worker_pids(node_id)) == want,
                    20, what=f"processes on {node_id}")
 
     # every agent fetched the definition from the coordinator and verified it
@@ -95,7 +97,8 @@ def test_six_allocations_spread_over_two_nodes_and_serve_correct_results(cluster
     # stop: routes go, every worker and host process exits
     assert client.stop_deployment("mlp-six") == {"stopped": True}
     for node_id in table:
-        wait_until(lambda: cluster2.worker_pids(node_id) == [], 20, what=f"no workers on {node_id}")
+        wait_until(lambda node_id=node_id: cluster2.worker_pids(node_id) == [], 20,
+                   what=f"no workers on {node_id}")
     with pytest.raises(NotFound, match=r"No known model deployment with id \[mlp-six\]"):
         client.get_stats("mlp-six")
     with pytest.raises(NotFound):

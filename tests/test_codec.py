@@ -515,7 +515,8 @@ def test_agent_bodies_as_agents_send_them_pass():
     vm = psutil.virtual_memory()
     body = register(node_id="gpu-host-1", hostname=socket.gethostname(), pid=os.getpid(),
                     allocated_processors=psutil.cpu_count() or 1,
-                    cpu={"physical": psutil.cpu_count(logical=False) or 1, "logical": psutil.cpu_count() or 1},
+                    cpu={"physical": psutil.cpu_count(logical=False) or 1,
+                         "logical": psutil.cpu_count() or 1},
                     memory={"total_bytes": vm.total, "available_bytes": vm.available},
                     deployments=[report(), report(deployment_id="other", routing_state="failed",
                                                   current_allocations=0, reason="x" * 1100,
@@ -544,7 +545,8 @@ def test_node_assignment_as_the_coordinator_builds_it_passes():
     (M.StartDeployment, {"model_id": "m", "timeout": -INF}, "timeout"),
     (M.StartDeployment, {"model_id": "m", "timeout": NAN}, "timeout"),
     (M.NodeAssignment, None, "max_batch_delay_ms"),
-    (M.RouteReport, report(stats={**STATS, "average_inference_time_ms": NAN}), "stats.average_inference_time_ms"),
+    (M.RouteReport, report(stats={**STATS, "average_inference_time_ms": NAN}),
+     "stats.average_inference_time_ms"),
     (M.RouteReport, report(stats={**STATS, "average_batch_size": INF}), "stats.average_batch_size"),
     (M.Infer, {"deployment_id": "d", "docs": [{"input": [1.0, NAN]}]}, "docs[0].input[1]"),
     (M.Infer, {"deployment_id": "d", "docs": [{"x": {"y": -INF}}]}, "docs[0].x.y"),
@@ -603,10 +605,12 @@ def test_register_ranges(body, expected):
     (M.ModelChunk, {"sha256": SHA, "offset": 0, "length": 0}, "[length] must be greater than or equal to 1"),
     (M.ModelChunk, {"sha256": SHA, "offset": 0, "length": (8 << 20) + 1},
      "[length] must be less than or equal to 8388608"),
-    (M.PutModelChunk, {"upload_id": UPLOAD, "offset": -1, "data": b""}, "[offset] must be greater than or equal to 0"),
+    (M.PutModelChunk, {"upload_id": UPLOAD, "offset": -1, "data": b""},
+     "[offset] must be greater than or equal to 0"),
     (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 0}, "[timeout] must be positive"),
     (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": -2**63}, "[timeout] must be positive"),
-    (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 3_600_001}, "[timeout_ms] must be less than or equal to 3600000"),
+    (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 3_600_001},
+     "[timeout_ms] must be less than or equal to 3600000"),
     (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 0}, "[timeout] must be positive"),
     (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 2**64 - 1},
      "[timeout_ms] must be less than or equal to 3600000"),
@@ -633,7 +637,8 @@ ID_MSG = ("Invalid [{0}]; [{1}] can contain lowercase alphanumeric (a-z and 0-9)
     (M.UpdateDeployment, "deployment_id"), (M.AwaitRoutes, "deployment_id"), (M.Infer, "deployment_id"),
     (M.StartDeployment, "model_id"), (M.GetStats, "deployment_id"), (M.GetModels, "model_id"),
 ])
-@pytest.mark.parametrize("bad", ["UPPER", "-start", "end-", "has space", "a" * 65, "sl/ash", "", "é", "a\x00"])
+@pytest.mark.parametrize("bad", ["UPPER", "-start", "end-", "has space", "a" * 65, "sl/ash", "", "é",
+                                 "a\x00"])
 def test_model_and_deployment_ids(cls, field, bad):
     body = {"docs": []} if cls is M.Infer else {}
     body[field] = bad
@@ -666,21 +671,26 @@ def test_node_ids(bad):
 
 @pytest.mark.parametrize("good", ["node-a", "gpu-host-1", "Host_1.example.com", "10.0.0.1:7601", "x" * 128])
 def test_node_ids_accepted(good):
-    assert M.decode(M.Heartbeat, {"node_id": good, "memory": {"total_bytes": 1, "available_bytes": 1}}).node_id == good
+    body = {"node_id": good, "memory": {"total_bytes": 1, "available_bytes": 1}}
+    assert M.decode(M.Heartbeat, body).node_id == good
 
 
 @pytest.mark.parametrize("cls,body,expected", [
-    (M.PutModelChunk, {"upload_id": "u", "offset": 0, "data": b""}, "[upload_id] must be 16 to 64 lowercase hex characters"),
+    (M.PutModelChunk, {"upload_id": "u", "offset": 0, "data": b""},
+     "[upload_id] must be 16 to 64 lowercase hex characters"),
     (M.PutModelChunk, {"upload_id": "0123456789ABCDEF", "offset": 0, "data": b""},
      "[upload_id] must be 16 to 64 lowercase hex characters"),
-    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA.upper()}, "[sha256] must be 64 lowercase hex characters"),
-    (M.ModelChunk, {"sha256": "../../etc/passwd", "offset": 0, "length": 1}, "[sha256] must be 64 lowercase hex characters"),
+    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA.upper()},
+     "[sha256] must be 64 lowercase hex characters"),
+    (M.ModelChunk, {"sha256": "../../etc/passwd", "offset": 0, "length": 1},
+     "[sha256] must be 64 lowercase hex characters"),
     (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "task": "regression"},
      "invalid [task] [regression]; must be one of [pass_through,text_embedding]"),
     (M.RouteReport, report(routing_state="running"),
      "invalid [routing_state] [running]; must be one of [starting,started,stopping,stopped,failed]"),
     (M.RouteReport, report(reason="r" * 4097), "[reason] must be at most 4096 characters long"),
-    (M.Register, register(hostname="bad\x00host"), "[hostname] must be 1 to 255 characters without control characters"),
+    (M.Register, register(hostname="bad\x00host"),
+     "[hostname] must be 1 to 255 characters without control characters"),
     (M.Register, register(hostname="h" * 256), "[hostname] must be at most 255 characters long"),
     (M.Register, register(transport_address="nowhere"),
      "[transport_address] must be an endpoint such as tcp://host:port, got [nowhere]"),
@@ -696,7 +706,8 @@ def test_string_rules(cls, body, expected):
 
 @pytest.mark.parametrize("cls,body,expected", [
     (M.Register, register(memory={"total_bytes": 1}), "[memory.available_bytes] is required"),
-    (M.Register, register(memory={"total_bytes": 1, "available_bytes": 1, "swap": 1}), "[memory] does not support [swap]"),
+    (M.Register, register(memory={"total_bytes": 1, "available_bytes": 1, "swap": 1}),
+     "[memory] does not support [swap]"),
     (M.Register, register(cpu={"physical": 1, "logical": 1, "ghz": 3}), "[cpu] does not support [ghz]"),
     (M.Heartbeat, {"node_id": "n", "memory": {"total_bytes": "x", "available_bytes": 1}},
      "[memory.total_bytes] must be an integer, got ['x']"),
@@ -704,17 +715,20 @@ def test_string_rules(cls, body, expected):
      "[memory.total_bytes] must be an integer"),
     (M.Heartbeat, {"node_id": "n", "memory": {"total_bytes": 1.5, "available_bytes": 1}},
      "[memory.total_bytes] must be an integer, got [1.5]"),
-    (M.Register, register(deployments=[report(stats={"bogus": 1})]), "[deployments[0].stats] does not support [bogus]"),
+    (M.Register, register(deployments=[report(stats={"bogus": 1})]),
+     "[deployments[0].stats] does not support [bogus]"),
     (M.Register, register(deployments=[report(stats={**STATS, "start_time": "yesterday"})]),
      "[deployments[0].stats.start_time] must be an integer, got ['yesterday']"),
     (M.Register, register(deployments=[7]), "[deployments[0]] must be a map, got [7]"),
-    (M.Register, register(deployments=[{"deployment_id": "d", "current_allocations": 0, "target_allocations": 0}]),
+    (M.Register,
+     register(deployments=[{"deployment_id": "d", "current_allocations": 0, "target_allocations": 0}]),
      "[deployments[0].routing_state] is required"),
     (M.Register, register(deployments=[report(extra=1)]), "[deployments[0]] does not support [extra]"),
     (M.Register, register(deployments=[report(stats=[])]), "[deployments[0].stats] must be a map, got [[]]"),
     (M.StartDeployment, {"model_id": "m", "adaptive_allocations": {"enabled": True, "bogus": 1}},
      "[adaptive_allocations] does not support [bogus]"),
-    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"max_sequence_length": 0}},
+    (M.PutModel,
+     {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"max_sequence_length": 0}},
      "[model_config.max_sequence_length] must be greater than or equal to 1"),
     (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"normalize": "yes"}},
      "[model_config.normalize] must be a boolean, got ['yes']"),
@@ -740,7 +754,8 @@ def test_every_broken_rule_is_reported_at_once_with_its_path():
         "[memory.total_bytes] must be an integer, got ['x']",
         "[memory.available_bytes] must be greater than or equal to 0",
         "[pid] must be greater than or equal to 1",
-        "invalid [deployments[0].routing_state] [zzz]; must be one of [starting,started,stopping,stopped,failed]",
+        "invalid [deployments[0].routing_state] [zzz]; "
+        "must be one of [starting,started,stopping,stopped,failed]",
         "[deployments[0].current_allocations] must be greater than or equal to 0",
         "[deployments[0].stats.inference_count] must be an integer, got [nan]",
         "[deployments[1]] must be a map, got [5]",
@@ -758,12 +773,15 @@ def test_type_errors_come_first_and_alone():
     (M.Infer, {"deployment_id": "d", "docs": [{}] * 10_001}, "[docs] must have at most 10000 elements"),
     (M.Register, register(deployments=[report()] * 4097), "[deployments] must have at most 4096 elements"),
     (M.Infer, {"deployment_id": "d", "docs": [nest(20)]}, "is nested too deeply (at most 16 levels)"),
-    (M.Infer, {"deployment_id": "d", "docs": [{"input": list(range(1_000_001))}]}, "[docs] must have at most 1000000 values in all"),
-    (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {str(i): i for i in range(65)}},
+    (M.Infer, {"deployment_id": "d", "docs": [{"input": list(range(1_000_001))}]},
+     "[docs] must have at most 1000000 values in all"),
+    (M.PutModel,
+     {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {str(i): i for i in range(65)}},
      "[model_config] must have at most 64 entries"),
     (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"x": nest(9)}},
      "is nested too deeply (at most 8 levels)"),
-    (M.StartDeployment, {"model_id": "m", "timeout": "9" * 65 + "s"}, "[timeout] must be at most 64 characters long"),
+    (M.StartDeployment, {"model_id": "m", "timeout": "9" * 65 + "s"},
+     "[timeout] must be at most 64 characters long"),
 ])
 def test_sizes_and_depth(cls, body, expected):
     assert expected in one_error(cls, body)

@@ -59,7 +59,7 @@ def test_worker_crash_loop_fails_the_route_with_its_reason(cluster_ab, tmp_path)
         for _ in range(4):  # the budget is 3 restarts a minute
             procs = wait_until(lambda: workers_of(c, node), 20, what="a worker to kill")
             procs[0].send_signal(signal.SIGKILL)
-            wait_until(lambda: procs[0].pid not in [p.pid for p in workers_of(c, node)], 10,
+            wait_until(lambda procs=procs: procs[0].pid not in [p.pid for p in workers_of(c, node)], 10,
                        what="the worker gone")
         ds = wait_until(lambda: (d := client.get_stats("mlp")["trained_model_stats"][0]["deployment_stats"])
                         ["nodes"][0]["routing_state"]["routing_state"] == "failed" and d, 20,
@@ -87,7 +87,8 @@ def test_lost_agent_routes_go_and_allocations_come_back(cluster_ab, tmp_path):
         s.more(300)
         assert alloc_status(client, "mlp")["state"] == "started"  # partially allocated: node-a is full
         c.start_agent("node-b", 2)  # it comes back and gets its allocations again
-        wait_until(lambda: alloc_status(client, "mlp")["allocation_count"] == 4, 30, what="4 allocations again")
+        wait_until(lambda: alloc_status(client, "mlp")["allocation_count"] == 4, 30,
+                   what="4 allocations again")
         s.more(300)
         errors = s.finish()
     # only requests already sent to node-b when it died may fail, and they say so

@@ -263,7 +263,8 @@ def test_check_models_reports_missing_files_and_removes_orphans(tmp_path):
         assert not orphan.exists()
         assert store.model_path(_record("good", good).sha256).exists() and store.tokenizer_path(tok).exists()
         store.model_path(_record("gone", gone).sha256).unlink()
-        assert store.check_models() == [("gone", f"model file {store.model_path(_record('gone', gone).sha256)} is missing")]
+        missing = store.model_path(_record("gone", gone).sha256)
+        assert store.check_models() == [("gone", f"model file {missing} is missing")]
     finally:
         store.close()
 

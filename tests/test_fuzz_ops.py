@@ -63,7 +63,8 @@ PER_OP = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
 
 def fuzz_settings(n: int = PER_OP):
-    return settings(max_examples=n, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"), database=None,
+    return settings(max_examples=n, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"),
+                    database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
 
@@ -76,7 +77,7 @@ class Live:
     coordinator: str
     agent: str
     model_sha: str
-    fake: "FakeAgent"
+    fake: FakeAgent
     model_bytes: bytes
     chosen_ids: bool  # agents connect with routing id "agent/<node id>" (else the ROUTER assigns one)
     ctx: zmq.Context = field(default_factory=zmq.Context.instance)
@@ -185,8 +186,9 @@ class FakeAgent(threading.Thread):
 
     def _reports(self) -> list[dict]:
         return [{"deployment_id": a["deployment_id"], "routing_state": "started",
-                 "current_allocations": a["target_allocations"], "target_allocations": a["target_allocations"],
-                 "reason": "", "stats": {"inference_count": 0, "start_time": 1_700_000_000_000, "last_access": None}}
+                 "current_allocations": a["target_allocations"],
+                 "target_allocations": a["target_allocations"], "reason": "",
+                 "stats": {"inference_count": 0, "start_time": 1_700_000_000_000, "last_access": None}}
                 for a in self.assignments.values() if not a["stopping"] and a["target_allocations"] > 0]
 
     def run(self) -> None:
@@ -299,7 +301,8 @@ JUNK = st.one_of(
     st.recursive(SCALAR_JUNK, lambda ch: st.lists(ch, max_size=4)
                  | st.dictionaries(st.one_of(st.text(max_size=6), st.integers(-3, 3)), ch, max_size=4),
                  max_leaves=10),
-    st.sampled_from([_nested(100), _nested(400), [0] * 20_000, {"k" * 5000: 1}, {str(i): i for i in range(2000)}]),
+    st.sampled_from([_nested(100), _nested(400), [0] * 20_000, {"k" * 5000: 1},
+                     {str(i): i for i in range(2000)}]),
 )
 UNKNOWN_KEYS = st.dictionaries(st.sampled_from(["bogus", "", "x" * 300, "v", "id", "op", "body"]),
                                JUNK, max_size=2)
@@ -377,8 +380,9 @@ DECODABLE = [{"dtype": dt, "shape": shape, "data": bytes(np.dtype(dt).itemsize *
              for shape in ([1, 8], [8], [], [0, 8], [2, 4])]
 ARRAY = _mostly(
     st.one_of(st.just(GOOD_ARRAY), st.sampled_from(DECODABLE)),
-    nested({"dtype": st.sampled_from(["float32", "float64", "<f4", ">f4", "int64", "bool", "V8", "M8", "U4", "S0",
-                                      "O", "float128", "complex64", "bfloat16", "f2", "uint64", "i0", "<U2"]),
+    nested({"dtype": st.sampled_from(["float32", "float64", "<f4", ">f4", "int64", "bool", "V8", "M8", "U4",
+                                      "S0", "O", "float128", "complex64", "bfloat16", "f2", "uint64", "i0",
+                                      "<U2"]),
             "shape": st.lists(INTS, max_size=3),
             "data": st.binary(max_size=64)}))
 DOC = _mostly(st.one_of(st.fixed_dictionaries({"input": ARRAY}),
@@ -392,7 +396,8 @@ MODEL_CONFIG = nested({}, {"pooling": st.sampled_from(["mean", "cls", "max"]), "
 COORDINATOR_OPS: dict[str, st.SearchStrategy] = {
     "put_model_chunk": body({"upload_id": st.sampled_from(UPLOADS), "offset": st.integers(0, 128),
                              "data": st.binary(max_size=64)}),
-    "put_model": body({"model_id": st.sampled_from(["fz-put", MODEL, DEP]), "upload_id": st.sampled_from(UPLOADS),
+    "put_model": body({"model_id": st.sampled_from(["fz-put", MODEL, DEP]),
+                       "upload_id": st.sampled_from(UPLOADS),
                        "sha256": st.one_of(hexes(64), st.just("0" * 64))},
                       {"task": st.sampled_from(M.TASKS), "tokenizer": st.binary(max_size=32),
                        "model_config": MODEL_CONFIG}),
@@ -411,7 +416,8 @@ COORDINATOR_OPS: dict[str, st.SearchStrategy] = {
          "adaptive_allocations": ADAPTIVE,
          "max_batch_size": st.sampled_from([1, 8, 1024]),
          "max_batch_delay": st.sampled_from(["0ms", "5ms", "1s", 0, 1.0, 0.5])}),
-    "update_deployment": body({"deployment_id": st.sampled_from([ON_FAKE, DEP, ON_FAKE, START_IDS[0], "fz-none"])},
+    "update_deployment": body({"deployment_id": st.sampled_from([ON_FAKE, DEP, ON_FAKE, START_IDS[0],
+                                                                 "fz-none"])},
                               {"number_of_allocations": st.one_of(st.none(), st.integers(1, 3)),
                                "adaptive_allocations": ADAPTIVE}),
     "stop_deployment": body({"deployment_id": st.sampled_from([*START_IDS, MODEL, "fz-none", DEP])},
@@ -425,8 +431,8 @@ COORDINATOR_OPS: dict[str, st.SearchStrategy] = {
                          {"timeout_ms": st.integers(1, 300)}),
     "ping": body({}),
     "rotate_node_key": body({"node_id": st.sampled_from([*FAKE_NODES, "fz-none"]),
-                             "public_key": st.text("0123456789abcdefABCDEF.-:+=^!/*?&<>()[]{}@%$#", min_size=40,
-                                                   max_size=40)}),
+                             "public_key": st.text("0123456789abcdefABCDEF.-:+=^!/*?&<>()[]{}@%$#",
+                                                   min_size=40, max_size=40)}),
 }
 AGENT_PROTOCOL_OPS: dict[str, st.SearchStrategy] = {
     "register": body({"node_id": st.sampled_from(FAKE_NODES), "hostname": st.just("fz-host"),
@@ -549,7 +555,8 @@ def test_agent_inference_ops(live, op, data):
 def test_agent_infer_documents(live, docs, timeout_ms):
     """Documents (arrays of every dtype numpy reads, bad shapes, junk) that reach the worker and
     the model of the live deployment."""
-    rep = call(live, live.agent, "infer", {"deployment_id": DEP, "docs": docs, "timeout_ms": timeout_ms}, 10.0)
+    rep = call(live, live.agent, "infer", {"deployment_id": DEP, "docs": docs, "timeout_ms": timeout_ms},
+               10.0)
     check_reply(rep, docs)
     check_alive(live, live.agent)
 
@@ -566,7 +573,8 @@ def test_put_model_of_a_real_upload(live, b):
     """put_model all the way (a real TorchScript upload) with generated task, tokenizer and
     model_config; a model that is stored is read back, deployed on the fake agent and deleted."""
     upload = f"{next(_uploads):032x}"
-    rep = call(live, live.coordinator, "put_model_chunk", {"upload_id": upload, "offset": 0, "data": live.model_bytes})
+    rep = call(live, live.coordinator, "put_model_chunk",
+               {"upload_id": upload, "offset": 0, "data": live.model_bytes})
     assert rep is not None and rep.status == 200, rep
     b = {**b, "upload_id": upload, "sha256": live.model_sha}
     rep = call(live, live.coordinator, "put_model", b)

@@ -57,14 +57,16 @@ def test_cache_hits_clear_cache_and_disabled_cache(client):
                        what="three inferences counted")
         assert s["inference_cache_hit_count"] == 1, "a cleared cache must miss"
         stats = client.get_stats("cached")["trained_model_stats"][0]["deployment_stats"]
-        assert stats["cache_size"] == f'{client.get_models("mlp")["trained_model_configs"][0]["model_size_bytes"]}b'
+        model = client.get_models("mlp")["trained_model_configs"][0]
+        assert stats["cache_size"] == f'{model["model_size_bytes"]}b'
 
         for _ in range(3):
             client.infer("uncached", [{"input": x}])
         s = wait_until(lambda: (n := _node_stats(client, "uncached"))["inference_count"] == 3 and n, 10,
                        what="uncached inferences counted")
         assert s["inference_cache_hit_count"] == 0
-        assert client.get_stats("uncached")["trained_model_stats"][0]["deployment_stats"]["cache_size"] == "0b"
+        stats = client.get_stats("uncached")["trained_model_stats"][0]["deployment_stats"]
+        assert stats["cache_size"] == "0b"
     finally:
         client.stop_deployment("cached")
         client.stop_deployment("uncached")

@@ -87,7 +87,8 @@ def test_no_shared_memory_segments_are_left_behind(tmp_path: Path):
             client.infer("big", [{"input": np.ones((1, 2048), np.float32)}])
             pids = [p.pid for p in agent.children()]
             agent.stop(sig=9)  # SIGKILL: the host and workers must not outlive their agent
-            wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+            wait_until(lambda: not any(psutil.pid_exists(p)
+                                       and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                        for p in pids), 10, what="host and workers to die with the agent")
     finally:
         assert not c.shutdown()

@@ -37,7 +37,8 @@ def test_metrics_endpoints(tmp_path):
         agent_url = json.loads((tmp_path / "node-a.ready.json").read_text())["metrics"]
         with c.client() as client:
             client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
-            client.start_deployment("mlp", number_of_allocations=2, wait_for="fully_allocated", cache_size="0b")
+            client.start_deployment("mlp", number_of_allocations=2, wait_for="fully_allocated",
+                                    cache_size="0b")
             for i in range(20):
                 client.infer("mlp", [{"input": np.full((1, 8), i, np.float32)}])
         def agent_ready():
@@ -70,6 +71,7 @@ def test_metrics_bind_loopback_by_default_and_refuse_other_interfaces_without_tl
         c.shutdown()
     import subprocess
     import sys
+
     from tests.helpers import ROOT
     p = subprocess.run([sys.executable, "-m", "mlfleet", "coordinator", "--listen", "tcp://127.0.0.1:0",
                         "--data-dir", str(tmp_path / "c2"), "--metrics-listen", "0.0.0.0:0"],

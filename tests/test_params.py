@@ -516,7 +516,8 @@ def test_timeout_capped_at_seven_days(value):
     assert single(timeout=value) == "[timeout] must be less than or equal to 7d"
 
 
-@pytest.mark.parametrize("value,seconds", [("7d", 7 * 86400.0), ("168h", 7 * 86400.0), (7 * 86400, 7 * 86400.0)])
+@pytest.mark.parametrize("value,seconds",
+                         [("7d", 7 * 86400.0), ("168h", 7 * 86400.0), (7 * 86400, 7 * 86400.0)])
 def test_timeout_cap_itself_is_valid(value, seconds):
     assert validate_start(start(timeout=value)).timeout_s == seconds
 
@@ -587,7 +588,8 @@ def test_caps_reported_with_the_other_rules():
     msgs = start_errors(number_of_allocations=10**6, threads_per_allocation=3, timeout="30d",
                         cache_size="4pb", max_batch_delay=NAN)
     assert msgs == [NA_MAX, TPA_POW2, "[timeout] must be less than or equal to 7d",
-                    time_parse_msg("max_batch_delay", "nan"), "[cache_size] must be less than or equal to 1pb"]
+                    time_parse_msg("max_batch_delay", "nan"),
+                    "[cache_size] must be less than or equal to 1pb"]
 
 
 def test_id_problem_is_the_message_layer_rule():

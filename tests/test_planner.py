@@ -6,8 +6,14 @@ import random
 
 import pytest
 
-from mlfleet.coordinator.planner import (MB, PROCESS_OVERHEAD_BYTES, PlanDeployment, PlanNode,
-                                 memory_estimate, plan)
+from mlfleet.coordinator.planner import (
+    MB,
+    PROCESS_OVERHEAD_BYTES,
+    PlanDeployment,
+    PlanNode,
+    memory_estimate,
+    plan,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

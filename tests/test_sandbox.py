@@ -58,7 +58,8 @@ def run_child(code: str, *args: str, timeout: float = 60) -> dict:
                           capture_output=True, text=True, timeout=timeout, env=child_env(),
                           cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 and lines, \
+        f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -118,7 +119,8 @@ def sandboxed(tmp_path_factory):
     out["status"] = {k: v for k, v in sandbox.probe().items() if k in ("seccomp_mode", "no_new_privs")}
     attempt("read /etc/hostname", lambda: open("/etc/hostname").read())
     attempt("read /etc/passwd", lambda: open("/etc/passwd").read())
-    attempt("read own source", lambda: open(sys.argv[0] if os.path.isfile(sys.argv[0]) else "/proc/self/cmdline").read())
+    own = sys.argv[0] if os.path.isfile(sys.argv[0]) else "/proc/self/cmdline"
+    attempt("read own source", lambda: open(own).read())
     attempt("write outside", lambda: open(os.path.join(outside, "leak"), "w").write("x"))
     attempt("write rw", lambda: open(os.path.join(rw, "ok"), "w").write("x"))
     attempt("stat /etc/hostname", lambda: os.stat("/etc/hostname").st_size)
@@ -136,9 +138,12 @@ def sandboxed(tmp_path_factory):
     attempt("signal the parent", lambda: os.kill(os.getppid(), 0))
     m = torch.jit.load(model)
     attempt("forward", lambda: list(m(torch.ones(4, 8)).shape))
-    attempt("threaded forward", lambda: float(torch.nn.functional.linear(torch.ones(512, 512), torch.ones(512, 512)).sum()))
-    attempt("torch.from_file /etc/hostname", lambda: repr(torch.from_file("/etc/hostname", size=1, dtype=torch.uint8)))
-    attempt("lazy stdlib import", lambda: __import__("sqlite3").connect(":memory:").execute("select 1").fetchone()[0])
+    attempt("threaded forward",
+            lambda: float(torch.nn.functional.linear(torch.ones(512, 512), torch.ones(512, 512)).sum()))
+    attempt("torch.from_file /etc/hostname",
+            lambda: repr(torch.from_file("/etc/hostname", size=1, dtype=torch.uint8)))
+    attempt("lazy stdlib import",
+            lambda: __import__("sqlite3").connect(":memory:").execute("select 1").fetchone()[0])
     attempt("lazy pure import", lambda: __import__("fractions").Fraction(1, 3).denominator)
     def fork_child():
         pid = os.fork()

@@ -4,8 +4,6 @@ code: tests/test_sandbox.py runs an AOTInductor library that tries them under th
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -44,7 +42,8 @@ def test_models_cannot_read_or_write_host_files(tmp_path):
     secret = tmp_path / "secret.key"
     secret.write_text("hunter2\n")
     target = tmp_path / "planted"
-    with running_cluster(tmp_path, {"node-a": 2}, agent_extra=["--require-sandbox"]) as c, c.client() as client:
+    with (running_cluster(tmp_path, {"node-a": 2}, agent_extra=["--require-sandbox"]) as c,
+          c.client() as client):
         # unsandboxed, both models do what they say
         assert torch.jit.script(ReadsHostFile(str(secret)))(torch.zeros(1)).item() == ord("h")
         probe = tmp_path / "probe"

@@ -14,7 +14,8 @@ from tests.helpers import Mlp, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 MB = 1 << 20
-REQUESTS = int(os.environ.get("MLFLEET_SOAK_REQUESTS", "30000"))  # MLFLEET_SOAK_REQUESTS=200000: the full soak
+# MLFLEET_SOAK_REQUESTS=200000: the full soak
+REQUESTS = int(os.environ.get("MLFLEET_SOAK_REQUESTS", "30000"))
 
 
 def rss(pids: list[int]) -> dict[int, int]:

@@ -36,7 +36,8 @@ def test_stop_with_finish_pending_work_serves_every_queued_request(slow_cluster)
             wait_until(lambda: _pending(client, "drain") == 4, 15, what="4 requests pending")
             assert client.stop_deployment("drain", finish_pending_work=True) == {"stopped": True}
             results = [f.result(30) for f in futs]
-        assert all(np.allclose(r["inference_results"][0]["predicted_value"], x) for r, x in zip(results, xs))
+        assert all(np.allclose(r["inference_results"][0]["predicted_value"], x)
+                   for r, x in zip(results, xs, strict=True))
         wait_until(lambda: slow_cluster.worker_pids("node-a") == [], 20, what="workers gone")
 
 

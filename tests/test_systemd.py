@@ -47,7 +47,7 @@ def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path):
     def receive():
         try:
             got.append(sock.recv(4096).decode())
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             pass
         return "READY=1" in got and got.count("WATCHDOG=1") >= 2
     try:

@@ -218,8 +218,9 @@ def test_an_agent_key_is_rotated_under_load_without_a_failed_request(secure):
                 # the new key is authorized (the coordinator reads the file again), the node id
                 # is moved to it, and the agent restarts with it
                 keys.authorized.write_text(keys.authorized.read_text() + f"agent {keys.z85['agent-a2']}\n")
-                body = wait_until(lambda: _try(lambda: admin.rotate_node_key("node-a", keys.public("agent-a2"))),
-                                  20, what="the rotation accepted")
+                body = wait_until(
+                    lambda: _try(lambda: admin.rotate_node_key("node-a", keys.public("agent-a2"))),
+                    20, what="the rotation accepted")
                 assert body["public_key"] == keys.z85["agent-a2"]
                 assert body["previous_public_key"] == keys.z85["agent-a"]
                 load.more(10)

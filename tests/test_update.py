@@ -31,7 +31,8 @@ def test_update_rules(cluster2, mlp_path):
         try:
             same = client.update_deployment("upd", number_of_allocations=1)
             assert same["assignment"]["task_parameters"]["number_of_allocations"] == 1
-            with pytest.raises(TooManyRequests, match="Could not update deployment because there are not enough"):
+            with pytest.raises(TooManyRequests,
+                               match="Could not update deployment because there are not enough"):
                 client.update_deployment("upd", number_of_allocations=9)
             assert alloc_status(client, "upd")["target_allocation_count"] == 1  # nothing changed
             with pytest.raises(BadRequest, match="must be a positive integer"):
@@ -52,7 +53,8 @@ def test_update_rules(cluster2, mlp_path):
             client.stop_deployment("upd")
         client.start_deployment("upd", deployment_id="upd-starting", wait_for="starting")
         try:
-            if client.get_stats("upd-starting")["trained_model_stats"][0]["deployment_stats"]["state"] == "starting":
+            stats = client.get_stats("upd-starting")["trained_model_stats"][0]["deployment_stats"]
+            if stats["state"] == "starting":
                 with pytest.raises(Conflict, match=r"not in \[started\] state"):
                     client.update_deployment("upd-starting", number_of_allocations=2)
         finally:
@@ -114,7 +116,8 @@ def test_adaptive_scale_to_zero_then_from_zero_on_a_warm_host(tmp_path):
             assert alloc_status(client, "mlp")["target_allocation_count"] == 0
             # a request it must compute starts one allocation on the warm host and is served
             y = np.full((1, 8), 2.0, np.float32)
-            out = client.infer("mlp", [{"input": y}], timeout="10s")["inference_results"][0]["predicted_value"]
+            reply = client.infer("mlp", [{"input": y}], timeout="10s")
+            out = reply["inference_results"][0]["predicted_value"]
             ref = torch.jit.load(str(tmp_path / "mlp.pt"))(torch.from_numpy(y)).detach().numpy()
             np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
             assert alloc_status(client, "mlp")["target_allocation_count"] == 1
@@ -138,7 +141,8 @@ def test_adaptive_scales_up_under_load_and_back_down(tmp_path):
                 k = 0
                 while not stop.is_set():
                     try:
-                        client.infer("slow", [{"input": np.array([0.1 + i / 1000 + k / 1e6], np.float32)}], "20s")
+                        x = np.array([0.1 + i / 1000 + k / 1e6], np.float32)
+                        client.infer("slow", [{"input": x}], "20s")
                     except ApiError as e:
                         failures.append(e)
                     k += 1
