@@ -261,7 +261,7 @@ class Agent:
                     user = raw[1].get("User-Id") if len(raw) > 1 else None
                 except zmq.ZMQError:
                     user = None
-                raw = [f.bytes for f in raw]
+                raw = [raw[0].bytes, *(f.buffer for f in raw[1:])]  # no copy of the message
             try:
                 self._on_client(raw, user)
             except Exception:

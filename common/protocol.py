@@ -116,13 +116,32 @@ def _envelope(frame: bytes, limits: Limits | None = None) -> dict[str, Any]:
     return msg
 
 
-def peek_request(frame: bytes) -> tuple[str, int]:
+class _Reader:
+    """A file-like view of a frame, read in slices: msgpack's Unpacker streams through it, so
+    skipping a huge body never holds a second copy of the frame."""
+
+    def __init__(self, frame: bytes | memoryview) -> None:
+        self.mv, self.pos = memoryview(frame), 0
+
+    def read(self, n: int) -> bytes:
+        out = self.mv[self.pos:self.pos + n].tobytes()
+        self.pos += len(out)
+        return out
+
+
+def peek_request(frame: bytes | memoryview) -> tuple[str, int]:
     """The op and id of a request, read without decoding its body (skipped, never built): what a
     server needs to authorize a message before it trusts it with a decode. Raises BadRequest
-    (with the id when it could be read) for anything that is not a request envelope."""
-    u = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) or 1, max_str_len=256,
-                         max_bin_len=0, max_array_len=0, max_map_len=16, strict_map_key=True)
-    u.feed(frame)
+    (with the id when it could be read) for anything that is not a request envelope. A large
+    frame is streamed through in 64 KiB slices: no copy of it is made."""
+    limits = dict(raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=16,
+                  strict_map_key=True)
+    if len(frame) > SMALL_FRAME:
+        u = msgpack.Unpacker(_Reader(frame), read_size=SMALL_FRAME, max_buffer_size=4 * SMALL_FRAME,
+                             **limits)
+    else:
+        u = msgpack.Unpacker(max_buffer_size=max(1, len(frame)), **limits)
+        u.feed(frame)
     op: Any = None
     rid: Any = None
     v: Any = None

@@ -183,7 +183,8 @@ class Coordinator(AdaptiveMixin):
                         user = raw[1].get("User-Id")
                     except zmq.ZMQError:
                         user = None
-                frames = [f.bytes for f in raw]
+                # the routing id as bytes; the message itself stays in ZeroMQ's buffer (no copy)
+                frames = [raw[0].bytes, *(f.buffer for f in raw[1:])]
                 self._guarded("frame", lambda: self._on_frames(frames, user))
         if self.offload.fd in events:
             self.offload.run_done()
