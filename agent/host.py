@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from mlfleet.agent import sandbox
     try:
         report = sandbox.apply(
-            read_paths=sandbox.default_read_paths() + [args.model] + ([args.tokenizer] if args.tokenizer else []),
+            read_paths=[*sandbox.default_read_paths(), args.model,
+                        *([args.tokenizer] if args.tokenizer else [])],
             require_all=args.require_sandbox)
         if report.missing:
             print(f"model host: WARNING: the sandbox is incomplete on this kernel: {report.summary()}",

@@ -14,13 +14,21 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from mlfleet.agent.cache import LruCache
 from mlfleet.common import messages as m
-from mlfleet.common.errors import (ApiError, Conflict, NotFound, RequestTimeout, ServerError,
-                           ServiceUnavailable, TooManyRequests)
+from mlfleet.common.errors import (
+    ApiError,
+    Conflict,
+    NotFound,
+    RequestTimeout,
+    ServerError,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from mlfleet.common.proc import describe_exit
 from mlfleet.common.protocol import pack, unpack
 

@@ -16,8 +16,9 @@ import shutil
 import signal
 import socket as pysocket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import zmq
@@ -27,12 +28,21 @@ from mlfleet.agent.modelcache import ModelCache
 from mlfleet.agent.runtime import DeploymentRuntime, Phase
 from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
-from mlfleet.common.offload import Offload
 from mlfleet.common.errors import ApiError, BadRequest, NotFound, ServerError
+from mlfleet.common.offload import Offload
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
+from mlfleet.common.protocol import (
+    OP_LIMITS,
+    EnvelopeError,
+    decode_request,
+    encode_reply,
+    encode_reply_raw,
+    encode_request,
+    pack,
+    peek_request,
+    unpack,
+)
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
-from mlfleet.common.protocol import (OP_LIMITS, EnvelopeError, decode_request, encode_reply,
-                                     encode_reply_raw, encode_request, pack, peek_request, unpack)
 from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 
 log = logging.getLogger(__name__)
@@ -390,7 +400,8 @@ class Agent:
                 rt.update(a)
         for dep_id, rt in list(self.runtimes.items()):
             if dep_id not in wanted and rt.phase not in (Phase.STOPPING, Phase.STOPPED):
-                log.info("deployment [%s] is no longer wanted on node [%s]; draining it", dep_id, self.node_id)
+                log.info("deployment [%s] is no longer wanted on node [%s]; draining it",
+                         dep_id, self.node_id)
                 rt.begin_stop(finish_pending_work=True)
         keep = {sha for a in wanted.values() for sha in (a.sha256, a.tokenizer_sha256) if sha}
         keep |= {sha for rt in self.runtimes.values() if rt.phase != Phase.STOPPED
@@ -446,8 +457,10 @@ class Agent:
         labels = ["deployment", "node"]
         fams = {k: counter(f"mlfleet_inference_{k}", doc, labels) for k, doc in (
             ("requests", "Inferences (documents) served, cache hits included."),
-            ("errors", "Inferences that failed."), ("rejected", "Requests rejected: the queue was full (429)."),
-            ("timeouts", "Requests answered 408 at their deadline."), ("cache_hits", "Inferences served from the cache."))}
+            ("errors", "Inferences that failed."),
+            ("rejected", "Requests rejected: the queue was full (429)."),
+            ("timeouts", "Requests answered 408 at their deadline."),
+            ("cache_hits", "Inferences served from the cache."))}
         depth = gauge("mlfleet_queue_depth", "Requests queued or running on this node.", labels)
         allocs = gauge("mlfleet_allocations", "Allocations of a deployment on this node.", labels + ["kind"])
         up = gauge("mlfleet_coordinator_connected", "1 while the coordinator answers.", ["node"])
@@ -462,7 +475,8 @@ class Agent:
             depth.add_metric(lv, s["number_of_pending_requests"])
             allocs.add_metric(lv + ["current"], rt.ready_count())
             allocs.add_metric(lv + ["target"], rt.a.target_allocations)
-        up.add_metric([self.node_id], 1.0 if self.clock.monotonic() - self.last_heard < self.node_timeout_s else 0.0)
+        connected = self.clock.monotonic() - self.last_heard < self.node_timeout_s
+        up.add_metric([self.node_id], 1.0 if connected else 0.0)
         self.metrics.publish([*fams.values(), depth, allocs, up])
 
     def _reap_stopped(self) -> None:

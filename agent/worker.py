@@ -41,7 +41,7 @@ def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
         err = e if isinstance(e, ApiError) else ApiError(f"inference failed: {type(e).__name__}: {e}"[:1000])
         outcomes = [err] * len(docs)
     items = []
-    for job, (a, b) in zip(jobs, bounds):
+    for job, (a, b) in zip(jobs, bounds, strict=True):
         mine = outcomes[a:b]
         err = next((o for o in mine if isinstance(o, ApiError)), None)
         if err is not None:

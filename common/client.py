@@ -128,7 +128,8 @@ class _IO(threading.Thread):
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.failed.pop(address, None)
                 continue
-            self.failed[address] = handshake_failure(address, ev["event"], ev["value"], self.curve is not None)
+            self.failed[address] = handshake_failure(address, ev["event"], ev["value"],
+                                                     self.curve is not None)
             for item in [u for u in self.unsent if u[0] == address]:
                 self.unsent.remove(item)
                 self.pending.pop(item[2], None)
@@ -300,10 +301,9 @@ class Routes:
         if not routes:  # Elasticsearch falls back to stopping routes
             routes = [r for r in body.get("routes", []) if r.get("current_allocations", 0) > 0]
         self.routes = routes
-        self.cumulative = list(itertools.accumulate(r["current_allocations"] for r in routes))
 
     def pick(self, exclude: set[str]) -> Optional[dict[str, Any]]:
-        choices = [(r, w) for r, w in zip(self.routes, (r["current_allocations"] for r in self.routes))
+        choices = [(r, r["current_allocations"]) for r in self.routes
                    if r["address"] not in exclude]
         if not choices:
             return None
@@ -342,7 +342,7 @@ class Client:
             socks = self._local.socks = _ThreadSockets(self._io.ctx, self._curve, self._agent_keys)
         return socks
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -388,6 +388,7 @@ class Client:
                         max_sequence_length: int | None = None) -> dict[str, Any]:
         """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra)."""
         import tempfile
+
         from mlfleet.common.hf import trace_hf_model
         with tempfile.TemporaryDirectory(prefix="mlfleet-hf-") as tmp:
             imported = trace_hf_model(path, tmp, max_sequence_length)
@@ -581,7 +582,8 @@ class Client:
                     out[i] = NoAnswer(f"no answer from {address} to [infer] within {timeout_s:g}s")
         return out
 
-    def infer(self, deployment_id: str, docs: list[dict[str, Any]], timeout: str | float = "10s") -> dict[str, Any]:
+    def infer(self, deployment_id: str, docs: list[dict[str, Any]],
+              timeout: str | float = "10s") -> dict[str, Any]:
         """Run ``docs`` through a deployment; arrays in and out are numpy arrays."""
         timeout_s = parse_time(timeout, "timeout")
         if timeout_s <= 0:
@@ -591,7 +593,7 @@ class Client:
         routes = self._routes(deployment_id)
         tried: set[str] = set()
         last: ApiError | None = None
-        for attempt in range(8):
+        for _attempt in range(8):
             route = routes.pick(tried)
             if route is None:
                 routes = self._routes(deployment_id, refresh=True)

@@ -26,8 +26,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 from mlfleet.common.errors import BadRequest, ValidationError
 
@@ -105,10 +106,10 @@ class Rule:
     pattern_msg: str = "[{name}] has an invalid format"
     problem: Optional[Callable[[str, str], Optional[str]]] = None  # (name, value) -> message or None
     choices: Optional[tuple[str, ...]] = None
-    items: Optional["Spec"] = None
-    shape: Optional[Mapping[str, "Spec"]] = None
+    items: Optional[Spec] = None
+    shape: Optional[Mapping[str, Spec]] = None
     required: tuple[str, ...] = ()                # keys a shaped map must have
-    extra: Optional["Spec"] = None                # a shaped map may have other keys, values like this
+    extra: Optional[Spec] = None                # a shaped map may have other keys, values like this
     content: Content = Content()
 
 
@@ -382,7 +383,7 @@ def _check_content(name: str, value: Any, c: Content, errors: list[str]) -> None
 
 # ---- decode -----------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _schema(cls: type) -> tuple[dict[str, Any], dict[str, bool], dict[str, Rule]]:
     """Field types, whether each is required, and each field's rule, computed once per class
     (get_type_hints is slow)."""

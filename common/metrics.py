@@ -16,7 +16,8 @@ import os
 import ssl
 import stat
 import threading
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app

@@ -137,8 +137,10 @@ def peek_request(frame: bytes | memoryview) -> tuple[str, int]:
     limits = dict(raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=16,
                   strict_map_key=True)
     if len(frame) > SMALL_FRAME:
-        u = msgpack.Unpacker(_Reader(frame), read_size=SMALL_FRAME, max_buffer_size=4 * SMALL_FRAME,
-                             **limits)
+        # the buffer only grows past a few slices for one large value (a legitimate array's
+        # bytes) being skipped; a body of many small values streams through in slices
+        u = msgpack.Unpacker(_Reader(frame), read_size=SMALL_FRAME,
+                             max_buffer_size=max(4 * SMALL_FRAME, len(frame)), **limits)
     else:
         u = msgpack.Unpacker(max_buffer_size=max(1, len(frame)), **limits)
         u.feed(frame)

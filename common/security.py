@@ -50,7 +50,8 @@ def generate_keys(name: str, out_dir: str | os.PathLike[str]) -> tuple[Path, Pat
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(_CERT.format(kind="**Secret**", public=pub_z85,
-                             warning="#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.\n",
+                             warning="#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its "
+                                     "permissions.\n",
                              secret=f'    secret-key = "{sec_z85}"\n'))
         f.flush()
         os.fsync(f.fileno())

@@ -9,7 +9,7 @@ import itertools
 import logging
 import re
 import socket as pysocket
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mlfleet.common import messages as m
-from mlfleet.common.errors import BadRequest, Conflict, NotFound, RequestTimeout, ServiceUnavailable, TooManyRequests
+from mlfleet.common.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    RequestTimeout,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from mlfleet.common.units import format_time
 from mlfleet.coordinator.scaler import Sample, Scaler
 from mlfleet.coordinator.state import DeploymentRecord, RoutingState
@@ -86,7 +93,8 @@ class AdaptiveMixin:
                 continue
             cur = dep.number_of_allocations
             lo, hi = t.scaler.load_bounds()
-            inputs = (f"rate={t.scaler.rate.value:.3f}/s time={t.scaler.time.value if t.scaler.time.has_value else float('nan'):.4f}s "
+            time_s = t.scaler.time.value if t.scaler.time.has_value else float("nan")
+            inputs = (f"rate={t.scaler.rate.value:.3f}/s time={time_s:.4f}s "
                       f"load=[{lo:.3f},{hi:.3f}] idle={t.scaler.idle_s:.1f}s sample={sample}")
             if n < cur and now - t.last_scale_up < self.cfg.scale_up_cooldown_s:
                 log.debug("adaptive allocations scaler: not scaling [%s] down to [%d] within the "
@@ -98,7 +106,8 @@ class AdaptiveMixin:
                 self._set_allocations(dep, n, "adaptive allocations")
             except TooManyRequests as e:
                 if t.failure_logged != n:
-                    log.warning("adaptive allocations scaler: scaling [%s] to [%d] allocations failed: %s (%s)",
+                    log.warning("adaptive allocations scaler: scaling [%s] to [%d] allocations failed: "
+                                "%s (%s)",
                                 dep.deployment_id, n, e.reason, inputs)
                     t.failure_logged = n
                 continue
@@ -115,7 +124,8 @@ class AdaptiveMixin:
             gone = [n for n, until in dep.warm.items() if until <= now and dep.targets.get(n, 0) == 0]
             for node_id in gone:
                 del dep.warm[node_id]
-                log.info("deployment [%s]: releasing the warm model host on node [%s]", dep.deployment_id, node_id)
+                log.info("deployment [%s]: releasing the warm model host on node [%s]",
+                         dep.deployment_id, node_id)
                 self._push_sync(node_id)
             if gone:
                 self.store.save_deployment(dep)

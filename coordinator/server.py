@@ -7,30 +7,57 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import zmq
 
 from mlfleet.common import messages as m
 from mlfleet.common.clock import Clock
+from mlfleet.common.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RequestTimeout,
+    ServerError,
+    ServiceUnavailable,
+    TooManyRequests,
+    ValidationError,
+)
 from mlfleet.common.offload import Offload
-from mlfleet.common.errors import (ApiError, BadRequest, Conflict, Forbidden, NotFound, RequestTimeout,
-                                   ServerError, ServiceUnavailable, TooManyRequests, ValidationError)
-from mlfleet.common.params import (Adaptive, id_problem, validate_start, validate_update,
-                                   wait_for_reached)
+from mlfleet.common.params import Adaptive, id_problem, validate_start, validate_update, wait_for_reached
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
+from mlfleet.common.protocol import (
+    DEFAULT_LIMITS,
+    OP_LIMITS,
+    EnvelopeError,
+    decode_request,
+    encode_reply,
+    encode_request,
+    peek_request,
+)
 from mlfleet.common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
-from mlfleet.common.protocol import (DEFAULT_LIMITS, OP_LIMITS, EnvelopeError, decode_request,
-                                     encode_reply, encode_request, peek_request)
 from mlfleet.common.units import format_time
 from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 from mlfleet.coordinator import planner
 from mlfleet.coordinator.adaptive import AdaptiveMixin
 from mlfleet.coordinator.config import CoordinatorConfig
-from mlfleet.coordinator.state import (AssignmentState, DeploymentRecord, ModelRecord, NodeRecord,
-                               RouteReport, RoutingState, allocation_status, assignment_body,
-                               assignment_state, deployment_stats_body, routes_of)
+from mlfleet.coordinator.state import (
+    AssignmentState,
+    DeploymentRecord,
+    ModelRecord,
+    NodeRecord,
+    RouteReport,
+    RoutingState,
+    allocation_status,
+    assignment_body,
+    assignment_state,
+    deployment_stats_body,
+    routes_of,
+)
 from mlfleet.coordinator.store import SHA_RE, UPLOAD_RE, Store
 
 log = logging.getLogger(__name__)
@@ -185,7 +212,7 @@ class Coordinator(AdaptiveMixin):
                         user = None
                 # the routing id as bytes; the message itself stays in ZeroMQ's buffer (no copy)
                 frames = [raw[0].bytes, *(f.buffer for f in raw[1:])]
-                self._guarded("frame", lambda: self._on_frames(frames, user))
+                self._guarded("frame", lambda frames=frames, user=user: self._on_frames(frames, user))
         if self.offload.fd in events:
             self.offload.run_done()
         self.timers.run_due()
@@ -262,11 +289,13 @@ class Coordinator(AdaptiveMixin):
         node_up = gauge("mlfleet_node_up", "1 while a node's heartbeats arrive, 0 once it is lost.", ["node"])
         for n in self.nodes.values():
             node_up.add_metric([n.node_id], 1.0 if n.alive else 0.0)
-        allocs = gauge("mlfleet_deployment_allocations", "A deployment's allocations.", ["deployment", "kind"])
+        allocs = gauge("mlfleet_deployment_allocations", "A deployment's allocations.",
+                       ["deployment", "kind"])
         inf = gauge("mlfleet_deployment_inference_count", "Inferences reported by the nodes.", ["deployment"])
         for d in self.deployments.values():
             routes = self._routes(d)
-            allocs.add_metric([d.deployment_id, "current"], sum(r.current_allocations for r in routes if r.routable))
+            allocs.add_metric([d.deployment_id, "current"],
+                              sum(r.current_allocations for r in routes if r.routable))
             allocs.add_metric([d.deployment_id, "target"], d.number_of_allocations)
             inf.add_metric([d.deployment_id], sum(
                 int(n.reports[d.deployment_id].stats.get("inference_count", 0))
@@ -461,7 +490,8 @@ class Coordinator(AdaptiveMixin):
             except Exception as e:
                 self.loop_errors += 1
                 log.error("request %s failed", rid, exc_info=e)
-                self._reply(ident, rid, 500, ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
+                self._reply(ident, rid, 500,
+                            ServerError(f"internal error: {type(e).__name__}: {e}").to_body())
         self.offload.submit(fn, *args, done=done)
         return DEFER
 
@@ -789,7 +819,9 @@ class Coordinator(AdaptiveMixin):
             # newly enabled or changed bounds apply at once; the scaler takes it from there
             lo = adaptive.min_number_of_allocations or 0
             hi = adaptive.max_number_of_allocations
-            n = max(dep.number_of_allocations, lo) if hi is None else min(max(dep.number_of_allocations, lo), hi)
+            n = max(dep.number_of_allocations, lo)
+            if hi is not None:
+                n = min(n, hi)
         if n is not None and n != dep.number_of_allocations:
             self._set_allocations(dep, n, f"model deployment [{dep.deployment_id}] updated")
         dep.adaptive = adaptive
@@ -889,7 +921,7 @@ class Coordinator(AdaptiveMixin):
             deps = sorted(self.deployments.values(), key=lambda d: d.deployment_id)
         entries = [deployment_stats_body(d, self.models[d.model_id], self._routes(d), self.nodes)
                    for d in deps]
-        for e, d in zip(entries, deps):
+        for e, d in zip(entries, deps, strict=True):
             model = self.models[d.model_id]
             e["model_size_stats"]["required_native_memory_bytes"] = planner.memory_estimate(
                 model.size, d.cache_bytes(model))

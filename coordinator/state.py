@@ -75,7 +75,7 @@ class DeploymentRecord:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "DeploymentRecord":
+    def from_json(cls, d: dict[str, Any]) -> DeploymentRecord:
         d = dict(d)
         d["adaptive"] = Adaptive(**d["adaptive"]) if d.get("adaptive") else None
         return cls(**d)

@@ -47,7 +47,7 @@ def _load_config_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise typer.BadParameter(f"--config {path}: {e}")
+        raise typer.BadParameter(f"--config {path}: {e}") from None
 
     def norm(d: Any) -> Any:
         return {k.replace("-", "_"): norm(v) for k, v in d.items()} if isinstance(d, dict) else d
@@ -82,7 +82,7 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
         secret, public = generate_keys(name, out)
     except (FileExistsError, OSError) as e:
         sys.stderr.write(f"mlfleet: {e}\n")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     sys.stdout.write(json.dumps({"secret_key": str(secret), "public_key": str(public),
                                  "z85": load_public(public).decode()}) + "\n")
 
@@ -180,10 +180,10 @@ def _run(fmt: Optional[Format], fn) -> None:
         body = fn()
     except NoAnswer as e:
         sys.stderr.write(json.dumps(e.to_body()) + "\n")
-        raise typer.Exit(3)
+        raise typer.Exit(3) from None
     except ApiError as e:
         sys.stderr.write(json.dumps(e.to_body()) + "\n")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     _emit(body, fmt)
 
 
@@ -249,7 +249,7 @@ def _duration(value: str, name: str, allow_zero: bool = False) -> float:
     try:
         seconds = parse_time(value, name)
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint=hint)
+        raise typer.BadParameter(str(e), param_hint=hint) from None
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}", param_hint=hint)
     return seconds
@@ -270,7 +270,7 @@ def _serve_or_exit(start, config) -> None:
         daemon = start(config)
     except (ValueError, OSError, zmq.ZMQError) as e:
         sys.stderr.write(f"mlfleet: cannot start: {e}\n")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     daemon.run()
 
 
@@ -322,7 +322,7 @@ def agent(
     try:
         max_bytes = parse_bytes(queue_max_bytes, "queue_max_bytes")
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--queue-max-bytes")
+        raise typer.BadParameter(str(e), param_hint="--queue-max-bytes") from None
     _serve_or_exit(start, AgentConfig(
         coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
@@ -607,7 +607,7 @@ def _docs_from_json(text: str) -> list[dict[str, Any]]:
     try:
         docs = json.loads(text)
     except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"--docs is not valid JSON: {e}")
+        raise typer.BadParameter(f"--docs is not valid JSON: {e}") from None
     if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
         raise typer.BadParameter("--docs must be a JSON list of objects")
 

@@ -45,7 +45,8 @@ def main() -> int:
                   f"{json.dumps(body['assignment']['routing_table'])}")
             descendants = {p.pid for p in psutil.Process(up.pid).children(recursive=True)}
             subjects = ["a cat", "the stock market", "a football match", "a thunderstorm", "pasta"]
-            texts = [f"Sentence {i} is about {subjects[i % 5]}, written in variant {i // 5}." for i in range(300)]
+            texts = [f"Sentence {i} is about {subjects[i % 5]}, written in variant {i // 5}."
+                     for i in range(300)]
             t0 = time.monotonic()
             lat = []
             for text in texts[:50]:  # one at a time, for latency
@@ -62,7 +63,7 @@ def main() -> int:
             v = np.array(q["inference_results"][0]["predicted_value"])
             docs = client.infer("minilm", [{"text_field": f"This is about {s}."} for s in subjects])
             sims = [(float(v @ np.array(r["predicted_value"])), s)
-                    for r, s in zip(docs["inference_results"], subjects)]
+                    for r, s in zip(docs["inference_results"], subjects, strict=True)]
             print("== nearest subject to 'It is raining heavily with lightning.': "
                   + ", ".join(f"{s} {x:.2f}" for x, s in sorted(sims, reverse=True)))
             time.sleep(1.5)  # one heartbeat, so the stats include the last requests

@@ -7,13 +7,14 @@ import contextlib
 import json
 import os
 import signal
-import threading
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -252,7 +253,7 @@ def broken_torchscript(path: Path) -> Path:
     return path
 
 
-def descendants_of(daemon: "Daemon") -> set[int]:
+def descendants_of(daemon: Daemon) -> set[int]:
     return {p.pid for p in daemon.children()}
 
 

@@ -142,15 +142,18 @@ def test_queued_bytes_have_a_budget(cluster):
         client.start_deployment("slow", deployment_id="bytes", wait_for="fully_allocated", cache_size="0b")
         big = np.zeros(180_000, np.float32)  # 720 KB, runs at once (x[0] = 0)
         try:
-            with cf.ThreadPoolExecutor(2) as pool:
-                running = pool.submit(client.infer, "bytes", [{"input": np.array([4.0], np.float32)}], "30s")
+            with cf.ThreadPoolExecutor(2) as pool:  # the first runs long: the states below hold
+                running = pool.submit(client.infer, "bytes", [{"input": np.array([60.0], np.float32)}], "90s")
                 wait_until(lambda: _pending(client, "bytes") == 1, 20, what="one running")
-                queued = pool.submit(client.infer, "bytes", [{"input": big}], "30s")
+                queued = pool.submit(client.infer, "bytes", [{"input": big}], "90s")
                 wait_until(lambda: _pending(client, "bytes") == 2, 20, what="one queued")
                 with pytest.raises(TooManyRequests) as e:
                     client.infer("bytes", [{"input": big + 1}], timeout="30s")
                 assert "bytes" in e.value.reason and e.value.retry_after_ms is not None
-                assert running.result(30) and queued.result(30)
+                client.stop_deployment("bytes")  # the running one is cut at the stop grace
+                for f in (running, queued):
+                    with pytest.raises(ApiError):
+                        f.result(30)
         finally:
             client.stop_deployment("bytes")
 
