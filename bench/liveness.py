@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from bench._util import fmt, pct, table
+from mlfleet.common.errors import ApiError
 from mlfleet.common.protocol import decode_reply, encode_request
 from mlfleet.common.units import parse_bytes
 from tests.helpers import Mlp, running_cluster, save_model, wait_until
@@ -70,7 +71,10 @@ class HeartbeatProbe(threading.Thread):
             while True:  # skip pushes (sync) and stale replies
                 if not s.poll(30_000):
                     raise RuntimeError("no heartbeat reply in 30 s")
-                rep = decode_reply(s.recv())
+                try:
+                    rep = decode_reply(s.recv())
+                except ApiError:  # a push (sync), not a reply
+                    continue
                 if rep.id == rid:
                     break
             self.samples.append((t0, (time.perf_counter() - t0) * 1000))
