@@ -1,28 +1,22 @@
-"""Adaptive allocations in the coordinator: the scaler's tick, scale to zero with warm nodes,
-and scale from zero for requests that find no allocation. A mixin of ``Coordinator``: it uses
-its deployments, node reports, waiters and ``_set_allocations``."""
+"""Adaptive allocations: the scaler's tick, scale to zero with warm nodes, and scale from zero
+for requests that find no allocation. A component of the coordinator with named dependencies:
+it reads deployments and node reports and changes allocations only through the callables it is
+given, so it can be built and driven without sockets or a store.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from mlfleet.common import messages as m
-from mlfleet.common.errors import (
-    BadRequest,
-    Conflict,
-    NotFound,
-    RequestTimeout,
-    ServiceUnavailable,
-    TooManyRequests,
-)
-from mlfleet.common.units import format_time
+from mlfleet.common.clock import Clock
+from mlfleet.common.errors import TooManyRequests
 from mlfleet.coordinator.scaler import Sample, Scaler
-from mlfleet.coordinator.state import DeploymentRecord, RoutingState
+from mlfleet.coordinator.state import DeploymentRecord, NodeRecord, Route
 
 log = logging.getLogger(__name__)
-MAX_WAITING_FOR_ALLOCATION = 100
 
 
 @dataclass
@@ -34,8 +28,23 @@ class _Track:
     failure_logged: Optional[int] = None
 
 
-class AdaptiveMixin:
-    def _adaptive_init(self) -> None:
+class AdaptiveAllocations:
+    def __init__(self, *, clock: Clock, scale_to_zero_after_s: float, scale_up_cooldown_s: float,
+                 deployments: dict[str, DeploymentRecord],
+                 alive: Callable[[], list[NodeRecord]],
+                 routes: Callable[[DeploymentRecord], list[Route]],
+                 set_allocations: Callable[[DeploymentRecord, int, str], None],
+                 push_sync: Callable[[str], None],
+                 save: Callable[[DeploymentRecord], None]) -> None:
+        self.clock = clock
+        self.scale_to_zero_after_s = scale_to_zero_after_s
+        self.scale_up_cooldown_s = scale_up_cooldown_s
+        self.deployments = deployments
+        self._alive = alive
+        self._routes = routes
+        self._set_allocations = set_allocations
+        self._push_sync = push_sync
+        self._save = save
         self.tracks: dict[str, _Track] = {}
 
     def _track(self, dep: DeploymentRecord) -> _Track:
@@ -43,7 +52,7 @@ class AdaptiveMixin:
         t = self.tracks.get(dep.deployment_id)
         if t is None:
             t = self.tracks[dep.deployment_id] = _Track(Scaler(
-                dep.number_of_allocations, scale_to_zero_after_s=self.cfg.scale_to_zero_after_s))
+                dep.number_of_allocations, scale_to_zero_after_s=self.scale_to_zero_after_s))
         t.scaler.min_allocations = a.min_number_of_allocations if a else None
         t.scaler.max_allocations = a.max_number_of_allocations if a else None
         if dep.priority == "low":  # one allocation of one thread, or zero
@@ -75,7 +84,8 @@ class AdaptiveMixin:
         t.last = seen
         return Sample(success, pending, failed, (time_ms / success / 1000.0) if success else None)
 
-    def _adaptive_tick(self) -> None:
+    def tick(self) -> None:
+        """Every --adaptive-interval: observe each adaptive deployment's load, scale it."""
         now = self.clock.monotonic()
         for dep in list(self.deployments.values()):
             if dep.stopping or not (dep.adaptive and dep.adaptive.enabled):
@@ -96,7 +106,7 @@ class AdaptiveMixin:
             time_s = t.scaler.time.value if t.scaler.time.has_value else float("nan")
             inputs = (f"rate={t.scaler.rate.value:.3f}/s time={time_s:.4f}s "
                       f"load=[{lo:.3f},{hi:.3f}] idle={t.scaler.idle_s:.1f}s sample={sample}")
-            if n < cur and now - t.last_scale_up < self.cfg.scale_up_cooldown_s:
+            if n < cur and now - t.last_scale_up < self.scale_up_cooldown_s:
                 log.debug("adaptive allocations scaler: not scaling [%s] down to [%d] within the "
                           "scale-up cooldown (%s)", dep.deployment_id, n, inputs)
                 continue
@@ -118,7 +128,8 @@ class AdaptiveMixin:
             log.info("adaptive allocations scaler: scaled [%s] from [%d] to [%d] allocations (%s)",
                      dep.deployment_id, cur, n, inputs)
 
-    def _expire_warm(self) -> None:
+    def expire_warm(self) -> None:
+        """Release the model hosts kept warm at zero allocations once their time is up."""
         now = self.clock.wall_ms()
         for dep in self.deployments.values():
             gone = [n for n, until in dep.warm.items() if until <= now and dep.targets.get(n, 0) == 0]
@@ -128,55 +139,18 @@ class AdaptiveMixin:
                          dep.deployment_id, node_id)
                 self._push_sync(node_id)
             if gone:
-                self.store.save_deployment(dep)
+                self._save(dep)
 
     # ---- scale from zero ------------------------------------------------------------------------
-    def on_await_routes(self, ident: bytes, msg: m.AwaitRoutes) -> Any:
-        """A client found no allocation to send to. Answer with the routing table as soon as one
-        serves (triggering one allocation if the deployment scaled to zero), 408 at the deadline."""
-        if msg.timeout_ms <= 0:
-            raise BadRequest("[timeout] must be positive")
-        dep = self._deployment(msg.deployment_id)
-        if dep.stopping:
-            raise Conflict(f"Trained model deployment [{dep.deployment_id}] is [stopping]")
-        routes = self._routes(dep)
-        if any(r.routable for r in routes):
-            return self.on_get_routing(ident, m.DeploymentRef(dep.deployment_id))
-        if routes and all(r.routing_state == RoutingState.FAILED for r in routes):
-            raise ServiceUnavailable(f"[{dep.deployment_id}] every allocation has failed: " + "; ".join(
-                f"{r.node_id}: {r.reason}" for r in routes))
-        waiting = sum(1 for w in self.waiters if w.tag == dep.deployment_id)
-        if waiting >= MAX_WAITING_FOR_ALLOCATION:
-            raise TooManyRequests(f"Rejected inference request waiting for an allocation of deployment "
-                                  f"[{dep.deployment_id}]. Too many pending requests")
-        if dep.adaptive and dep.adaptive.enabled and dep.number_of_allocations == 0:
-            t = self._track(dep)
-            t.scaler.request_arrived()
-            t.last_scale_up = self.clock.monotonic()
-            log.info("adaptive allocations: a request for [%s] at zero allocations; starting one",
-                     dep.deployment_id)
-            self._set_allocations(dep, 1, "scale from zero")
-            t.scaler.set_allocations(1)
-        timeout_s = msg.timeout_ms / 1000.0
-        dep_id = dep.deployment_id
-
-        def ready() -> Optional[tuple[int, dict]]:
-            d = self.deployments.get(dep_id)
-            if d is None:
-                raise NotFound(f"No known model deployment with id [{dep_id}]")
-            if d.stopping:
-                raise Conflict(f"Trained model deployment [{dep_id}] is [stopping]")
-            routes = self._routes(d)
-            if any(r.routable for r in routes):
-                return 200, self.on_get_routing(ident, m.DeploymentRef(dep_id))
-            if routes and all(r.routing_state == RoutingState.FAILED for r in routes):
-                raise ServiceUnavailable(f"[{dep_id}] every allocation has failed: " + "; ".join(
-                    f"{r.node_id}: {r.reason}" for r in routes))
-            return None
-
-        def timed_out() -> tuple[int, dict]:
-            e = RequestTimeout(f"Timed out after [{format_time(timeout_s)}] waiting for trained model "
-                               f"deployment [{dep_id}] to start. Use the trained model stats API to "
-                               "track the state of the deployment and try again once it has started.")
-            return e.status, e.to_body()
-        return self._park(ident, timeout_s, ready, timed_out, tag=dep_id)
+    def request_at_zero(self, dep: DeploymentRecord) -> None:
+        """A request found no allocation: a deployment scaled to zero gets one (and the scaler
+        counts it as a scale-up, for the cooldown)."""
+        if not (dep.adaptive and dep.adaptive.enabled and dep.number_of_allocations == 0):
+            return
+        t = self._track(dep)
+        t.scaler.request_arrived()
+        t.last_scale_up = self.clock.monotonic()
+        log.info("adaptive allocations: a request for [%s] at zero allocations; starting one",
+                 dep.deployment_id)
+        self._set_allocations(dep, 1, "scale from zero")
+        t.scaler.set_allocations(1)

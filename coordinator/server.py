@@ -43,10 +43,11 @@ from mlfleet.common.security import Curve, authorize, load_authorized_keys, load
 from mlfleet.common.units import format_time
 from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 from mlfleet.coordinator import planner
-from mlfleet.coordinator.adaptive import AdaptiveMixin
+from mlfleet.coordinator.adaptive import AdaptiveAllocations
 from mlfleet.coordinator.config import CoordinatorConfig
 from mlfleet.coordinator.state import (
     AssignmentState,
+    Ctx,
     DeploymentRecord,
     ModelRecord,
     NodeRecord,
@@ -76,7 +77,10 @@ class Waiter:
     tag: str = ""
 
 
-class Coordinator(AdaptiveMixin):
+MAX_WAITING_FOR_ALLOCATION = 100
+
+
+class Coordinator:
     def __init__(self, config: CoordinatorConfig, clock: Clock | None = None) -> None:
         self.cfg = config
         self.clock = clock or Clock()
@@ -120,8 +124,6 @@ class Coordinator(AdaptiveMixin):
                     processors, memory = (int(x) for x in cap.split(","))
                     self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
-        self._current_rid = 0
-        self._current_user: Optional[str] = None
         self._settling = False
         self._resettle = False
         self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
@@ -138,7 +140,7 @@ class Coordinator(AdaptiveMixin):
             "get_nodes": (m.Empty, self.on_get_nodes),
             "get_routing": (m.DeploymentRef, self.on_get_routing),
             "await_routes": (m.AwaitRoutes, self.on_await_routes),
-            "ping": (m.Empty, lambda ident, msg: {"ok": True}),
+            "ping": (m.Empty, lambda ctx, msg: {"ok": True}),
             # agent protocol
             "register": (m.Register, self.on_register),
             "heartbeat": (m.Heartbeat, self.on_heartbeat),
@@ -153,7 +155,11 @@ class Coordinator(AdaptiveMixin):
         self._node_of: dict[bytes, str] = {}
         for d in self.deployments.values():
             self._route_sigs[d.deployment_id] = ()
-        self._adaptive_init()
+        self.adaptive = AdaptiveAllocations(
+            clock=self.clock, scale_to_zero_after_s=config.scale_to_zero_after_s,
+            scale_up_cooldown_s=config.scale_up_cooldown_s, deployments=self.deployments,
+            alive=self._alive, routes=self._routes, set_allocations=self._set_allocations,
+            push_sync=self._push_sync, save=self.store.save_deployment)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
@@ -171,8 +177,8 @@ class Coordinator(AdaptiveMixin):
             self.bind()
         self.timers.every(self.cfg.heartbeat_interval_s, self._check_nodes)
         self.timers.every(0.05, self._settle)
-        self.timers.every(self.cfg.adaptive_interval_s, self._adaptive_tick)
-        self.timers.every(1.0, self._expire_warm)
+        self.timers.every(self.cfg.adaptive_interval_s, self.adaptive.tick)
+        self.timers.every(1.0, self.adaptive.expire_warm)
         self._running = True
         if self.metrics is not None:
             self.timers.every(1.0, self._publish_metrics)
@@ -340,9 +346,7 @@ class Coordinator(AdaptiveMixin):
             req = decode_request(frames[1], OP_LIMITS.get(op, DEFAULT_LIMITS))
             cls, handler = entry
             msg = m.decode(cls, req.body, req.op)
-            self._current_rid = rid
-            self._current_user = user
-            result = handler(ident, msg)
+            result = handler(Ctx(ident, rid, user), msg)
             if result is not DEFER:
                 self._reply(ident, rid, 200, result)
         except EnvelopeError as e:
@@ -474,11 +478,11 @@ class Coordinator(AdaptiveMixin):
                 self._reply(w.ident, w.rid, *result)
         self.waiters = keep + self.waiters  # waiters parked by a check stay too
 
-    def _offload(self, ident: bytes, fn: Callable[..., Any], *args: Any,
+    def _offload(self, ctx: Ctx, fn: Callable[..., Any], *args: Any,
                  then: Callable[[Any], dict[str, Any]]) -> object:
         """Run blocking work (hashing, file I/O) on the Offload pool; answer the request when it
         is done, from the loop: ``then(result)`` builds the body (and may raise an ApiError)."""
-        rid = self._current_rid
+        ident, rid = ctx.ident, ctx.rid
 
         def done(result: Any, error: Optional[BaseException]) -> None:
             try:
@@ -495,9 +499,10 @@ class Coordinator(AdaptiveMixin):
         self.offload.submit(fn, *args, done=done)
         return DEFER
 
-    def _park(self, ident: bytes, timeout_s: float, check, on_timeout, tag: str = "") -> object:
-        # the waiting request's id is the one being handled: read it from the current frame
-        self.waiters.append(Waiter(ident, self._current_rid, self.clock.monotonic() + timeout_s,
+    def _park(self, ctx: Ctx, timeout_s: float, check, on_timeout, tag: str = "") -> object:
+        """Answer the request later: when ``check`` returns a reply, or ``on_timeout``'s at the
+        deadline."""
+        self.waiters.append(Waiter(ctx.ident, ctx.rid, self.clock.monotonic() + timeout_s,
                                    check, on_timeout, tag))
         return DEFER
 
@@ -576,8 +581,8 @@ class Coordinator(AdaptiveMixin):
             return None
         return node
 
-    def on_register(self, ident: bytes, msg: m.Register) -> dict[str, Any]:
-        user = self._current_user if self.curve is not None else None
+    def on_register(self, ctx: Ctx, msg: m.Register) -> dict[str, Any]:
+        user = ctx.user if self.curve is not None else None
         if self.curve is not None:
             # a node id belongs to the agent key that first registered it successfully, until an
             # admin moves it to another key (rotate_node_key)
@@ -587,14 +592,14 @@ class Coordinator(AdaptiveMixin):
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
-                          public_key=user, ident=ident)
+                          public_key=user, ident=ctx.ident)
         if known is not None and known.alive:
             node.reports = known.reports  # continuity: what it ran before counts while it drains
         self._ingest_reports(node, msg.deployments)
         if known is not None:
             self._node_of.pop(known.ident, None)
         self.nodes[msg.node_id] = node
-        self._node_of[ident] = msg.node_id
+        self._node_of[ctx.ident] = msg.node_id
         self._expected.pop(msg.node_id, None)
         capacity = f"{msg.allocated_processors},{int(msg.memory.get('total_bytes', 0))}"
         if self.store.get_meta(f"node_capacity/{msg.node_id}") != capacity:
@@ -609,11 +614,11 @@ class Coordinator(AdaptiveMixin):
         self._push_sync(msg.node_id)
         return self._sync_body(msg.node_id)
 
-    def on_heartbeat(self, ident: bytes, msg: m.Heartbeat) -> dict[str, Any]:
-        node = self._node_for(ident, msg.node_id)
+    def on_heartbeat(self, ctx: Ctx, msg: m.Heartbeat) -> dict[str, Any]:
+        node = self._node_for(ctx.ident, msg.node_id)
         if node is None:
             return {"reregister": True}
-        if self.curve is not None and node.public_key != self._current_user:
+        if self.curve is not None and node.public_key != ctx.user:
             raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
         node.last_seen = self.clock.monotonic()
         node.memory = msg.memory
@@ -621,22 +626,22 @@ class Coordinator(AdaptiveMixin):
         self._finish_stops()
         return self._sync_body(msg.node_id)
 
-    def on_leave(self, ident: bytes, msg: m.Leave) -> dict[str, Any]:
+    def on_leave(self, ctx: Ctx, msg: m.Leave) -> dict[str, Any]:
         """An agent shutting down cleanly: its routes go at once (clients move first) and its
         allocations are planned elsewhere, as for a lost node."""
-        node = self._node_for(ident, msg.node_id)
+        node = self._node_for(ctx.ident, msg.node_id)
         if node is None:
             return {"left": False}
         log.info("node [%s] is leaving the cluster", node.node_id)
         self._lose([node], "left")
         return {"left": True}
 
-    def on_model_chunk(self, ident: bytes, msg: m.ModelChunk) -> dict[str, Any]:
+    def on_model_chunk(self, ctx: Ctx, msg: m.ModelChunk) -> dict[str, Any]:
         """Model bytes go only to a registered node that runs (or is to run) that model."""
         if not SHA_RE.match(msg.sha256):
             raise BadRequest("[sha256] must be 64 lowercase hex characters")
-        node_id = self._node_of.get(ident)
-        node = self._node_for(ident, node_id) if node_id else None
+        node_id = self._node_of.get(ctx.ident)
+        node = self._node_for(ctx.ident, node_id) if node_id else None
         if node is None:  # e.g. an agent reconnecting: it asks again once it has registered
             raise ServiceUnavailable("[model_chunk] is for registered nodes: register first")
         wanted = {sha for a in self._node_assignments(node.node_id)
@@ -647,10 +652,10 @@ class Coordinator(AdaptiveMixin):
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
-        return self._offload(ident, self.store.read_chunk, msg.sha256, msg.offset, msg.length,
+        return self._offload(ctx, self.store.read_chunk, msg.sha256, msg.offset, msg.length,
                              then=lambda r: {"data": r[0], "size": r[1]})
 
-    def on_rotate_node_key(self, ident: bytes, msg: m.RotateNodeKey) -> dict[str, Any]:
+    def on_rotate_node_key(self, ctx: Ctx, msg: m.RotateNodeKey) -> dict[str, Any]:
         """Move a node id to another agent key (admin). The agent running now keeps its
         connection; the next registration of that node id must come with the new key."""
         self._reload_keys()
@@ -682,13 +687,13 @@ class Coordinator(AdaptiveMixin):
         self._settle()
 
     # ---- models --------------------------------------------------------------------------------
-    def on_put_model_chunk(self, ident: bytes, msg: m.PutModelChunk) -> dict[str, Any]:
+    def on_put_model_chunk(self, ctx: Ctx, msg: m.PutModelChunk) -> dict[str, Any]:
         if not UPLOAD_RE.match(msg.upload_id):
             raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
-        return self._offload(ident, self.store.append_upload, msg.upload_id, msg.offset, msg.data,
+        return self._offload(ctx, self.store.append_upload, msg.upload_id, msg.offset, msg.data,
                              then=lambda size: {"upload_id": msg.upload_id, "size": size})
 
-    def on_put_model(self, ident: bytes, msg: m.PutModel) -> dict[str, Any]:
+    def on_put_model(self, ctx: Ctx, msg: m.PutModel) -> dict[str, Any]:
         if (p := id_problem("model_id", msg.model_id)):
             raise BadRequest(p)
         if msg.model_id in self.models:
@@ -723,16 +728,16 @@ class Coordinator(AdaptiveMixin):
                      rec.sha256, rec.task)
             return {"model_id": rec.model_id, "model_size_bytes": size, "task": rec.task,
                     "sha256": rec.sha256}
-        return self._offload(ident, place, then=store)
+        return self._offload(ctx, place, then=store)
 
-    def on_get_models(self, ident: bytes, msg: m.GetModels) -> dict[str, Any]:
+    def on_get_models(self, ctx: Ctx, msg: m.GetModels) -> dict[str, Any]:
         if msg.model_id is not None and msg.model_id not in ("_all", "*"):
             recs = [self._model(msg.model_id)]
         else:
             recs = sorted(self.models.values(), key=lambda r: r.model_id)
         return {"count": len(recs), "trained_model_configs": [r.config_body() for r in recs]}
 
-    def on_delete_model(self, ident: bytes, msg: m.DeleteModel) -> dict[str, Any]:
+    def on_delete_model(self, ctx: Ctx, msg: m.DeleteModel) -> dict[str, Any]:
         rec = self._model(msg.model_id)
         if any(d.model_id == rec.model_id for d in self.deployments.values()):
             raise Conflict(f"Cannot delete model [{rec.model_id}] as it is currently deployed")
@@ -742,7 +747,7 @@ class Coordinator(AdaptiveMixin):
         return {"acknowledged": True}
 
     # ---- deployments ---------------------------------------------------------------------------
-    def on_start(self, ident: bytes, msg: m.StartDeployment) -> Any:
+    def on_start(self, ctx: Ctx, msg: m.StartDeployment) -> Any:
         p = validate_start(msg)
         if p.priority == "low":
             low_priority_rules(p.number_of_allocations, p.adaptive)
@@ -777,7 +782,7 @@ class Coordinator(AdaptiveMixin):
                  dep.deployment_id, dep.model_id, dep.number_of_allocations,
                  dep.threads_per_allocation, dep.priority)
         self._apply(plan, f"model deployment [{dep.deployment_id}] started")
-        return self._park(ident, p.timeout_s,
+        return self._park(ctx, p.timeout_s,
                           lambda: self._start_progress(dep.deployment_id, p.wait_for),
                           lambda: self._start_timeout(dep.deployment_id, p.timeout_s))
 
@@ -804,7 +809,7 @@ class Coordinator(AdaptiveMixin):
             "deployment and try again once it has started.")
         return e.status, e.to_body()
 
-    def on_update(self, ident: bytes, msg: m.UpdateDeployment) -> dict[str, Any]:
+    def on_update(self, ctx: Ctx, msg: m.UpdateDeployment) -> dict[str, Any]:
         dep = self._deployment(msg.deployment_id)
         n, adaptive = validate_update(msg.number_of_allocations, msg.adaptive_allocations, dep.adaptive)
         if dep.priority == "low":
@@ -853,14 +858,14 @@ class Coordinator(AdaptiveMixin):
         self.store.save_deployment(dep)
         self._apply(plan, why)
 
-    def on_stop(self, ident: bytes, msg: m.StopDeployment) -> Any:
+    def on_stop(self, ctx: Ctx, msg: m.StopDeployment) -> Any:
         dep = self.deployments.get(msg.deployment_id)
         if dep is None:
             if msg.allow_no_match:
                 return {"stopped": True}
             raise NotFound(f"No known model deployment with id [{msg.deployment_id}]")
         self._begin_stop(dep, force=msg.force, finish_pending_work=msg.finish_pending_work)
-        return self._park(ident, self.cfg.stop_timeout_s,
+        return self._park(ctx, self.cfg.stop_timeout_s,
                           lambda: None if dep.deployment_id in self.deployments else (200, {"stopped": True}),
                           lambda: self._force_remove(dep.deployment_id))
 
@@ -901,14 +906,14 @@ class Coordinator(AdaptiveMixin):
             self._rebalance(f"deployment [{deployment_id}] stopped")
         return 200, {"stopped": True}
 
-    def on_clear_cache(self, ident: bytes, msg: m.DeploymentRef) -> dict[str, Any]:
+    def on_clear_cache(self, ctx: Ctx, msg: m.DeploymentRef) -> dict[str, Any]:
         dep = self._deployment(msg.deployment_id)
         for node_id in self._reporting_nodes(dep):
             self._send(self.nodes[node_id].ident,
                        encode_request("clear_cache", 0, {"deployment_id": dep.deployment_id}))
         return {"cleared": True}
 
-    def on_get_stats(self, ident: bytes, msg: m.GetStats) -> dict[str, Any]:
+    def on_get_stats(self, ctx: Ctx, msg: m.GetStats) -> dict[str, Any]:
         if msg.deployment_id is not None and msg.deployment_id not in ("_all", "*"):
             dep = self.deployments.get(msg.deployment_id)
             if dep is None:
@@ -927,7 +932,7 @@ class Coordinator(AdaptiveMixin):
                 model.size, d.cache_bytes(model))
         return {"count": len({d.model_id for d in deps}), "trained_model_stats": entries}
 
-    def on_get_nodes(self, ident: bytes, msg: m.Empty) -> dict[str, Any]:
+    def on_get_nodes(self, ctx: Ctx, msg: m.Empty) -> dict[str, Any]:
         out = {}
         for n in sorted(self._alive(), key=lambda n: n.node_id):
             deps = sorted(d.deployment_id for d in self.deployments.values()
@@ -936,7 +941,43 @@ class Coordinator(AdaptiveMixin):
             out[n.node_id] = n.body(deps)
         return {"nodes": out}
 
-    def on_get_routing(self, ident: bytes, msg: m.DeploymentRef) -> dict[str, Any]:
+    def on_await_routes(self, ctx: Ctx, msg: m.AwaitRoutes) -> Any:
+        """A client found no allocation to send to. Answer with the routing table as soon as one
+        serves (triggering one allocation if the deployment scaled to zero), 408 at the deadline."""
+        dep = self._deployment(msg.deployment_id)
+        dep_id = dep.deployment_id
+
+        def ready() -> Optional[tuple[int, dict]]:
+            d = self.deployments.get(dep_id)
+            if d is None:
+                raise NotFound(f"No known model deployment with id [{dep_id}]")
+            if d.stopping:
+                raise Conflict(f"Trained model deployment [{dep_id}] is [stopping]")
+            routes = self._routes(d)
+            if any(r.routable for r in routes):
+                return 200, self.on_get_routing(ctx, m.DeploymentRef(dep_id))
+            if routes and all(r.routing_state == RoutingState.FAILED for r in routes):
+                raise ServiceUnavailable(f"[{dep_id}] every allocation has failed: " + "; ".join(
+                    f"{r.node_id}: {r.reason}" for r in routes))
+            return None
+
+        now = ready()
+        if now is not None:
+            return now[1]
+        if sum(1 for w in self.waiters if w.tag == dep_id) >= MAX_WAITING_FOR_ALLOCATION:
+            raise TooManyRequests(f"Rejected inference request waiting for an allocation of deployment "
+                                  f"[{dep_id}]. Too many pending requests")
+        self.adaptive.request_at_zero(dep)
+        timeout_s = msg.timeout_ms / 1000.0
+
+        def timed_out() -> tuple[int, dict]:
+            e = RequestTimeout(f"Timed out after [{format_time(timeout_s)}] waiting for trained model "
+                               f"deployment [{dep_id}] to start. Use the trained model stats API to "
+                               "track the state of the deployment and try again once it has started.")
+            return e.status, e.to_body()
+        return self._park(ctx, timeout_s, ready, timed_out, tag=dep_id)
+
+    def on_get_routing(self, ctx: Ctx, msg: m.DeploymentRef) -> dict[str, Any]:
         dep = self._deployment(msg.deployment_id)
         routes = self._routes(dep)
         return {"deployment_id": dep.deployment_id, "version": dep.routing_version,

@@ -122,6 +122,16 @@ class NodeRecord:
                 "deployments": deployments}
 
 
+@dataclass(frozen=True)
+class Ctx:
+    """The request being handled: who sent it (its connection and, with CURVE, its key) and its
+    id. Handlers get it explicitly; an answer given later (a parked waiter, offloaded work) keeps
+    it to reply to."""
+    ident: bytes
+    rid: int
+    user: Optional[str] = None
+
+
 # ---- derived views -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

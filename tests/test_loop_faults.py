@@ -46,7 +46,7 @@ def _client(coord):
 
 
 def test_a_failing_handler_answers_500_and_the_loop_goes_on(coordinator):
-    def broken(ident, msg):
+    def broken(ctx, msg):
         raise KeyError("planted")
     coordinator.handlers["get_nodes"] = (m.Empty, broken)
     with _client(coordinator) as c:
@@ -57,10 +57,10 @@ def test_a_failing_handler_answers_500_and_the_loop_goes_on(coordinator):
 
 
 def test_a_failing_waiter_answers_its_own_request_only(coordinator):
-    def park(ident, msg):
+    def park(ctx, msg):
         def check():
             raise RuntimeError("planted in a waiter")
-        return coordinator._park(ident, 5.0, check, lambda: (200, {}))
+        return coordinator._park(ctx, 5.0, check, lambda: (200, {}))
     coordinator.handlers["get_nodes"] = (m.Empty, park)
     with _client(coordinator) as c:
         with pytest.raises(ServerError) as e:
@@ -75,12 +75,12 @@ def test_a_waiter_that_changes_state_does_not_recurse(coordinator):
     round instead of recursing."""
     calls = []
 
-    def park(ident, msg):
+    def park(ctx, msg):
         def check():
             calls.append(1)
             coordinator._settle()  # re-entrant: must not recurse into this check
             return (200, {"ok": len(calls)}) if len(calls) >= 2 else None
-        return coordinator._park(ident, 5.0, check, lambda: (408, {}))
+        return coordinator._park(ctx, 5.0, check, lambda: (408, {}))
     coordinator.handlers["get_nodes"] = (m.Empty, park)
     with _client(coordinator) as c:
         assert c.get_nodes()["ok"] >= 2
