@@ -235,12 +235,7 @@ class Agent:
         for rt in self.runtimes.values():
             rt.kill()
         for rt in self.runtimes.values():
-            if rt.host is not None:
-                try:
-                    rt.host.wait(self.cfg.stop_grace_s)
-                except Exception:
-                    rt.host.kill()
-                    rt.host.wait()
+            rt.wait_host(self.cfg.stop_grace_s)
         for s in (self.infer_sock, self.worker_sock, self.coord):
             if s is not None:
                 s.close(0)
@@ -405,7 +400,7 @@ class Agent:
                 rt.begin_stop(finish_pending_work=True)
         keep = {sha for a in wanted.values() for sha in (a.sha256, a.tokenizer_sha256) if sha}
         keep |= {sha for rt in self.runtimes.values() if rt.phase != Phase.STOPPED
-                 for sha in (rt.a.sha256, rt.a.tokenizer_sha256) if sha}
+                 for sha in rt.model_shas()}
         removed = self.models.prune(keep)  # cached models no deployment here uses any more
         if removed:
             log.info("removed %d cached model files no deployment uses: %s", len(removed), ", ".join(removed))
@@ -474,16 +469,14 @@ class Agent:
             fams["cache_hits"].add_metric(lv, s["inference_cache_hit_count"])
             depth.add_metric(lv, s["number_of_pending_requests"])
             allocs.add_metric(lv + ["current"], rt.ready_count())
-            allocs.add_metric(lv + ["target"], rt.a.target_allocations)
+            allocs.add_metric(lv + ["target"], rt.target_allocations)
         connected = self.clock.monotonic() - self.last_heard < self.node_timeout_s
         up.add_metric([self.node_id], 1.0 if connected else 0.0)
         self.metrics.publish([*fams.values(), depth, allocs, up])
 
     def _reap_stopped(self) -> None:
         for dep_id, rt in list(self.runtimes.items()):
-            if rt.phase == Phase.STOPPED and (rt.host is None or rt.host.poll() is not None):
-                if rt.host is not None and rt.host.stdout and not rt.host.stdout.closed:
-                    continue  # wait for the host's pipe to close so its workers are accounted
+            if rt.reapable():  # its host's pipe closed too, so its workers are accounted
                 del self.runtimes[dep_id]
                 log.info("deployment [%s] stopped on node [%s]", dep_id, self.node_id)
                 self._heartbeat_now()
