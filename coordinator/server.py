@@ -45,6 +45,7 @@ from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_i
 from mlfleet.coordinator import planner
 from mlfleet.coordinator.adaptive import AdaptiveAllocations
 from mlfleet.coordinator.config import CoordinatorConfig
+from mlfleet.coordinator.routing import RoutingIndex
 from mlfleet.coordinator.state import (
     AssignmentState,
     Ctx,
@@ -74,7 +75,8 @@ class Waiter:
     deadline: float
     check: Callable[[], Optional[tuple[int, dict[str, Any]]]]
     on_timeout: Callable[[], tuple[int, dict[str, Any]]]
-    tag: str = ""
+    tag: str = ""          # a deployment id: checked when that deployment's routing changes
+                           # (every settle when empty), and at its deadline
 
 
 MAX_WAITING_FOR_ALLOCATION = 100
@@ -93,6 +95,10 @@ class Coordinator:
             d.deployment_id: d for d in self.store.load_deployments()}
         self.nodes: dict[str, NodeRecord] = {}
         self._route_sigs: dict[str, tuple] = {}
+        self.routing = RoutingIndex()                 # who reports what; what changed
+        self._sync_cache: dict[str, dict[str, Any]] = {}  # node -> its sync body, until it changes
+        self._stopping: set[str] = set()              # deployments being stopped
+        self._max_version = 0
         self.waiters: list[Waiter] = []
         self.timers = Timers(self.clock.monotonic)
         self.ctx = zmq.Context.instance()
@@ -155,11 +161,15 @@ class Coordinator:
         self._node_of: dict[bytes, str] = {}
         for d in self.deployments.values():
             self._route_sigs[d.deployment_id] = ()
+            self.routing.dirty.add(d.deployment_id)
+            self._max_version = max(self._max_version, d.routing_version)
+            if d.stopping:
+                self._stopping.add(d.deployment_id)
         self.adaptive = AdaptiveAllocations(
             clock=self.clock, scale_to_zero_after_s=config.scale_to_zero_after_s,
             scale_up_cooldown_s=config.scale_up_cooldown_s, deployments=self.deployments,
             alive=self._alive, routes=self._routes, set_allocations=self._set_allocations,
-            push_sync=self._push_sync, save=self.store.save_deployment)
+            push_sync=self._push_sync, save=self._save_deployment)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> str:
@@ -372,7 +382,7 @@ class Coordinator:
         return dep
 
     def _routes(self, dep: DeploymentRecord):
-        return routes_of(dep, self.nodes)
+        return routes_of(dep, self.nodes, self.routing.reporting(dep.deployment_id))
 
     def _alive(self) -> list[NodeRecord]:
         return [n for n in self.nodes.values() if n.alive]
@@ -412,15 +422,20 @@ class Coordinator:
                              why, dep_id, dep.targets, targets)
                 dep.targets, dep.reason = dict(targets), reason
                 self.store.save_deployment(dep)
+                self.routing.dirty.add(dep_id)
         for node_id in touched:
             self._push_sync(node_id)
+
+    def _save_deployment(self, dep: DeploymentRecord) -> None:
+        self.store.save_deployment(dep)
+        self.routing.dirty.add(dep.deployment_id)
 
     def _rebalance(self, why: str) -> None:
         self._apply(self._plan(), why)
 
     def _next_version(self) -> int:
-        return max(self.clock.wall_ms(), max((d.routing_version for d in self.deployments.values()),
-                                             default=0) + 1)
+        self._max_version = max(self.clock.wall_ms(), self._max_version + 1)
+        return self._max_version
 
     def _settle(self) -> None:
         """After a frame, a timer or a change of state: bump the routing versions whose routable
@@ -435,16 +450,23 @@ class Coordinator:
         try:
             for _ in range(8):
                 self._resettle = False
-                self._update_route_versions()
-                self._check_waiters()
-                if not self._resettle:
+                dirty = self.routing.take_dirty()
+                self._update_route_versions(dirty)
+                self._check_waiters(dirty)
+                if not self._resettle and not self.routing.dirty:
                     break
         finally:
             self._settling = False
 
-    def _update_route_versions(self) -> None:
-        """Bump the routing version of every deployment whose routable set changed."""
-        for dep in self.deployments.values():
+    def _update_route_versions(self, dirty: set[str]) -> None:
+        """Bump the routing version of each deployment (among those whose routing may have
+        changed) whose routable set did change; the nodes concerned get a fresh sync body."""
+        for dep_id in dirty:
+            dep = self.deployments.get(dep_id)
+            if dep is None:
+                continue
+            for node_id in set(dep.targets) | set(dep.warm) | self.routing.reporting(dep_id):
+                self._sync_cache.pop(node_id, None)
             routes = self._routes(dep)
             sig = tuple((r.node_id, r.current_allocations) for r in routes if r.routable)
             if dep.stopping:
@@ -455,13 +477,17 @@ class Coordinator:
                 current = sum(r.current_allocations for r in routes if r.routable)
                 dep.max_assigned_allocations = max(dep.max_assigned_allocations, current)
 
-    def _check_waiters(self) -> None:
+    def _check_waiters(self, dirty: set[str]) -> None:
+        """Waiters are looked at when what they wait on changed, or at their deadline."""
         if not self.waiters:
             return
         now = self.clock.monotonic()
         waiting, self.waiters = self.waiters, []
         keep = []
         for w in waiting:
+            if w.tag and w.tag not in dirty and now < w.deadline:
+                keep.append(w)
+                continue
             try:
                 result = w.check()
                 if result is None and now >= w.deadline:
@@ -527,9 +553,18 @@ class Coordinator:
         return out
 
     def _reporting_nodes(self, dep: DeploymentRecord) -> set[str]:
-        return {n.node_id for n in self._alive() if dep.deployment_id in n.reports}
+        return {n for n in self.routing.reporting(dep.deployment_id) if self.nodes[n].alive}
 
     def _sync_body(self, node_id: str) -> dict[str, Any]:
+        """What a node must run. Kept until something for that node changes (a push, or a
+        routing change of one of its deployments): a heartbeat that changes nothing costs no
+        walk over the deployments."""
+        body = self._sync_cache.get(node_id)
+        if body is None:
+            body = self._sync_cache[node_id] = self._build_sync_body(node_id)
+        return body
+
+    def _build_sync_body(self, node_id: str) -> dict[str, Any]:
         body = {"assignments": self._node_assignments(node_id),
                 "heartbeat_interval_s": self.cfg.heartbeat_interval_s,
                 "node_timeout_s": self.cfg.node_timeout_s}
@@ -538,6 +573,7 @@ class Coordinator:
         return body
 
     def _push_sync(self, node_id: str) -> None:
+        self._sync_cache.pop(node_id, None)
         node = self.nodes.get(node_id)
         if node and node.alive:
             self._send(node.ident, encode_request("sync", 0, self._sync_body(node_id)))
@@ -572,7 +608,9 @@ class Coordinator:
             cap = target if target > 0 else dep.number_of_allocations  # draining: what it may hold
             parsed[r.deployment_id] = RouteReport(state, min(r.current_allocations, cap),
                                                   r.target_allocations, r.reason, r.stats)
-        node.reports = parsed
+        old, node.reports = node.reports, parsed
+        if self.nodes.get(node.node_id) is node:  # (a registering node's record is not in yet)
+            self.routing.reports_changed(node.node_id, old, parsed)
 
     def _node_for(self, ident: bytes, node_id: str) -> Optional[NodeRecord]:
         """The live node this connection registered as, if it is ``node_id``."""
@@ -599,6 +637,9 @@ class Coordinator:
         if known is not None:
             self._node_of.pop(known.ident, None)
         self.nodes[msg.node_id] = node
+        self.routing.reports_changed(msg.node_id, known.reports if known else {}, node.reports)
+        self.routing.dirty |= {d.deployment_id for d in self.deployments.values()
+                               if msg.node_id in d.targets}  # its STARTING routes appear
         self._node_of[ctx.ident] = msg.node_id
         self._expected.pop(msg.node_id, None)
         capacity = f"{msg.allocated_processors},{int(msg.memory.get('total_bytes', 0))}"
@@ -680,7 +721,10 @@ class Coordinator:
     def _lose(self, nodes: list[NodeRecord], why: str) -> None:
         for n in nodes:
             n.alive = False
-            n.reports = {}
+            old, n.reports = n.reports, {}
+            self.routing.node_gone(n.node_id, old)
+            self.routing.dirty |= {d.deployment_id for d in self.deployments.values()
+                                   if n.node_id in d.targets}
             self._node_of.pop(n.ident, None)
         self._rebalance(f"nodes {why}: " + ",".join(n.node_id for n in nodes))
         self._finish_stops()
@@ -784,7 +828,8 @@ class Coordinator:
         self._apply(plan, f"model deployment [{dep.deployment_id}] started")
         return self._park(ctx, p.timeout_s,
                           lambda: self._start_progress(dep.deployment_id, p.wait_for),
-                          lambda: self._start_timeout(dep.deployment_id, p.timeout_s))
+                          lambda: self._start_timeout(dep.deployment_id, p.timeout_s),
+                          tag=dep.deployment_id)
 
     def _start_progress(self, deployment_id: str, wait_for: str) -> Optional[tuple[int, dict]]:
         dep = self.deployments.get(deployment_id)
@@ -855,6 +900,7 @@ class Coordinator:
         log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id,
                  dep.number_of_allocations, n, why)
         dep.number_of_allocations = n
+        self.routing.dirty.add(dep.deployment_id)
         self.store.save_deployment(dep)
         self._apply(plan, why)
 
@@ -867,7 +913,7 @@ class Coordinator:
         self._begin_stop(dep, force=msg.force, finish_pending_work=msg.finish_pending_work)
         return self._park(ctx, self.cfg.stop_timeout_s,
                           lambda: None if dep.deployment_id in self.deployments else (200, {"stopped": True}),
-                          lambda: self._force_remove(dep.deployment_id))
+                          lambda: self._force_remove(dep.deployment_id), tag=dep.deployment_id)
 
     def _begin_stop(self, dep: DeploymentRecord, *, force: bool, finish_pending_work: bool) -> None:
         if not dep.stopping:
@@ -876,6 +922,8 @@ class Coordinator:
         dep.stopping = True
         dep.finish_pending_work = finish_pending_work and not force
         self.store.save_deployment(dep)
+        self._stopping.add(dep.deployment_id)
+        self.routing.dirty.add(dep.deployment_id)
         self._settle()
         for node_id in set(dep.targets) | self._reporting_nodes(dep):
             self._push_sync(node_id)
@@ -883,7 +931,8 @@ class Coordinator:
 
     def _finish_stops(self) -> None:
         """Forget stopping deployments that no live node runs any more."""
-        done = [d for d in self.deployments.values() if d.stopping and not self._reporting_nodes(d)]
+        done = [d for d in (self.deployments.get(i) for i in list(self._stopping))
+                if d is not None and not self._reporting_nodes(d)]
         for dep in done:
             self._remove(dep)
         if done:
@@ -893,6 +942,9 @@ class Coordinator:
         self.store.delete_deployment(dep.deployment_id)
         self.deployments.pop(dep.deployment_id, None)
         self._route_sigs.pop(dep.deployment_id, None)
+        self._stopping.discard(dep.deployment_id)
+        self.routing.forget(dep.deployment_id)
+        self.routing.dirty.add(dep.deployment_id)  # its waiters learn it is gone
         log.info("Stopped deployment [%s]", dep.deployment_id)
         for node_id in set(dep.targets) | {n.node_id for n in self._alive()}:
             self._push_sync(node_id)
@@ -933,13 +985,13 @@ class Coordinator:
         return {"count": len({d.model_id for d in deps}), "trained_model_stats": entries}
 
     def on_get_nodes(self, ctx: Ctx, msg: m.Empty) -> dict[str, Any]:
-        out = {}
-        for n in sorted(self._alive(), key=lambda n: n.node_id):
-            deps = sorted(d.deployment_id for d in self.deployments.values()
-                          if any(r.node_id == n.node_id and r.current_allocations > 0
-                                 for r in self._routes(d)))
-            out[n.node_id] = n.body(deps)
-        return {"nodes": out}
+        on_node: dict[str, list[str]] = {}  # one pass over the routes, not nodes x deployments
+        for d in sorted(self.deployments.values(), key=lambda d: d.deployment_id):
+            for r in self._routes(d):
+                if r.current_allocations > 0:
+                    on_node.setdefault(r.node_id, []).append(d.deployment_id)
+        return {"nodes": {n.node_id: n.body(on_node.get(n.node_id, []))
+                          for n in sorted(self._alive(), key=lambda n: n.node_id)}}
 
     def on_await_routes(self, ctx: Ctx, msg: m.AwaitRoutes) -> Any:
         """A client found no allocation to send to. Answer with the routing table as soon as one

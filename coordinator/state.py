@@ -147,10 +147,16 @@ class Route:
         return self.routing_state == RoutingState.STARTED and self.current_allocations > 0
 
 
-def routes_of(dep: DeploymentRecord, nodes: dict[str, NodeRecord]) -> list[Route]:
-    """The routing table: a route per live node that is targeted or still runs the deployment."""
+def routes_of(dep: DeploymentRecord, nodes: dict[str, NodeRecord],
+              reporting: Optional[set[str]] = None) -> list[Route]:
+    """The routing table: a route per live node that is targeted or still runs the deployment.
+    ``reporting`` (the nodes known to report the deployment, kept by ``RoutingIndex``) spares a
+    scan of every node; without it the nodes are scanned, which is the definition the index is
+    tested against."""
     out = []
-    node_ids = set(dep.targets) | {n for n, node in nodes.items() if dep.deployment_id in node.reports}
+    if reporting is None:
+        reporting = {n for n, node in nodes.items() if dep.deployment_id in node.reports}
+    node_ids = set(dep.targets) | reporting
     for node_id in sorted(node_ids):
         node = nodes.get(node_id)
         if node is None or not node.alive:
