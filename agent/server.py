@@ -555,8 +555,6 @@ class Agent:
                 raise BadRequest(f"unknown op [{op[:64]}] on the inference endpoint")
             req = decode_request(frames[1], OP_LIMITS["infer"])
             msg = m.decode(m.Infer, req.body, "infer")
-            if msg.timeout_ms <= 0:
-                raise BadRequest("[timeout] must be positive")
             rt = self.runtimes.get(msg.deployment_id)
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "

@@ -229,3 +229,18 @@ def validate_update(number_of_allocations: Optional[int], adaptive_raw: Any,
 def wait_for_reached(wait_for: str, state: str) -> bool:
     """allocation_status.state (starting < started < fully_allocated) has reached wait_for."""
     return WAIT_FOR.index(state) >= WAIT_FOR.index(wait_for)
+
+
+def low_priority_rules(number_of_allocations: Optional[int], adaptive: Optional[Adaptive]) -> None:
+    """A low-priority deployment is one allocation of one thread, through start, update and
+    adaptive allocations (which may scale it to zero and back to one, no further)."""
+    errors = []
+    if number_of_allocations is not None and number_of_allocations != 1:
+        errors.append("[number_of_allocations] must be 1 when [priority] is low")
+    if adaptive is not None and adaptive.enabled:
+        if (adaptive.min_number_of_allocations or 0) > 1:
+            errors.append("[min_number_of_allocations] must be 0 or 1 when [priority] is low")
+        if adaptive.max_number_of_allocations not in (None, 1):
+            errors.append("[max_number_of_allocations] must be 1 when [priority] is low")
+    if errors:
+        raise ValidationError(errors)

@@ -222,16 +222,6 @@ def decode_request(frame: bytes, limits: Limits | None = None) -> Request:
     return Request(op=op, id=msg["id"], body=body)
 
 
-def request_id_of(frame: bytes) -> int:
-    """Best effort: the id of a message that failed to decode, so the error can be matched."""
-    try:
-        msg = unpack(frame)
-        rid = msg.get("id", 0) if isinstance(msg, dict) else 0
-        return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
-    except Exception:
-        return 0
-
-
 def decode_reply(frame: bytes) -> Reply:
     msg = _envelope(frame)
     status, body = msg.get("status"), msg.get("body")

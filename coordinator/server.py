@@ -25,10 +25,15 @@ from mlfleet.common.errors import (
     ServerError,
     ServiceUnavailable,
     TooManyRequests,
-    ValidationError,
 )
 from mlfleet.common.offload import Offload
-from mlfleet.common.params import Adaptive, id_problem, validate_start, validate_update, wait_for_reached
+from mlfleet.common.params import (
+    id_problem,
+    low_priority_rules,
+    validate_start,
+    validate_update,
+    wait_for_reached,
+)
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.protocol import (
     DEFAULT_LIMITS,
@@ -60,7 +65,7 @@ from mlfleet.coordinator.state import (
     deployment_stats_body,
     routes_of,
 )
-from mlfleet.coordinator.store import SHA_RE, UPLOAD_RE, Store
+from mlfleet.coordinator.store import Store
 
 log = logging.getLogger(__name__)
 TASKS = ("pass_through", "text_embedding")
@@ -679,8 +684,6 @@ class Coordinator:
 
     def on_model_chunk(self, ctx: Ctx, msg: m.ModelChunk) -> dict[str, Any]:
         """Model bytes go only to a registered node that runs (or is to run) that model."""
-        if not SHA_RE.match(msg.sha256):
-            raise BadRequest("[sha256] must be 64 lowercase hex characters")
         node_id = self._node_of.get(ctx.ident)
         node = self._node_for(ctx.ident, node_id) if node_id else None
         if node is None:  # e.g. an agent reconnecting: it asks again once it has registered
@@ -732,8 +735,6 @@ class Coordinator:
 
     # ---- models --------------------------------------------------------------------------------
     def on_put_model_chunk(self, ctx: Ctx, msg: m.PutModelChunk) -> dict[str, Any]:
-        if not UPLOAD_RE.match(msg.upload_id):
-            raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
         return self._offload(ctx, self.store.append_upload, msg.upload_id, msg.offset, msg.data,
                              then=lambda size: {"upload_id": msg.upload_id, "size": size})
 
@@ -749,8 +750,6 @@ class Coordinator:
             raise BadRequest(f"invalid [task] [{msg.task}]; must be one of [{','.join(TASKS)}]")
         if msg.task == "text_embedding" and not msg.tokenizer:
             raise BadRequest("[tokenizer] is required for task [text_embedding]")
-        if not UPLOAD_RE.match(msg.upload_id):
-            raise BadRequest("[upload_id] must be 16 to 64 lowercase hex characters")
         if not self.store.upload_path(msg.upload_id).exists():
             raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
 
@@ -1041,21 +1040,6 @@ class Coordinator:
                             "current_allocations": r.current_allocations}
                            for r in routes if r.routing_state in (RoutingState.STARTED,
                                                                    RoutingState.STOPPING)]}
-
-
-def low_priority_rules(number_of_allocations: Optional[int], adaptive: Optional[Adaptive]) -> None:
-    """A low-priority deployment is one allocation of one thread, through start, update and
-    adaptive allocations (which may scale it to zero and back to one, no further)."""
-    errors = []
-    if number_of_allocations is not None and number_of_allocations != 1:
-        errors.append("[number_of_allocations] must be 1 when [priority] is low")
-    if adaptive is not None and adaptive.enabled:
-        if (adaptive.min_number_of_allocations or 0) > 1:
-            errors.append("[min_number_of_allocations] must be 0 or 1 when [priority] is low")
-        if adaptive.max_number_of_allocations not in (None, 1):
-            errors.append("[max_number_of_allocations] must be 1 when [priority] is low")
-    if errors:
-        raise ValidationError(errors)
 
 
 def start(config: CoordinatorConfig) -> Coordinator:

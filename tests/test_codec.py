@@ -150,14 +150,6 @@ def test_body_not_a_map(body):
     assert "[body] must be a map" in e.reason
 
 
-def test_request_id_of_best_effort():
-    assert P.request_id_of(P.pack({"v": 99, "id": 12})) == 12
-    assert P.request_id_of(b"\xc1") == 0
-    assert P.request_id_of(P.pack([1, 2])) == 0
-    assert P.request_id_of(P.pack({"id": "x"})) == 0
-    assert P.request_id_of(P.pack({"id": True})) == 0
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=256))
 def test_decode_request_arbitrary_bytes_only_bad_request(frame):
@@ -202,8 +194,12 @@ def test_decode_reply_arbitrary_bytes_only_bad_request(frame):
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64))
-def test_request_id_of_never_raises(frame):
-    assert isinstance(P.request_id_of(frame), int)
+def test_peek_request_answers_an_op_and_id_or_an_envelope_error(frame):
+    try:
+        op, rid = P.peek_request(frame)
+        assert isinstance(op, str) and isinstance(rid, int)
+    except P.EnvelopeError as e:
+        assert isinstance(e.request_id, int)
 
 
 # ---- arrays -----------------------------------------------------------------------------------
