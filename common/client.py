@@ -84,7 +84,7 @@ class _IO(threading.Thread):
     def _wake(self) -> None:
         try:
             os.write(self.wake_w, b"x")
-        except BlockingIOError:
+        except OSError:  # full (the thread will drain it) or already closed (it has stopped)
             pass
 
     def _sock(self, address: str) -> zmq.Socket:
