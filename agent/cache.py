@@ -1,17 +1,18 @@
-"""The inference cache of one deployment on one node: bounded in bytes, keyed by a hash of the
-request's documents as they travel (msgpack), least-recently-used eviction.
+"""The inference cache of one deployment on one node: bounded in bytes, keyed by a digest of the
+request's payload frames as they travel (``protocol.payload_key``: the agent never decodes them),
+least-recently-used eviction.
 
 LRU rather than Elasticsearch's LFU: a hit costs an O(1) move, a miss never scans, and a
-deployment whose traffic shifts stops holding yesterday's hot keys. Values are the encoded reply
-bodies exactly as they go back on the wire (bytes, sent again as they are on a hit), and each
-entry is accounted at its real cost in memory: the bytes plus the key, the tuple and the
-dictionary entry (``ENTRY_OVERHEAD``, measured with tracemalloc on CPython 3.11: about 210 bytes).
+deployment whose traffic shifts stops holding yesterday's hot keys. Values are the results'
+payload frames exactly as the worker encoded them (sent again as they are on a hit), and each
+entry is accounted at its real cost in memory: the bytes, each kept frame object, plus the key,
+the tuple and the dictionary entry (``ENTRY_OVERHEAD``, measured with tracemalloc on CPython
+3.11: about 210 bytes).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import sys
 from typing import Optional
 
@@ -22,17 +23,13 @@ class LruCache:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = max(0, int(capacity_bytes))
         self.used = 0
-        self._items: collections.OrderedDict[bytes, tuple[bytes, int]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[bytes, tuple[object, int]] = collections.OrderedDict()
 
     @property
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    @staticmethod
-    def key(docs_packed: bytes) -> bytes:
-        return hashlib.blake2b(docs_packed, digest_size=20).digest()
-
-    def get(self, key: bytes) -> Optional[bytes]:
+    def get(self, key: bytes) -> Optional[object]:
         item = self._items.get(key)
         if item is None:
             return None
@@ -40,12 +37,14 @@ class LruCache:
         return item[0]
 
     @staticmethod
-    def cost(value: bytes) -> int:
+    def cost(value: object) -> int:
         """What an entry really holds in memory."""
         return sys.getsizeof(value) + ENTRY_OVERHEAD
 
-    def put(self, key: bytes, value: bytes) -> None:
-        size = self.cost(value)
+    def put(self, key: bytes, value: object, size: Optional[int] = None) -> None:
+        """``size``: what the value holds in memory, when ``cost`` cannot see it (frames whose
+        bytes live outside Python's heap); without it, ``cost(value)``."""
+        size = self.cost(value) if size is None else size + ENTRY_OVERHEAD
         if size > self.capacity:
             return
         old = self._items.pop(key, None)

@@ -26,7 +26,7 @@ import enum
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from mlfleet.agent.cache import LruCache
 from mlfleet.common import messages as m
@@ -40,7 +40,8 @@ from mlfleet.common.errors import (
     TooManyRequests,
 )
 from mlfleet.common.proc import describe_exit
-from mlfleet.common.protocol import pack
+
+Payload = tuple[Any, ...]  # frames, opaque to the core: a request's documents or a job's results
 
 _ids = itertools.count(1)  # worker and job ids, unique in the agent (worker identities must be)
 
@@ -103,18 +104,19 @@ class StartHost:
 
 @dataclass(frozen=True)
 class HostCommand:
-    """A JSON line for the model host: spawn, kill or exit (see agent/host.py)."""
+    """A message for the model host: spawn, kill or exit (see agent/host.py)."""
     cmd: str
     worker_id: str = ""
     identity: str = ""
     force: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    def message(self) -> tuple[str, dict[str, Any]]:
+        """(op, body) as the pipe carries it: Spawn, KillWorker, or ``exit`` with no body."""
         if self.cmd == "spawn":
-            return {"cmd": "spawn", "worker_id": self.worker_id, "identity": self.identity}
+            return "spawn", m.encode(m.Spawn(worker_id=self.worker_id, identity=self.identity))
         if self.cmd == "kill":
-            return {"cmd": "kill", "worker_id": self.worker_id, **({"force": True} if self.force else {})}
-        return {"cmd": self.cmd}
+            return "kill", m.encode(m.KillWorker(worker_id=self.worker_id, force=self.force))
+        return self.cmd, {}
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,14 @@ class KillHost:
 
 @dataclass(frozen=True)
 class SendWorker:
+    """Jobs for a worker: ``(job id, payload)`` pairs, the payloads as the clients sent them."""
     identity: bytes
-    message: dict[str, Any]
+    jobs: tuple[tuple[int, Payload], ...]
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    identity: bytes
 
 
 @dataclass(frozen=True)
@@ -137,12 +145,11 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class ReplyRaw:
-    """A reply whose body is already packed (results, cache hits): sent as it is."""
+class ReplyPayload:
+    """A 200 answer whose results are a payload a worker encoded (or the cache kept): sent as it is."""
     client: bytes
     rid: int
-    status: int
-    body: bytes
+    payload: Payload
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,8 @@ class Log:
     message: str
 
 
-Command = Union[StartHost, HostCommand, KillHost, SendWorker, Reply, ReplyRaw, Schedule, Observe, Log]
+Command = Union[StartHost, HostCommand, KillHost, SendWorker, StopWorker, Reply, ReplyPayload, Schedule,
+                Observe, Log]
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ class Worker:
 class Job:
     client: bytes
     rid: int
-    docs: list[Any]
+    payload: Payload         # the documents as they came: never decoded here
     deadline: float
     enqueued: float
     key: Optional[bytes] = None
@@ -206,6 +214,7 @@ class Stats:
     queue_time_ms: float = 0.0
     batches: int = 0
     batched_jobs: int = 0
+    computed_jobs: int = 0
     last_access_ms: Optional[int] = None
     peak_per_minute: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * 60)  # docs per second, by second % 60
@@ -517,30 +526,31 @@ class DeploymentCore:
             self._out.append(Schedule(self._respawn_at, Timer.TICK))
             self._dispatch(now)
 
-    def worker_results(self, wid: str, msg: dict[str, Any], now: float) -> list[Command]:
-        """A worker's ``results`` message: answer its jobs, cache what succeeded."""
+    def worker_results(self, wid: str, items: list[dict[str, Any]], time_ms: float,
+                       now: float) -> list[Command]:
+        """A worker answered its jobs: ``items`` are ``{"rid", "status": 200, "docs", "payload",
+        "nbytes"}`` or ``{"rid", "status", "reason"}``. Answer them, cache what succeeded."""
         w = self.workers.get(wid)
         if w is None:
             return self._take()
-        items = msg.get("items") or []
-        per_doc_ms = float(msg.get("time_ms", 0.0)) / max(1, sum(
-            len(self.jobs[i["rid"]].docs) for i in items if i.get("rid") in self.jobs))
+        per_doc_ms = time_ms / max(1, sum(i.get("docs", 0) for i in items if i.get("status") == 200))
         for item in items:
-            rid = item.get("rid")
+            rid = int(item["rid"])
             if rid in w.jobs:
                 w.jobs.remove(rid)
             job = self.jobs.pop(rid, None)
             if job is None or job.answered:
                 continue
-            if "results" in item:
+            if item.get("status") == 200:
                 self._release(job)
-                compute_ms = per_doc_ms * len(job.docs)
-                self.stats.record(now, self._wall_ms(now), len(job.docs), compute_ms, hit=False)
+                docs = int(item.get("docs", 0))
+                compute_ms = per_doc_ms * docs
+                self.stats.computed_jobs += 1
+                self.stats.record(now, self._wall_ms(now), docs, compute_ms, hit=False)
                 self._out.append(Observe(job.dispatched - job.enqueued, compute_ms / 1000.0))
-                body = pack({"inference_results": item["results"]})  # once: sent and cached as is
                 if job.key is not None:
-                    self.cache.put(job.key, body)
-                self._out.append(ReplyRaw(job.client, job.rid, 200, body))
+                    self.cache.put(job.key, (item["payload"], docs), int(item.get("nbytes", 0)))
+                self._out.append(ReplyPayload(job.client, job.rid, item["payload"]))
             else:
                 self._answer_error(job, ApiError(str(item.get("reason", "inference failed")),
                                                  status=int(item.get("status", 500))))
@@ -555,29 +565,39 @@ class DeploymentCore:
             self._dispatch(now)  # the hot path: deadlines and reconciling wait for the periodic tick
         return self._take()
 
+    def worker_broke_protocol(self, wid: str, reason: str, now: float) -> list[Command]:
+        """A worker sent what the protocol does not allow (it runs model code, so it may): it is
+        killed, and what it held is answered 500 now rather than left to its deadline."""
+        w = self.workers.get(wid)
+        if w is not None and w.state not in (WorkerState.KILLED, WorkerState.EXITED):
+            self._kill_worker(w, f"it broke the worker protocol: {reason}")
+        return self._take()
+
     # ---- requests ---------------------------------------------------------------------------
-    def submit(self, client: bytes, rid: int, docs: list[Any], timeout_s: float, now: float, *,
-               dispatch: bool = True, nbytes: int = 0) -> list[Command]:
+    def submit(self, client: bytes, rid: int, payload: Payload, timeout_s: float, now: float, *,
+               key: Optional[bytes] = None, dispatch: bool = True, nbytes: int = 0) -> list[Command]:
         """Queue a request (or answer it from the cache); a rejection raises its ApiError.
-        ``dispatch=False`` leaves handing out work to a later ``dispatch``, so a burst of
-        requests can share a batch. ``nbytes`` is the request's size on the wire: the bytes held
-        for requests not yet answered have a budget, as their count has one."""
+        ``key`` is the digest of the payload when the cache is on. ``dispatch=False`` leaves
+        handing out work to a later ``dispatch``, so a burst of requests can share a batch.
+        ``nbytes`` is the request's size on the wire: the bytes held for requests not yet
+        answered have a budget, as their count has one."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             raise self._stopping_error()
         if self.phase == Phase.FAILED:
             raise NotFound(f"deployment [{self.deployment_id}] has failed on node [{self.node_id}]: "
                            f"{self.reason}", retryable=True)
-        key = None
-        if self.cache.enabled:
-            key = self.cache.key(pack(docs))
+        if not self.cache.enabled:
+            key = None
+        elif key is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                self.stats.record(now, self._wall_ms(now), len(docs), 0.0, hit=True)
-                self._out.append(ReplyRaw(client, rid, 200, hit))
+                results, docs = cast(tuple[Payload, int], hit)
+                self.stats.record(now, self._wall_ms(now), docs, 0.0, hit=True)
+                self._out.append(ReplyPayload(client, rid, results))
                 return self._take()
         self._admit(nbytes)
         self.held_bytes += nbytes
-        self.queue.append(Job(client, rid, docs, now + timeout_s, now, key, nbytes=nbytes))
+        self.queue.append(Job(client, rid, payload, now + timeout_s, now, key, nbytes=nbytes))
         if dispatch:
             self._dispatch(now)
         return self._take()
@@ -606,7 +626,8 @@ class DeploymentCore:
         computed = self.stats.inference_count - self.stats.cache_hit_count
         per_doc_ms = (self.stats.compute_time_ms / computed) if computed else 10.0
         ready = max(1, self.ready_count())
-        docs_ahead = sum(len(j.docs) for j in self.queue) or 1
+        docs_per_job = computed / self.stats.computed_jobs if self.stats.computed_jobs else 1.0
+        docs_ahead = max(1.0, len(self.queue) * docs_per_job)
         return max(1, int(docs_ahead * per_doc_ms / ready))
 
     def dispatch(self, now: float) -> list[Command]:
@@ -629,7 +650,7 @@ class DeploymentCore:
                     self._batch_wake_at = due
                     self._out.append(Schedule(due, Timer.BATCH))
                 return
-            jobs: list[dict[str, Any]] = []
+            jobs: list[tuple[int, Payload]] = []
             ids: list[int] = []
             while self.queue and len(jobs) < batch:
                 job = self.queue.popleft()
@@ -640,14 +661,14 @@ class DeploymentCore:
                 job.dispatched = now
                 self.jobs[job_id] = job
                 ids.append(job_id)
-                jobs.append({"rid": job_id, "docs": job.docs})
+                jobs.append((job_id, job.payload))
                 self.stats.queue_time_ms += (now - job.enqueued) * 1000
             if jobs:
                 self.stats.batches += 1
                 self.stats.batched_jobs += len(jobs)
                 w.jobs = ids
                 self._move(w, WorkerState.BUSY, "batch")
-                self._out.append(SendWorker(w.identity, {"op": "infer", "jobs": jobs}))
+                self._out.append(SendWorker(w.identity, tuple(jobs)))
 
     def _timeout(self, job: Job) -> None:
         if job.answered:
@@ -764,7 +785,7 @@ class DeploymentCore:
 
     def _retire(self, w: Worker) -> None:
         self._move(w, WorkerState.KILLED, "drained")
-        self._out.append(SendWorker(w.identity, {"op": "stop"}))
+        self._out.append(StopWorker(w.identity))
         self._host_cmd(HostCommand("kill", w.worker_id))
 
     # ---- reports ----------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The model host: one per deployment per node. It loads the TorchScript model once, never runs
 it, and forks allocation workers that share its weights copy-on-write. It talks to its agent
-over stdin/stdout in JSON lines and has no threads of its own (fork-safe):
+over stdin/stdout in the protocol's envelope, length-framed (common/protocol.py ``encode_pipe``,
+``PipeReader``; the bodies are common/messages.py types), and has no threads of its own
+(fork-safe):
 
-    agent -> host  {"cmd": "spawn", "worker_id", "identity"} | {"cmd": "kill", "worker_id"} | {"cmd": "exit"}
-    host -> agent  {"event": "loaded", "pid"} | {"event": "failed", "reason"}
-                   {"event": "spawned", "worker_id", "pid"} | {"event": "exited", "worker_id", "pid", "code"}
+    agent -> host  spawn (Spawn) | kill (KillWorker) | exit
+    host -> agent  loaded (HostLoaded) | failed (HostFailed) | spawned (WorkerSpawned)
+                   | exited (WorkerExited)
 
 stdin closing (the agent died) ends the host and its workers; so does the agent's death signal.
 """
@@ -19,7 +21,10 @@ import signal
 import sys
 import time
 
+from mlfleet.common import messages as m
+from mlfleet.common.errors import BadRequest
 from mlfleet.common.proc import set_parent_death_signal
+from mlfleet.common.protocol import PipeReader, encode_pipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the agent died before we could ask to die with it
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no tokenizer threads: we fork
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    proto = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray prints must not corrupt the protocol
 
-    def emit(**event) -> None:
-        proto.write(json.dumps(event) + "\n")
-        proto.flush()
+    def emit(event: str, **body) -> None:
+        proto.write(encode_pipe(event, body))
 
     # The sandbox goes on before torch is imported and before the model file is read: whatever
     # loading or running the model does, it can read only the Python installation, the system's
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     workers: dict[int, str] = {}
     host_pid = os.getpid()
     stdin = sys.stdin.buffer
-    buf = b""
+    pipe = PipeReader()
 
     def spawn(worker_id: str, identity: str) -> None:
         pid = os.fork()
@@ -154,30 +158,30 @@ def main(argv: list[str] | None = None) -> int:
                 chunk = os.read(stdin.fileno(), 65536)
                 if not chunk:
                     return 0
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
+                try:
+                    cmds = pipe.feed(chunk)
+                except BadRequest as e:  # the agent's stream is broken: nothing after it can be read
+                    print(f"model host: {e.reason}; exiting", file=sys.stderr)
+                    return 2
+                for cmd in cmds:
                     try:
-                        cmd = json.loads(line)
-                        if not isinstance(cmd, dict) or not isinstance(cmd.get("cmd"), str):
-                            raise ValueError("not a command")
-                    except ValueError as e:
-                        print(f"model host: ignoring a malformed command: {e}", file=sys.stderr)
-                        continue
-                    if cmd["cmd"] in ("spawn", "kill") and not isinstance(cmd.get("worker_id"), str):
-                        print(f"model host: ignoring [{cmd['cmd']}] without a worker_id", file=sys.stderr)
-                        continue
-                    if cmd["cmd"] == "spawn":
-                        spawn(cmd["worker_id"], str(cmd.get("identity", cmd["worker_id"])))
-                    elif cmd["cmd"] == "kill":
-                        for pid, wid in list(workers.items()):
-                            if wid == cmd["worker_id"]:
-                                try:
-                                    os.kill(pid, signal.SIGKILL if cmd.get("force") else signal.SIGTERM)
-                                except ProcessLookupError:
-                                    pass
-                    elif cmd["cmd"] == "exit":
-                        return 0
+                        if cmd.op == "spawn":
+                            sp = m.decode(m.Spawn, cmd.body, "spawn")
+                            spawn(sp.worker_id, sp.identity)
+                        elif cmd.op == "kill":
+                            k = m.decode(m.KillWorker, cmd.body, "kill")
+                            for pid, wid in list(workers.items()):
+                                if wid == k.worker_id:
+                                    try:
+                                        os.kill(pid, signal.SIGKILL if k.force else signal.SIGTERM)
+                                    except ProcessLookupError:
+                                        pass
+                        elif cmd.op == "exit":
+                            return 0
+                        else:
+                            raise BadRequest(f"unknown command [{cmd.op[:64]}]")
+                    except BadRequest as e:
+                        print(f"model host: ignoring a malformed command: {e.reason}", file=sys.stderr)
             reap()
     finally:
         stop_all()

@@ -33,14 +33,16 @@ from mlfleet.common.offload import Offload
 from mlfleet.common.proc import sd_notify, watchdog_interval_s, write_ready_file
 from mlfleet.common.protocol import (
     OP_LIMITS,
+    Buffer,
     EnvelopeError,
+    Reply,
+    decode_message,
     decode_request,
     encode_reply,
-    encode_reply_raw,
     encode_request,
-    pack,
+    payload_key,
+    payload_size,
     peek_request,
-    unpack,
 )
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
 from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
@@ -184,7 +186,7 @@ class Agent:
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
         if self.worker_sock in events:
-            self._drain(self.worker_sock, self._on_worker)
+            self._drain(self.worker_sock, self._on_worker, copy=False)
         if self.infer_sock in events:
             self._drain_clients()
         if self.offload.fd in events:
@@ -257,7 +259,7 @@ class Agent:
     def _drain_clients_burst(self) -> None:
         for _ in range(256):
             try:
-                raw = self.infer_sock.recv_multipart(zmq.NOBLOCK, copy=self.curve is None)
+                raw = self.infer_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             user = None
@@ -266,17 +268,16 @@ class Agent:
                     user = raw[1].get("User-Id") if len(raw) > 1 else None
                 except zmq.ZMQError:
                     user = None
-                raw = [raw[0].bytes, *(f.buffer for f in raw[1:])]  # no copy of the message
             try:
-                self._on_client(raw, user)
+                self._on_client(raw[0].bytes, raw[1:], user)
             except Exception:
                 log.exception("failed to handle a client message")
 
     @staticmethod
-    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+    def _drain(sock: zmq.Socket, handle: Callable[[list[Any]], None], copy: bool = True) -> None:
         for _ in range(256):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             try:
@@ -336,22 +337,23 @@ class Agent:
     def _on_coordinator(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
             return
-        msg = unpack(frames[0])
-        if not isinstance(msg, dict):
+        try:
+            msg = decode_message(frames[0])
+        except ApiError as e:
+            log.warning("ignoring a malformed message from the coordinator: %s", e.reason)
             return
         self.last_heard = self.clock.monotonic()
-        if "op" in msg:  # a push
-            op, body = msg.get("op"), msg.get("body") or {}
-            if op == "sync":
-                self._apply_sync(body)
-            elif op == "clear_cache":
-                rt = self.runtimes.get(body.get("deployment_id", ""))
-                if rt:
-                    rt.clear_cache()
+        if isinstance(msg, Reply):
+            cb = self.pending.pop(msg.id, None)
+            if cb is not None:
+                cb(msg.status, msg.body)
             return
-        cb = self.pending.pop(msg.get("id"), None)
-        if cb is not None:
-            cb(int(msg.get("status", 500)), msg.get("body") or {})
+        if msg.op == "sync":  # a push
+            self._apply_sync(msg.body)
+        elif msg.op == "clear_cache":
+            rt = self.runtimes.get(msg.body.get("deployment_id", ""))
+            if rt:
+                rt.clear_cache()
 
     def _on_sync_reply(self, status: int, body: dict) -> None:
         if status != 200:
@@ -411,11 +413,11 @@ class Agent:
         def reply(client: bytes, rid: int, status: int, body: dict) -> None:
             self._reply_client(client, rid, status, body, rv=self.routing_versions.get(dep_id, 0))
 
-        def reply_raw(client: bytes, rid: int, status: int, body: bytes) -> None:
-            self._send_client(client, encode_reply_raw(rid, status, body,
-                                                       rv=self.routing_versions.get(dep_id, 0)))
+        def reply_payload(client: bytes, rid: int, payload: tuple) -> None:
+            self._send_client(client, encode_reply(rid, 200, {}, rv=self.routing_versions.get(dep_id, 0)),
+                              payload)
         rt = DeploymentRuntime(a, node_id=self.node_id, worker_endpoint=self.worker_endpoint,
-                               clock=self.clock, reply=reply, reply_raw=reply_raw,
+                               clock=self.clock, reply=reply, reply_payload=reply_payload,
                                send_worker=self._send_worker, schedule=self.timers.at,
                                restart_budget=self.cfg.worker_restart_budget,
                                restart_window_s=self.cfg.worker_restart_window_s,
@@ -496,30 +498,35 @@ class Agent:
                 self._heartbeat_now()
 
     # ---- workers -------------------------------------------------------------------------------
-    def _send_worker(self, identity: bytes, msg: dict) -> None:
+    def _send_worker(self, identity: bytes, frames: list[Buffer]) -> None:
         try:
-            self.worker_sock.send_multipart([identity, pack(msg)], zmq.NOBLOCK)
+            self.worker_sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:
             log.debug("worker %r unreachable: %s", identity, e)
 
-    def _on_worker(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
             return
-        ident = frames[0]
+        ident = frames[0].bytes
         try:
             dep_id, _node, wid = ident.decode().split("|")
         except ValueError:
             return
         rt = self.runtimes.get(dep_id)
         if rt is None:
-            self._send_worker(ident, {"op": "stop"})
+            self._send_worker(ident, [encode_request("stop", 0, {})])
             return
-        msg = unpack(frames[1])
-        if msg.get("op") == "results":  # the hot path
-            rt.on_worker_message(wid, msg)
+        try:
+            req = decode_request(frames[1].buffer)
+            if req.op == "results":  # the hot path
+                rt.on_worker_message(wid, req, frames[2:])
+                return
+            before = rt.ready_count()
+            rt.on_worker_message(wid, req, frames[2:])
+        except ApiError as e:
+            log.warning("deployment [%s]: ignoring a malformed message from worker [%s]: %s",
+                        dep_id, wid, e.reason)
             return
-        before = rt.ready_count()
-        rt.on_worker_message(wid, msg)
         if rt.ready_count() != before:
             self._heartbeat_now()
 
@@ -527,23 +534,23 @@ class Agent:
     def _reply_client(self, ident: bytes, rid: int, status: int, body: dict, **extra: Any) -> None:
         self._send_client(ident, encode_reply(rid, status, body, **extra))
 
-    def _send_client(self, ident: bytes, frame: bytes) -> None:
+    def _send_client(self, ident: bytes, frame: bytes, payload: tuple = ()) -> None:
         try:
-            self.infer_sock.send_multipart([ident, frame], zmq.NOBLOCK)
+            self.infer_sock.send_multipart([ident, frame, *payload], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             log.debug("client %r went away before its answer", ident)
 
-    def _on_client(self, frames: list[bytes], user: str | None = None) -> None:
-        ident = frames[0]
-        if len(frames) != 2:
-            self._reply_client(ident, 0, 400, BadRequest(
-                f"malformed message: expected 1 frame, got {len(frames) - 1}").to_body())
+    def _on_client(self, ident: bytes, frames: list[zmq.Frame], user: str | None = None) -> None:
+        """``frames``: a header and, for ``infer``, the documents' payload frames, which are
+        relayed to a worker as they came: never decoded (nor copied) here."""
+        if not frames:
             return
         rid = 0
         try:
             # Trust before decoding: op and id from the envelope (the body skipped), the key's
-            # role checked, then the body decoded within the op's limits.
-            op, rid = peek_request(frames[1])
+            # role checked, then the header decoded within the op's limits.
+            header = frames[0].buffer
+            op, rid = peek_request(header)
             if not assigned_routing_id(ident):
                 raise BadRequest(ROUTING_ID_CHOSEN)
             if self.curve is not None:
@@ -553,13 +560,22 @@ class Agent:
                 return
             if op != "infer":
                 raise BadRequest(f"unknown op [{op[:64]}] on the inference endpoint")
-            req = decode_request(frames[1], OP_LIMITS["infer"])
+            payload = tuple(frames[1:])
+            if not payload:
+                raise BadRequest("malformed message: [infer] carries its documents in payload frames "
+                                 "after the header, and there are none")
+            if len(payload) > m.MAX_PAYLOAD_FRAMES:
+                raise BadRequest(f"malformed message: [{len(payload)}] payload frames; at most "
+                                 f"[{m.MAX_PAYLOAD_FRAMES}] are taken")
+            req = decode_request(header, OP_LIMITS["infer"])
             msg = m.decode(m.Infer, req.body, "infer")
             rt = self.runtimes.get(msg.deployment_id)
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "
                                f"[{self.node_id}]", retryable=True)
-            rt.submit(ident, rid, msg.docs, msg.timeout_ms / 1000.0, dispatch=False, nbytes=len(frames[1]))
+            rt.submit(ident, rid, payload, msg.timeout_ms / 1000.0,
+                      key=payload_key(payload) if rt.cache_enabled else None, dispatch=False,
+                      nbytes=len(header) + payload_size(payload))
             self._submitted.add(rt)
         except EnvelopeError as e:
             self._reply_client(ident, e.request_id, e.status, e.to_body())

@@ -1,26 +1,80 @@
 """An allocation worker: forked from its model host, it shares the host's weights copy-on-write
 and runs forward passes for the jobs its agent sends it, one message at a time.
 
-Protocol with the agent (DEALER -> the agent's worker ROUTER, msgpack maps):
-    worker -> agent  {"op": "ready", "pid"}                                    once connected
-    agent  -> worker {"op": "infer", "jobs": [{"rid", "docs"}, ...]}         one job, or a batch
-    worker -> agent  {"op": "results", "time_ms", "items": [{"rid", "results"} | {"rid", "status", "reason"}]}
-    agent  -> worker {"op": "stop"}
+Protocol with the agent (DEALER -> the agent's worker ROUTER; common/protocol.py's envelope, the
+bodies common/messages.py types):
+    worker -> agent  ready   WorkerReady                                    once connected
+    agent  -> worker infer   RunJobs, then each job's payload frames        one job, or a batch
+    worker -> agent  results Results, then each 200 result's payload frames
+    agent  -> worker stop
+A job's payload is the client's request payload as it came (the agent never decodes it): the
+worker decodes the documents here, arrays straight on the frames' buffers, and encodes each
+job's results as the payload the agent sends back to the client as it is.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import torch
 import zmq
 
-from mlfleet.common.errors import ApiError
+from mlfleet.common import messages as m
+from mlfleet.common.errors import ApiError, BadRequest
 from mlfleet.common.proc import set_parent_death_signal
-from mlfleet.common.protocol import pack, unpack
+from mlfleet.common.protocol import (
+    PAYLOAD_LIMITS,
+    Buffer,
+    decode_payload,
+    decode_request,
+    encode_payload,
+    encode_request,
+)
+
+
+def decode_jobs(header: Any, payload: list[Buffer]) -> list[dict]:
+    """``infer``'s header and payload frames -> ``[{"rid", "docs"} | {"rid", "error"}]``. A job
+    whose documents do not decode or break a rule fails alone, with the rule it broke."""
+    msg = m.decode(m.RunJobs, header.body, "infer")
+    jobs, at = [], 0
+    for j in msg.jobs:
+        frames = payload[at:at + j["frames"]]
+        at += j["frames"]
+        try:
+            if len(frames) != j["frames"]:
+                raise BadRequest("malformed message: fewer payload frames than the job declares")
+            tree = decode_payload(frames, PAYLOAD_LIMITS)
+            docs = m.decode(m.Docs, {"docs": tree}, "infer").docs
+            jobs.append({"rid": j["rid"], "docs": docs})
+        except ApiError as e:
+            jobs.append({"rid": j["rid"], "error": e})
+    return jobs
+
+
+def encode_results(items: list[dict], time_ms: float) -> list[Any]:
+    """``run_jobs``' items -> the ``results`` message: its header, then each answered job's
+    results as a payload (large arrays in frames of their own, by reference: no copy)."""
+    heads: list[dict[str, Any]] = []
+    frames: list[Any] = [b""]
+    for item in items:
+        if "results" in item:
+            try:
+                payload = encode_payload(item["results"])
+            except (TypeError, ValueError, OverflowError) as e:
+                heads.append({"rid": item["rid"], "status": 500,
+                              "reason": f"the results cannot be encoded: {type(e).__name__}: {e}"[:1000]})
+                continue
+            heads.append({"rid": item["rid"], "status": 200, "docs": len(item["results"]),
+                          "frames": len(payload)})
+            frames.extend(payload)
+        else:
+            heads.append({"rid": item["rid"], "status": item["status"], "reason": item["reason"][:4000]})
+    frames[0] = encode_request("results", 0, {"time_ms": time_ms, "items": heads})
+    return frames
 
 
 def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
@@ -28,6 +82,12 @@ def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
     A job with any failed document is answered with the first error (its status and reason).
     If the batch as a whole fails (one document broke the forward pass of all), each job is
     run again on its own, so a bad document fails its own request only."""
+    failed = [{"rid": j["rid"], "status": j["error"].status, "reason": j["error"].reason}
+              for j in jobs if "error" in j]
+    if failed:
+        return failed + run_jobs(task, [j for j in jobs if "error" not in j])
+    if not jobs:
+        return []
     docs, bounds = [], []
     for job in jobs:
         d = job.get("docs") or []
@@ -69,20 +129,28 @@ def worker_main(task: Any, *, endpoint: str, identity: bytes, threads: int,
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
-    sock.send(pack({"op": "ready", "pid": os.getpid()}))
+    sock.send(encode_request("ready", 0, {"pid": os.getpid()}))
     try:
         with torch.inference_mode():
             while True:
-                msg = unpack(sock.recv())
-                op = msg.get("op")
-                if op == "stop":
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    header = decode_request(frames[0].buffer)
+                except ApiError as e:
+                    print(f"worker: ignoring a malformed message: {e.reason}", file=sys.stderr)
+                    continue
+                if header.op == "stop":
                     return 0
-                if op != "infer":
+                if header.op != "infer":
                     continue
                 t0 = time.perf_counter()
-                items = run_jobs(task, msg.get("jobs") or [])
-                sock.send(pack({"op": "results", "items": items,
-                                "time_ms": (time.perf_counter() - t0) * 1000}))
+                try:
+                    jobs = decode_jobs(header, frames[1:])
+                except ApiError as e:
+                    print(f"worker: ignoring a malformed job list: {e.reason}", file=sys.stderr)
+                    continue
+                items = run_jobs(task, jobs)
+                sock.send_multipart(encode_results(items, (time.perf_counter() - t0) * 1000), copy=False)
     finally:
         sock.close(linger=1000)
         ctx.term()

@@ -1,3 +1,3 @@
 """Shared pieces of mlfleet: errors, units, wire protocol, messages, sockets and the client."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

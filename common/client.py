@@ -27,7 +27,16 @@ import zmq
 
 from mlfleet.common import errors
 from mlfleet.common.errors import ApiError, NoAnswer, ServiceUnavailable
-from mlfleet.common.protocol import decode_reply, decode_tree, encode_request, encode_tree
+from mlfleet.common.protocol import (
+    PAYLOAD_LIMITS,
+    Buffer,
+    Reply,
+    decode_payload,
+    decode_reply,
+    decode_tree,
+    encode_payload,
+    encode_request,
+)
 from mlfleet.common.security import Curve, client_curve
 from mlfleet.common.units import parse_time
 from mlfleet.common.zmqutil import make_socket
@@ -49,6 +58,30 @@ def _encode(op: str, rid: int, body: dict[str, Any]) -> bytes:
         return encode_request(op, rid, body)
     except (OverflowError, TypeError, ValueError) as e:
         raise errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}") from None
+
+
+def _encode_payload(docs: Any) -> list[Buffer]:
+    try:
+        return encode_payload(docs)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}") from None
+
+
+def _recv_reply(s: zmq.Socket, flags: int = 0) -> Reply:
+    """``[header, *payload]`` from an agent: the header decoded, the payload frames kept as they
+    came (no copy) for ``_results``."""
+    frames = s.recv_multipart(flags, copy=False)
+    rep = decode_reply(frames[0].buffer)
+    rep.payload.extend(frames[1:])
+    return rep
+
+
+def _results(rep: Reply) -> dict[str, Any]:
+    """A 200 inference reply's body: its results, arrays as numpy arrays built on the reply's
+    frames (read-only views, no copy)."""
+    if not rep.payload:
+        raise errors.ServerError("malformed reply: an inference answer without its results frame")
+    return {**rep.body, "inference_results": decode_tree(decode_payload(rep.payload, PAYLOAD_LIMITS))}
 
 
 class _IO(threading.Thread):
@@ -260,13 +293,13 @@ class _ThreadSockets:
     def __del__(self) -> None:
         self.close()
 
-    def call(self, address: str, frame: bytes, rid: int, wait_s: float, op: str):
+    def call(self, address: str, frames: list[Buffer], rid: int, wait_s: float, op: str) -> Reply:
         s = self.get(address)
         deadline = time.monotonic() + wait_s
         connect_by = time.monotonic() + min(wait_s, INFER_CONNECT_TIMEOUT_S)
         while True:
             try:
-                s.send(frame, zmq.NOBLOCK)
+                s.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:
                 if time.monotonic() >= connect_by:
@@ -283,7 +316,7 @@ class _ThreadSockets:
                 self.drop(address)  # a fresh socket next time (lazy pirate)
                 raise NoAnswer(f"no answer from {address} to [{op}] within {wait_s:g}s")
             try:
-                rep = decode_reply(s.recv())
+                rep = _recv_reply(s)
             except ApiError:
                 continue
             if rep.id == rid:
@@ -527,14 +560,15 @@ class Client:
                     routes = self._routes(deployment_id)
                     continue
                 address, rid = route["address"], next(self._ids)
-                body = {"deployment_id": deployment_id, "docs": encode_tree(requests[nxt]),
-                        "timeout_ms": max(1, int(timeout_s * 1000))}
+                frames = [_encode("infer", rid, {"deployment_id": deployment_id,
+                                                 "timeout_ms": max(1, int(timeout_s * 1000))}),
+                          *_encode_payload(requests[nxt])]
                 s = socks.get(address)
                 if address not in registered:
                     poller.register(s, zmq.POLLIN)
                     registered.add(address)
                 try:
-                    s.send(_encode("infer", rid, body), zmq.NOBLOCK)
+                    s.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 except zmq.Again:  # no connection to that node: the one-by-one path retries elsewhere
                     try:
                         out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
@@ -554,7 +588,7 @@ class Client:
                     continue
                 while True:
                     try:
-                        rep = decode_reply(s.recv(zmq.NOBLOCK))
+                        rep = _recv_reply(s, zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     except ApiError:
@@ -564,8 +598,10 @@ class Client:
                         continue
                     i = entry[0]
                     if rep.status == 200:
-                        rep.body["inference_results"] = decode_tree(rep.body.get("inference_results", []))
-                        out[i] = rep.body
+                        try:
+                            out[i] = _results(rep)
+                        except ApiError as e:
+                            out[i] = e
                     else:
                         err = errors.from_body(rep.body)
                         if err.retryable:
@@ -588,7 +624,7 @@ class Client:
         timeout_s = parse_time(timeout, "timeout")
         if timeout_s <= 0:
             raise errors.BadRequest("[timeout] must be positive")
-        encoded_docs = encode_tree(docs)
+        payload = _encode_payload(docs)
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S
         routes = self._routes(deployment_id)
         tried: set[str] = set()
@@ -611,10 +647,10 @@ class Client:
             address = route["address"]
             rid = next(self._ids)
             left_s = deadline - INFER_MARGIN_S - time.monotonic()  # a retry gets what is left
-            body = {"deployment_id": deployment_id, "docs": encoded_docs,
-                    "timeout_ms": max(1, int(left_s * 1000))}
+            frames = [_encode("infer", rid, {"deployment_id": deployment_id,
+                                             "timeout_ms": max(1, int(left_s * 1000))}), *payload]
             try:
-                rep = self._infer_sockets().call(address, _encode("infer", rid, body), rid,
+                rep = self._infer_sockets().call(address, frames, rid,
                                                  max(0.1, deadline - time.monotonic()), "infer")
             except NoAnswer as e:
                 if not e.retryable:
@@ -627,8 +663,7 @@ class Client:
                 with self._routing_lock:
                     self._routing.pop(deployment_id, None)
             if rep.status == 200:
-                rep.body["inference_results"] = decode_tree(rep.body.get("inference_results", []))
-                return rep.body
+                return _results(rep)
             err = errors.from_body(rep.body)
             if not err.retryable:
                 raise err

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from mlfleet.common.errors import BadRequest, ValidationError
+from mlfleet.common.protocol import MAX_PAYLOAD_FRAMES
 
 T = TypeVar("T")
 
@@ -583,9 +584,101 @@ DOCS_CONTENT = Content(max_depth=16, max_items=1_000_000, max_string=16 << 20)
 
 @dataclass(frozen=True)
 class Infer:
+    """The header of an inference request; its documents follow as a payload (Docs), which the
+    agent relays undecoded and the worker decodes."""
     deployment_id: str = rule(**_ID)
-    docs: list = rule(max_len=MAX_DOCS, content=DOCS_CONTENT)
     timeout_ms: int = rule(10_000, min=1, max=MAX_TIMEOUT_MS, min_msg="[timeout] must be positive")
+
+
+@dataclass(frozen=True)
+class Docs:
+    """An inference request's payload tree, as the worker decodes it."""
+    docs: list = rule(max_len=MAX_DOCS, content=DOCS_CONTENT)
+
+
+# ---- agent <-> allocation worker (ipc; see agent/worker.py) --------------------------------------
+
+MAX_JOBS = 4096
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One request in a RunJobs message: its id and how many payload frames follow for it."""
+    rid: int = rule(min=0, max=MAX_COUNTER)
+    frames: int = rule(min=1, max=MAX_PAYLOAD_FRAMES)
+
+
+@dataclass(frozen=True)
+class RunJobs:
+    """agent -> worker (op ``infer``): the jobs' payloads follow the header, in order."""
+    jobs: list = rule(max_len=MAX_JOBS, items=Spec(WorkerJob))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One job's outcome: 200 with ``docs`` results in ``frames`` payload frames, or an error."""
+    rid: int = rule(min=0, max=MAX_COUNTER)
+    status: int = rule(min=200, max=599)
+    docs: int = rule(0, min=0, max=MAX_DOCS)
+    frames: int = rule(0, min=0, max=MAX_PAYLOAD_FRAMES)
+    reason: str = rule("", max_len=MAX_REASON)
+
+
+@dataclass(frozen=True)
+class Results:
+    """worker -> agent (op ``results``): the jobs' result payloads follow the header, in order."""
+    time_ms: float = rule(min=0, max=1e12)
+    items: list = rule(max_len=MAX_JOBS, items=Spec(JobResult))
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """worker -> agent (op ``ready``): connected (and warmed up); send it work."""
+    pid: int = rule(min=1, max=1 << 22)
+
+
+# ---- agent <-> model host (its stdin/stdout; see agent/host.py) ---------------------------------
+
+_WORKER_ID = dict(max_len=64, pattern=re.compile(r"^[A-Za-z0-9_.\-]{1,64}$"),
+                  pattern_msg="[{name}] must be 1 to 64 letters, digits, '_', '-' or '.'")
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """agent -> host: fork a worker that connects with this identity."""
+    worker_id: str = rule(**_WORKER_ID)
+    identity: str = rule(max_len=512)
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    """agent -> host: SIGTERM the worker (SIGKILL with ``force``)."""
+    worker_id: str = rule(**_WORKER_ID)
+    force: bool = rule(False)
+
+
+@dataclass(frozen=True)
+class HostLoaded:
+    """host -> agent: the model is loaded; workers may be spawned."""
+    pid: int = rule(min=1, max=1 << 22)
+
+
+@dataclass(frozen=True)
+class HostFailed:
+    reason: str = rule(max_len=MAX_REASON)
+
+
+@dataclass(frozen=True)
+class WorkerSpawned:
+    worker_id: str = rule(**_WORKER_ID)
+    pid: int = rule(min=1, max=1 << 22)
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    worker_id: str = rule(**_WORKER_ID)
+    pid: int = rule(0, min=0, max=1 << 22)
+    code: Optional[int] = rule(None, min=-255, max=255)
 
 
 # ---- agent -> coordinator ----------------------------------------------------------------

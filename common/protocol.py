@@ -1,20 +1,31 @@
-"""The wire format, decoded once at the edge.
+"""The wire format of every channel, decoded once at the edge (see docs/protocol.md).
 
-Every message is one ZeroMQ frame holding a msgpack map (see docs/protocol.md):
+A message is a header frame, a msgpack map, and, for inference only, payload frames after it:
 
-    request  {"v": 1, "op": str, "id": int, "body": map}
-    reply    {"v": 1, "id": int, "status": int, "body": map}
+    request  {"v": 2, "op": str, "id": int, "body": map}            [payload frames]
+    reply    {"v": 2, "id": int, "status": int, "body": map, ...}   [payload frames]
 
-A ROUTER socket sees ``[identity, frame]``; a DEALER sends and receives ``[frame]``. Arrays travel
-as ``{"dtype": str, "shape": [int], "data": bytes}`` in C order.
+The same envelope carries client <-> coordinator, agent <-> coordinator, client <-> agent and
+agent <-> worker messages, and, length-framed, the agent <-> model host pipe (``PipeReader``).
+A ROUTER socket sees ``[identity, header, *payload]``; a DEALER sends and receives
+``[header, *payload]``.
+
+A payload is a tree frame (msgpack: the documents of a request, the results of a reply) and the
+frames of the large arrays in it. Arrays travel as ``{"dtype", "shape", "data": bytes}`` in C
+order inside the tree, or, from ``INLINE_ARRAY_MAX`` bytes, as ``{"dtype", "shape", "frame": k}``
+with their bytes in payload frame ``k`` (frame 0 is the tree): whoever relays a payload (the
+agent) reads the header only and passes the payload frames on as they are, and whoever decodes
+it builds arrays straight on the frames' buffers.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 
 from mlfleet.common import PROTOCOL_VERSION
@@ -38,9 +49,11 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# an inference request's or result's payload tree (the documents, the results)
+PAYLOAD_LIMITS = Limits(max_frame=MAX_MESSAGE_BYTES, max_bin=MAX_MESSAGE_BYTES, max_str=16 << 20,
+                        max_array=1 << 20)
 OP_LIMITS = {
-    "infer": Limits(max_frame=MAX_MESSAGE_BYTES, max_bin=MAX_MESSAGE_BYTES, max_str=16 << 20,
-                    max_array=1 << 20),
+    "infer": DEFAULT_LIMITS,  # the header only: the payload is PAYLOAD_LIMITS, decoded by the worker
     "put_model_chunk": Limits(max_frame=(8 << 20) + 4096, max_bin=8 << 20),
     "put_model": Limits(max_frame=(32 << 20) + 4096, max_bin=32 << 20, max_map=4096),
     "register": Limits(max_frame=4 << 20, max_array=100_000),
@@ -69,10 +82,15 @@ class Reply:
     status: int
     body: dict[str, Any]
     rv: int = 0
+    payload: list[Any] = field(default_factory=list)  # frames after the header (inference results)
+
+
+Buffer = Any  # bytes, memoryview, or a zmq.Frame: anything with the buffer protocol
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    frame: bytes = msgpack.packb(obj, use_bin_type=True)
+    return frame
 
 
 def unpack(frame: bytes) -> Any:
@@ -231,15 +249,37 @@ def decode_reply(frame: bytes) -> Reply:
     return Reply(id=msg["id"], status=status, body=body, rv=rv if isinstance(rv, int) else 0)
 
 
+def decode_message(frame: Buffer) -> Request | Reply:
+    """A frame a peer may send either way (what the coordinator sends an agent: replies to its
+    requests, and pushes, which are requests): the version checked, then decoded as one or the
+    other."""
+    msg = _envelope(frame)
+    if "op" in msg:
+        return decode_request(frame)
+    return decode_reply(frame)
+
+
+def encode_infer(rid: int, body: dict[str, Any], docs: Any) -> list[Buffer]:
+    """An inference request: its header (``body``: deployment_id, timeout_ms...) and its
+    documents as a payload."""
+    return [encode_request("infer", rid, body), *encode_payload(docs)]
+
+
 # ---- arrays -------------------------------------------------------------------------------
 
 _ARRAY_KEYS = frozenset(("dtype", "shape", "data"))
 
 
 def encode_array(a: Any) -> dict[str, Any]:
+    """An array as the wire carries it. ``data`` is a view of the array's own bytes when it is
+    C-contiguous (no copy: packed inline or sent as a frame as it is), else a C-order copy."""
     arr = np.asarray(a)  # ascontiguousarray would turn a 0-d array into shape (1,)
+    if arr.dtype.hasobject:
+        raise TypeError(f"an array of dtype [{arr.dtype}] cannot travel: it holds Python objects")
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
     return {"dtype": arr.dtype.str if arr.dtype.byteorder == ">" else arr.dtype.name,
-            "shape": list(arr.shape), "data": arr.tobytes(order="C")}
+            "shape": list(arr.shape), "data": memoryview(arr.reshape(-1).view(np.uint8).data)}
 
 
 def is_array(obj: Any) -> bool:
@@ -254,7 +294,7 @@ def decode_array(obj: dict[str, Any], where: str = "input") -> np.ndarray:
             raise ValueError("shape must be a list of non-negative integers")
         shape = tuple(obj["shape"])
         data = obj["data"]
-        if dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+        if dtype.hasobject or not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError("data must be bytes of a numeric dtype")
         return np.frombuffer(data, dtype=dtype).reshape(shape)
     except (TypeError, ValueError, KeyError) as e:
@@ -298,3 +338,130 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, bytes):
         return obj.hex()
     return obj
+
+
+# ---- payloads: a tree frame and the frames of its large arrays ----------------------------------
+
+INLINE_ARRAY_MAX = 4096     # arrays of this many bytes and more travel in frames of their own
+MAX_PAYLOAD_FRAMES = 4097   # the tree and up to 4096 array frames in one request or result
+_FRAME_KEYS = frozenset(("dtype", "shape", "frame"))
+
+
+def encode_payload(tree: Any) -> list[Buffer]:
+    """A tree (documents, results) -> ``[tree frame, *array buffers]``. numpy arrays and wire
+    arrays of ``INLINE_ARRAY_MAX`` bytes or more go in frames of their own, by reference to
+    their buffers (send them with ``copy=False``); smaller ones stay in the tree."""
+    frames: list[Buffer] = [b""]
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, (np.ndarray, np.generic)):
+            obj = encode_array(obj)
+        if isinstance(obj, dict):
+            if obj.keys() == _ARRAY_KEYS:
+                data = obj["data"]
+                if isinstance(data, (bytes, bytearray, memoryview)) and len(data) >= INLINE_ARRAY_MAX:
+                    if len(frames) >= MAX_PAYLOAD_FRAMES:
+                        raise ValueError(f"more than [{MAX_PAYLOAD_FRAMES - 1}] large arrays in one message")
+                    frames.append(data)
+                    return {"dtype": obj["dtype"], "shape": obj["shape"], "frame": len(frames) - 1}
+                return obj
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v) for v in obj]
+        return obj
+
+    frames[0] = pack(walk(tree))
+    return frames
+
+
+def decode_payload(frames: Sequence[Buffer], limits: Limits) -> Any:
+    """``[tree frame, *array frames]`` -> the tree, its frame references replaced by wire arrays
+    whose ``data`` is a view of the frame (no copy). The tree is decoded within ``limits``; a
+    reference to a frame that is not there, or an array frame nothing refers to, is a 400."""
+    if not frames:
+        raise BadRequest("malformed message: no payload frame")
+    if len(frames) > MAX_PAYLOAD_FRAMES:
+        raise BadRequest(f"malformed message: [{len(frames)}] payload frames; at most "
+                         f"[{MAX_PAYLOAD_FRAMES}] are taken")
+    tree = unpack_limited(_buf(frames[0]), limits)
+    if len(frames) == 1:
+        return tree
+    views = [_buf(f) for f in frames]
+    used = [False] * len(frames)
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if obj.keys() == _FRAME_KEYS:
+                k = obj["frame"]
+                if type(k) is not int or not 0 < k < len(views) or used[k]:
+                    raise BadRequest(f"malformed message: [frame] [{k!r:.20}] is not an unused payload "
+                                     f"frame (1 to {len(views) - 1})")
+                used[k] = True
+                return {"dtype": obj["dtype"], "shape": obj["shape"], "data": views[k]}
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return obj
+
+    tree = walk(tree)
+    if not all(used[1:]):
+        raise BadRequest("malformed message: a payload frame no array refers to")
+    return tree
+
+
+def _buf(frame: Buffer) -> Any:
+    """The bytes of a frame without a copy: a zmq.Frame's buffer, or the object itself."""
+    b = getattr(frame, "buffer", None)
+    return frame if b is None else b
+
+
+def payload_size(frames: Sequence[Buffer]) -> int:
+    return sum(len(_buf(f)) for f in frames)
+
+
+def payload_key(frames: Sequence[Buffer], salt: bytes = b"") -> bytes:
+    """A digest of a payload's frames as they travel (no decode, no copy): the cache key."""
+    h = hashlib.blake2b(salt, digest_size=20)
+    for f in frames:
+        b = _buf(f)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.digest()
+
+
+def split_message(frames: Sequence[Buffer]) -> tuple[Buffer, list[Buffer]]:
+    """``[header, *payload]`` -> (header, payload)."""
+    return frames[0], list(frames[1:])
+
+
+# ---- the model host's pipe ---------------------------------------------------------------------
+
+def encode_pipe(op: str, body: dict[str, Any]) -> bytes:
+    """One message on a pipe (agent <-> model host): a 4-byte big-endian length, then the same
+    envelope as on the sockets."""
+    frame = encode_request(op, 0, body)
+    return len(frame).to_bytes(4, "big") + frame
+
+
+class PipeReader:
+    """Splits a byte stream into pipe messages; ``feed`` returns the requests it completed. A
+    message that is not a request envelope of this protocol version, or is larger than
+    ``max_frame``, raises BadRequest (the stream cannot be trusted after it)."""
+
+    def __init__(self, max_frame: int = 1 << 20) -> None:
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[Request]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= 4:
+            n = int.from_bytes(self.buf[:4], "big")
+            if n > self.max_frame:
+                raise BadRequest(f"malformed pipe message: [{n}] bytes is more than [{self.max_frame}]")
+            if len(self.buf) < 4 + n:
+                break
+            frame = bytes(self.buf[4:4 + n])
+            del self.buf[:4 + n]
+            out.append(decode_request(frame, DEFAULT_LIMITS))
+        return out

@@ -116,7 +116,7 @@ def test_non_map_msgpack(obj):
     assert "expected a map" in e.reason
 
 
-@pytest.mark.parametrize("v", [0, 2, 99, "1", None])
+@pytest.mark.parametrize("v", [0, 1, 3, 99, "2", None])
 def test_wrong_version(v):
     msg = {"op": "x", "id": 1, "body": {}}
     if v is not None:
@@ -233,7 +233,7 @@ def test_array_round_trip_tree(arr):
     wire = P.encode_tree(arr)
     assert P.is_array(wire)
     assert wire["shape"] == list(arr.shape)
-    assert isinstance(wire["data"], bytes)
+    assert isinstance(wire["data"], (bytes, memoryview)) and len(wire["data"]) == arr.nbytes
     same_array(arr, P.decode_tree(wire))
 
 
@@ -422,8 +422,8 @@ def test_decode_missing_required():
     (M.StartDeployment, {"model_id": "m", "timeout": None}, "timeout", ""),
     (M.StopDeployment, {"deployment_id": "d", "force": 1}, "force", "a boolean"),
     (M.StopDeployment, {"deployment_id": "d", "force": "true"}, "force", "a boolean"),
-    (M.Infer, {"deployment_id": "d", "docs": {"a": 1}}, "docs", "a list"),
-    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": "10s"}, "timeout_ms",
+    (M.Docs, {"docs": {"a": 1}}, "docs", "a list"),
+    (M.Infer, {"deployment_id": "d", "timeout_ms": "10s"}, "timeout_ms",
      "an integer"),
     (M.PutModelChunk, {"upload_id": "u", "offset": 0, "data": "text"}, "data", "bytes"),
     (M.Heartbeat, {"node_id": "n", "memory": []}, "memory", "a map"),
@@ -544,8 +544,8 @@ def test_node_assignment_as_the_coordinator_builds_it_passes():
     (M.RouteReport, report(stats={**STATS, "average_inference_time_ms": NAN}),
      "stats.average_inference_time_ms"),
     (M.RouteReport, report(stats={**STATS, "average_batch_size": INF}), "stats.average_batch_size"),
-    (M.Infer, {"deployment_id": "d", "docs": [{"input": [1.0, NAN]}]}, "docs[0].input[1]"),
-    (M.Infer, {"deployment_id": "d", "docs": [{"x": {"y": -INF}}]}, "docs[0].x.y"),
+    (M.Docs, {"docs": [{"input": [1.0, NAN]}]}, "docs[0].input[1]"),
+    (M.Docs, {"docs": [{"x": {"y": -INF}}]}, "docs[0].x.y"),
     (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {"other": [NAN]}},
      "model_config.other[0]"),
 ])
@@ -607,8 +607,8 @@ def test_register_ranges(body, expected):
     (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": -2**63}, "[timeout] must be positive"),
     (M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 3_600_001},
      "[timeout_ms] must be less than or equal to 3600000"),
-    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 0}, "[timeout] must be positive"),
-    (M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 2**64 - 1},
+    (M.Infer, {"deployment_id": "d", "timeout_ms": 0}, "[timeout] must be positive"),
+    (M.Infer, {"deployment_id": "d", "timeout_ms": 2**64 - 1},
      "[timeout_ms] must be less than or equal to 3600000"),
 ])
 def test_int_ranges(cls, body, expected):
@@ -620,7 +620,7 @@ def test_range_edges_are_accepted():
                                   memory={"total_bytes": 1 << 50, "available_bytes": 0},
                                   cpu={"physical": 1, "logical": 4096}))
     M.decode(M.ModelChunk, {"sha256": SHA, "offset": 1 << 50, "length": 8 << 20})
-    M.decode(M.Infer, {"deployment_id": "d", "docs": [], "timeout_ms": 3_600_000})
+    M.decode(M.Infer, {"deployment_id": "d", "timeout_ms": 3_600_000})
     M.decode(M.AwaitRoutes, {"deployment_id": "d", "timeout_ms": 1})
 
 
@@ -636,7 +636,7 @@ ID_MSG = ("Invalid [{0}]; [{1}] can contain lowercase alphanumeric (a-z and 0-9)
 @pytest.mark.parametrize("bad", ["UPPER", "-start", "end-", "has space", "a" * 65, "sl/ash", "", "é",
                                  "a\x00"])
 def test_model_and_deployment_ids(cls, field, bad):
-    body = {"docs": []} if cls is M.Infer else {}
+    body = {}
     body[field] = bad
     assert one_error(cls, body) == ID_MSG.format(field, bad[:80])
 
@@ -766,10 +766,10 @@ def test_type_errors_come_first_and_alone():
 
 
 @pytest.mark.parametrize("cls,body,expected", [
-    (M.Infer, {"deployment_id": "d", "docs": [{}] * 10_001}, "[docs] must have at most 10000 elements"),
+    (M.Docs, {"docs": [{}] * 10_001}, "[docs] must have at most 10000 elements"),
     (M.Register, register(deployments=[report()] * 4097), "[deployments] must have at most 4096 elements"),
-    (M.Infer, {"deployment_id": "d", "docs": [nest(20)]}, "is nested too deeply (at most 16 levels)"),
-    (M.Infer, {"deployment_id": "d", "docs": [{"input": list(range(1_000_001))}]},
+    (M.Docs, {"docs": [nest(20)]}, "is nested too deeply (at most 16 levels)"),
+    (M.Docs, {"docs": [{"input": list(range(1_000_001))}]},
      "[docs] must have at most 1000000 values in all"),
     (M.PutModel,
      {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "model_config": {str(i): i for i in range(65)}},
@@ -785,7 +785,7 @@ def test_sizes_and_depth(cls, body, expected):
 
 def test_deep_nesting_does_not_recurse():
     # deeper than the interpreter's recursion limit: the walk is iterative
-    msg = one_error(M.Infer, {"deployment_id": "d", "docs": [nest(5000)]})
+    msg = one_error(M.Docs, {"docs": [nest(5000)]})
     assert "nested too deeply" in msg
 
 
@@ -820,8 +820,10 @@ _JUNK = st.recursive(
     lambda ch: st.lists(ch, max_size=3) | st.dictionaries(st.text(max_size=6), ch, max_size=3),
     max_leaves=8)
 _CLASSES = [M.PutModelChunk, M.PutModel, M.GetModels, M.DeleteModel, M.StartDeployment, M.UpdateDeployment,
-            M.StopDeployment, M.DeploymentRef, M.AwaitRoutes, M.GetStats, M.Empty, M.Infer, M.Register,
-            M.Heartbeat, M.ModelChunk, M.RouteReport, M.NodeAssignment]
+            M.StopDeployment, M.DeploymentRef, M.AwaitRoutes, M.GetStats, M.Empty, M.Infer, M.Docs,
+            M.Register, M.Heartbeat, M.ModelChunk, M.RouteReport, M.NodeAssignment, M.RunJobs, M.Results,
+            M.WorkerReady, M.Spawn, M.KillWorker, M.HostLoaded, M.HostFailed, M.WorkerSpawned,
+            M.WorkerExited]
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -1018,3 +1020,98 @@ def test_str_and_repr():
     e = E.NotFound("gone")
     assert str(e) == "[404] resource_not_found_exception: gone"
     assert "NotFound" in repr(e) and "404" in repr(e)
+
+
+# ---- payloads: a tree frame and the frames of its large arrays --------------------------------
+
+def _roundtrip(tree):
+    frames = P.encode_payload(tree)
+    wire = [bytes(f) for f in frames]  # what the other side receives
+    return frames, P.decode_tree(P.decode_payload(wire, P.PAYLOAD_LIMITS))
+
+
+def test_small_arrays_travel_in_the_tree_and_large_ones_in_frames_of_their_own():
+    small, large = np.arange(4, dtype=np.float32), np.arange(4096, dtype=np.float32).reshape(64, 64)
+    frames, back = _roundtrip([{"input": small}, {"inputs": [large, large.T]}, {"text": "x"}])
+    assert len(frames) == 3  # the tree, and one frame per large array
+    tree = msgpack.unpackb(frames[0], raw=False)
+    assert tree[1]["inputs"][0] == {"dtype": "float32", "shape": [64, 64], "frame": 1}
+    assert np.array_equal(back[0]["input"], small)
+    assert np.array_equal(back[1]["inputs"][0], large) and np.array_equal(back[1]["inputs"][1], large.T)
+    assert back[2] == {"text": "x"}
+
+
+def test_a_large_contiguous_array_is_sent_by_reference_not_copied():
+    x = np.ones((512, 512), np.float32)
+    frames = P.encode_payload([{"input": x}])
+    assert isinstance(frames[1], memoryview) and np.shares_memory(np.asarray(frames[1]), x)
+
+
+def test_decoded_arrays_are_views_of_the_received_frames():
+    x = np.arange(8192, dtype=np.int64)
+    wire = [bytes(f) for f in P.encode_payload([{"input": x}])]
+    arr = P.decode_array(P.decode_payload(wire, P.PAYLOAD_LIMITS)[0]["input"])
+    assert np.shares_memory(arr, np.frombuffer(wire[1], np.uint8))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hnp.arrays(dtype=st.sampled_from(_DTYPES).map(np.dtype),
+                          shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=40)), max_size=4))
+def test_property_payload_round_trip(arrays):
+    _, back = _roundtrip([{"a": a} for a in arrays])
+    for a, b in zip(arrays, back, strict=True):
+        same_array(a, b["a"])
+
+
+@pytest.mark.parametrize("tree, frames, needle", [
+    ([{"dtype": "float32", "shape": [1], "frame": 2}], [b"x" * 4], "is not an unused payload frame"),
+    ([{"dtype": "float32", "shape": [1], "frame": 0}], [b"x" * 4], "is not an unused payload frame"),
+    ([{"dtype": "float32", "shape": [1], "frame": "1"}], [b"x" * 4], "is not an unused payload frame"),
+    ([{"dtype": "float32", "shape": [1], "frame": 1}] * 2, [b"x" * 4], "is not an unused payload frame"),
+    ([{"text": "x"}], [b"x" * 4], "a payload frame no array refers to"),
+])
+def test_bad_frame_references_are_bad_requests(tree, frames, needle):
+    with pytest.raises(E.BadRequest, match=needle):
+        P.decode_payload([P.pack(tree), *frames], P.PAYLOAD_LIMITS)
+
+
+def test_too_many_payload_frames_is_a_bad_request():
+    with pytest.raises(E.BadRequest, match="payload frames"):
+        P.decode_payload([P.pack([])] + [b"x"] * P.MAX_PAYLOAD_FRAMES, P.PAYLOAD_LIMITS)
+
+
+def test_payload_key_sees_frame_boundaries_and_bytes():
+    assert P.payload_key([b"ab", b"c"]) != P.payload_key([b"a", b"bc"])
+    assert P.payload_key([b"ab", b"c"]) == P.payload_key([memoryview(b"ab"), bytearray(b"c")])
+
+
+def test_an_infer_request_is_a_small_header_and_its_payload():
+    x = np.zeros(100_000, np.float32)
+    frames = P.encode_infer(5, {"deployment_id": "d", "timeout_ms": 100}, [{"input": x}])
+    assert len(frames[0]) < 100 and P.peek_request(frames[0]) == ("infer", 5)
+    assert P.decode_request(frames[0]).body == {"deployment_id": "d", "timeout_ms": 100}
+
+
+def test_decode_message_tells_pushes_from_replies_and_checks_the_version():
+    assert isinstance(P.decode_message(P.encode_request("sync", 0, {})), P.Request)
+    assert isinstance(P.decode_message(P.encode_reply(3, 200, {})), P.Reply)
+    with pytest.raises(E.BadRequest, match="unsupported protocol version"):
+        P.decode_message(P.pack({"v": 1, "op": "sync", "id": 0, "body": {}}))
+
+
+# ---- the model host's pipe ---------------------------------------------------------------------
+
+def test_pipe_messages_split_at_any_boundary():
+    stream = b"".join(P.encode_pipe(op, {"n": i}) for i, op in enumerate(["spawn", "kill", "exit"]))
+    for cut in range(len(stream) + 1):
+        r = P.PipeReader()
+        got = r.feed(stream[:cut]) + r.feed(stream[cut:])
+        assert [(q.op, q.body["n"]) for q in got] == [("spawn", 0), ("kill", 1), ("exit", 2)]
+
+
+def test_pipe_rejects_oversized_and_foreign_messages():
+    with pytest.raises(E.BadRequest, match="more than"):
+        P.PipeReader(max_frame=10).feed((11).to_bytes(4, "big"))
+    foreign = P.pack({"v": 1, "op": "spawn", "id": 0})
+    with pytest.raises(E.BadRequest, match="unsupported protocol version"):
+        P.PipeReader().feed(len(foreign).to_bytes(4, "big") + foreign)

@@ -13,6 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlfleet.common import PROTOCOL_VERSION
 from mlfleet.common.errors import ApiError, NoAnswer
 from mlfleet.common.protocol import decode_reply, encode_request
 from tests.helpers import Cluster, Mlp, Stream, alloc_status, running_cluster, save_model, wait_until
@@ -98,20 +99,23 @@ def test_lost_agent_routes_go_and_allocations_come_back(cluster_ab, tmp_path):
 
 # ---- malformed input ---------------------------------------------------------------------------
 
+V = PROTOCOL_VERSION
 NASTY = [
     [b""], [b"\x00"], [b"\xff" * 64], [b"\xc1"],  # empty, garbage, reserved msgpack byte
     [msgpack.packb([1, 2, 3])], [msgpack.packb("just a string")],
-    [msgpack.packb({"v": 2, "op": "ping", "id": 1, "body": {}})],
+    [msgpack.packb({"v": V + 1, "op": "ping", "id": 1, "body": {}})],
+    [msgpack.packb({"v": V - 1, "op": "ping", "id": 1, "body": {}})],  # the old single-frame wire
     [msgpack.packb({"v": True, "op": "ping", "id": 1})],
-    [msgpack.packb({"v": 1, "op": 7, "id": 1})], [msgpack.packb({"v": 1, "op": "ping", "id": "x"})],
-    [msgpack.packb({"v": 1, "op": "no_such_op", "id": 1, "body": {}})],
-    [msgpack.packb({"v": 1, "op": "start_deployment", "id": 1, "body": {"model_id": 5}})],
-    [msgpack.packb({"v": 1, "op": "start_deployment", "id": 1, "body": []})],
-    [msgpack.packb({"v": 1, "op": "infer", "id": 1, "body": {"deployment_id": "x", "docs": "no"}})],
-    [msgpack.packb({"v": 1, "op": "register", "id": 1, "body": {"node_id": "evil"}})],
-    [msgpack.packb({"v": 1, "op": "get_stats", "id": 1, "body": {"deployment_id": {"$gt": 1}}})],
-    [msgpack.packb({"v": 1, "op": "ping", "id": 1, "body": {}})[:-3]],  # truncated
-    [b"a", b"b", b"c"],  # too many frames
+    [msgpack.packb({"v": V, "op": 7, "id": 1})], [msgpack.packb({"v": V, "op": "ping", "id": "x"})],
+    [msgpack.packb({"v": V, "op": "no_such_op", "id": 1, "body": {}})],
+    [msgpack.packb({"v": V, "op": "start_deployment", "id": 1, "body": {"model_id": 5}})],
+    [msgpack.packb({"v": V, "op": "start_deployment", "id": 1, "body": []})],
+    [msgpack.packb({"v": V, "op": "infer", "id": 1, "body": {"deployment_id": "x", "docs": "no"}})],
+    [msgpack.packb({"v": V, "op": "infer", "id": 1, "body": {"deployment_id": "x"}})],  # no payload
+    [msgpack.packb({"v": V, "op": "register", "id": 1, "body": {"node_id": "evil"}})],
+    [msgpack.packb({"v": V, "op": "get_stats", "id": 1, "body": {"deployment_id": {"$gt": 1}}})],
+    [msgpack.packb({"v": V, "op": "ping", "id": 1, "body": {}})[:-3]],  # truncated
+    [b"a", b"b", b"c"],  # a header that is not one, and frames after it
 ]
 
 

@@ -40,6 +40,7 @@ import zmq
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from mlfleet.common import PROTOCOL_VERSION
 from mlfleet.common import messages as M
 from mlfleet.common.errors import ApiError
 from mlfleet.common.params import validate_update
@@ -116,9 +117,7 @@ def recv_reply(s: zmq.Socket, rid: Optional[int], deadline_s: float):
     while (left := end - time.monotonic()) > 0:
         if not s.poll(max(1, int(left * 1000))):
             break
-        frames = s.recv_multipart()
-        if len(frames) != 1:
-            continue
+        frames = s.recv_multipart()  # a header, and for an inference answer its results' frames
         try:
             raw = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
         except Exception:
@@ -135,7 +134,11 @@ def call(live: Live, endpoint: str, op: str, body: Any, deadline_s: float = 10.0
          name: Any = None, identity: bytes | None = None):
     rid = next(live.rids)
     s = live.sock(endpoint, name, identity)
-    s.send(pack({"v": 1, "op": op, "id": rid, "body": body}))
+    payload = []
+    if op == "infer" and isinstance(body, dict) and "docs" in body:  # the documents travel after the header
+        body = dict(body)
+        payload = [pack(body.pop("docs"))]
+    s.send_multipart([pack({"v": PROTOCOL_VERSION, "op": op, "id": rid, "body": body}), *payload])
     return recv_reply(s, rid, deadline_s)
 
 
@@ -211,7 +214,7 @@ class FakeAgent(threading.Thread):
                                          "memory": {"total_bytes": 1 << 45, "available_bytes": 1 << 44},
                                          "deployments": self._reports()}
                 rid = next(rids)
-                s.send(pack({"v": 1, "op": op, "id": rid, "body": b}))
+                s.send(pack({"v": PROTOCOL_VERSION, "op": op, "id": rid, "body": b}))
                 rep = recv_reply(s, rid, 10.0)
                 if rep is None or rep.status != 200:
                     self.errors.append(f"{op}: {rep and (rep.status, rep.body)}")
@@ -601,11 +604,11 @@ FRAMES = st.one_of(
     st.lists(st.binary(max_size=64), min_size=1, max_size=3),
     ENVELOPE.map(lambda d: [msgpack.packb(d, use_bin_type=True)]),
     st.tuples(st.sampled_from(["ping", "get_stats", "infer", "register", "nope", "x" * 1000]), INTS, JUNK)
-      .map(lambda t: [msgpack.packb({"v": 1, "op": t[0], "id": t[1], "body": t[2]}, use_bin_type=True)]),
-    st.sampled_from([[b""], [b"\xc1"], [pack({"v": 1, "op": "ping", "id": 1})[:-2]],
+      .map(lambda t: [msgpack.packb({"v": PROTOCOL_VERSION, "op": t[0], "id": t[1], "body": t[2]}, use_bin_type=True)]),
+    st.sampled_from([[b""], [b"\xc1"], [pack({"v": PROTOCOL_VERSION, "op": "ping", "id": 1})[:-2]],
                      [encode_request("ping", 1, {}), encode_request("ping", 2, {})],
                      [msgpack.packb([[[[]]]])], [b"\x91" * 5000 + b"\xc0"],
-                     [pack({"v": 1, "op": "ping", "id": 2**64 - 1, "body": None})]]),
+                     [pack({"v": PROTOCOL_VERSION, "op": "ping", "id": 2**64 - 1, "body": None})]]),
 )
 
 

@@ -21,17 +21,17 @@ from mlfleet.agent.core import (
     Limits,
     Phase,
     Reply,
-    ReplyRaw,
+    ReplyPayload,
     Schedule,
     SendWorker,
     StartHost,
+    StopWorker,
     Timer,
     Worker,
     WorkerState,
 )
 from mlfleet.common import messages as m
 from mlfleet.common.errors import ApiError
-from mlfleet.common.protocol import unpack
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,13 +58,19 @@ class Sim:
 
     def run(self, cmds: list[Command]) -> list[Command]:
         for c in cmds:
-            if isinstance(c, (Reply, ReplyRaw)):
+            if isinstance(c, Reply):
                 self.answers.setdefault(c.rid, []).append(c.status)
-                self.bodies[c.rid] = c.body if isinstance(c, Reply) else unpack(c.body)
+                self.bodies[c.rid] = c.body
+            elif isinstance(c, ReplyPayload):
+                self.answers.setdefault(c.rid, []).append(200)
+                self.bodies[c.rid] = c.payload
             elif isinstance(c, SendWorker):
-                self.sent.append((c.identity.decode().split("|")[2], c.message))
+                self.sent.append((c.identity.decode().split("|")[2], {"op": "infer", "jobs": c.jobs}))
+            elif isinstance(c, StopWorker):
+                self.sent.append((c.identity.decode().split("|")[2], {"op": "stop"}))
             elif isinstance(c, HostCommand):
-                self.host.append(c.to_json())
+                op, body = c.message()
+                self.host.append({"cmd": op, **body})
         self.cmds += cmds
         return cmds
 
@@ -88,7 +94,9 @@ class Sim:
                nbytes: int = 0, dispatch: bool = True) -> Optional[int]:
         """Submit; the status if it was rejected at once."""
         try:
-            self.run(self.core.submit(b"c", rid, docs or [f"doc{rid}"], timeout_s, self.now,
+            payload = tuple(d.encode() for d in (docs or [f"doc{rid}"]))  # opaque to the core
+            key = b"|".join(payload) if self.core.cache.enabled else None
+            self.run(self.core.submit(b"c", rid, payload, timeout_s, self.now, key=key,
                                       dispatch=dispatch, nbytes=nbytes))
         except ApiError as e:
             self.answers.setdefault(rid, []).append(e.status)
@@ -99,10 +107,9 @@ class Sim:
     def answer(self, wid: str, fail: bool = False) -> list[Command]:
         """The worker answers all it holds."""
         w = self.core.workers[wid]
-        items = [{"rid": j, "status": 500, "reason": "boom"} if fail else {"rid": j, "results": [1]}
-                 for j in w.jobs]
-        return self.run(self.core.worker_results(wid, {"op": "results", "items": items, "time_ms": 4.0},
-                                                 self.now))
+        items = [{"rid": j, "status": 500, "reason": "boom"} if fail else
+                 {"rid": j, "status": 200, "docs": 1, "payload": (b"[1]",), "nbytes": 3} for j in w.jobs]
+        return self.run(self.core.worker_results(wid, items, 4.0, self.now))
 
     def spawned(self) -> list[str]:
         """The workers the host was asked to start, in order."""
@@ -269,7 +276,7 @@ def test_scale_down_drains_idle_first_then_starting_then_busy() -> None:
     assert s.state(w3) == WorkerState.SPAWNING
     s.run(s.core.update(assignment(target_allocations=2), s.now))
     assert "w2" in s.core.workers and s.state("w2") == WorkerState.KILLED   # idle: drained, stopped
-    assert ("w2", {"op": "stop"}) in s.sent and {"cmd": "kill", "worker_id": "w2"} in s.host
+    assert ("w2", {"op": "stop"}) in s.sent and {"cmd": "kill", "worker_id": "w2", "force": False} in s.host
     s.run(s.core.update(assignment(target_allocations=1), s.now))
     assert s.state(w3) == WorkerState.KILLED and s.state("w1") == WorkerState.BUSY
     s.run(s.core.update(assignment(target_allocations=0), s.now))

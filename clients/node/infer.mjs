@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// A minimal mlfleet inference client, written from docs/protocol.md alone (protocol version 1).
+// A minimal mlfleet inference client, written from docs/protocol.md alone (protocol version 2).
 // Usage: node infer.mjs [--timeout-ms N] <coordinator-endpoint> <deployment-id> <docs-json | ->
 // Docs are JSON maps; every nested list of numbers becomes a float32 array ({"inputs": [a, b]}
 // is a list of arrays). Prints {"inference_results": [...]} with arrays as nested lists.
@@ -19,11 +19,12 @@ function fail(body) {
   process.exit(1);
 }
 
-// ---- one DEALER per peer; one frame = one msgpack map (§1.3, §3) ---------------------------
+// ---- one DEALER per peer; a header frame (a msgpack map), then payload frames (§1.3, §3) ----
+const VERSION = 2;
 let nextId = 1;
-async function request(sock, op, body, timeoutMs) {
+async function request(sock, op, body, timeoutMs, payload = []) {
   const id = nextId++;
-  await sock.send(encode({ v: 1, op, id, body }));
+  await sock.send([encode({ v: VERSION, op, id, body }), ...payload]);
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     sock.receiveTimeout = Math.max(1, deadline - Date.now());
@@ -36,6 +37,7 @@ async function request(sock, op, body, timeoutMs) {
     const reply = decode(frames[0]);
     if (reply?.id !== id) continue;          // a late reply to something else: drop it (§3.3)
     if (reply.status !== 200) throw new ApiError(reply.status, reply.body);
+    reply.payload = frames.slice(1);
     return reply;
   }
 }
@@ -83,13 +85,21 @@ function decodeArray({ dtype, shape, data }) {
   return build(shape);
 }
 
-function decodeTree(x) {
-  if (Array.isArray(x)) return x.map(decodeTree);
+// A payload is a tree frame and the frames of its large arrays, which the tree refers to as
+// {dtype, shape, frame: k} (§5.2). This client sends its arrays inline (always allowed) and
+// reads both forms.
+function decodeTree(x, frames) {
+  if (Array.isArray(x)) return x.map((v) => decodeTree(v, frames));
   if (x instanceof Uint8Array) return Buffer.from(x).toString("base64");
   if (x && typeof x === "object") {
     const keys = Object.keys(x).sort().join();
     if (keys === "data,dtype,shape") return decodeArray(x);
-    return Object.fromEntries(Object.entries(x).map(([k, v]) => [k, decodeTree(v)]));
+    if (keys === "dtype,frame,shape") {
+      const f = frames[x.frame];
+      if (!f || x.frame < 1) throw new Error(`a result refers to payload frame [${x.frame}], which is not there`);
+      return decodeArray({ dtype: x.dtype, shape: x.shape, data: new Uint8Array(f.buffer, f.byteOffset, f.byteLength) });
+    }
+    return Object.fromEntries(Object.entries(x).map(([k, v]) => [k, decodeTree(v, frames)]));
   }
   return x;
 }
@@ -125,9 +135,10 @@ async function main() {
       const agent = dealer(route.address);
       sockets.push(agent);
       try {
-        const reply = await request(agent, "infer",
-          { deployment_id: deploymentId, docs, timeout_ms: timeoutMs }, timeoutMs + 5000);
-        process.stdout.write(JSON.stringify({ inference_results: decodeTree(reply.body.inference_results) }) + "\n");
+        const reply = await request(agent, "infer", { deployment_id: deploymentId, timeout_ms: timeoutMs },
+          timeoutMs + 5000, [encode(docs)]);
+        const results = decode(reply.payload[0]);  // a 200's results: the payload's tree frame
+        process.stdout.write(JSON.stringify({ inference_results: decodeTree(results, reply.payload) }) + "\n");
         return;
       } catch (e) {
         if (!(e instanceof ApiError && e.body?.error?.retryable === true && attempt < MAX_ATTEMPTS)) throw e;
