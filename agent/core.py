@@ -26,9 +26,25 @@ import enum
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, cast
 
 from mlfleet.agent.cache import LruCache
+from mlfleet.agent.commands import (
+    Command,
+    HostCommand,
+    KillHost,
+    Log,
+    Observe,
+    Payload,
+    Reply,
+    ReplyPayload,
+    Schedule,
+    SendWorker,
+    StartHost,
+    StopWorker,
+    Timer,
+)
+from mlfleet.agent.stats import Stats
 from mlfleet.common import messages as m
 from mlfleet.common.errors import (
     ApiError,
@@ -41,7 +57,11 @@ from mlfleet.common.errors import (
 )
 from mlfleet.common.proc import describe_exit
 
-Payload = tuple[Any, ...]  # frames, opaque to the core: a request's documents or a job's results
+__all__ = [  # the commands and stats are defined beside the core, and read from here too
+    "Command", "DeploymentCore", "HostCommand", "IllegalTransition", "Job", "KillHost", "Limits", "Log",
+    "Observe", "PHASE_MOVES", "Payload", "Phase", "Reply", "ReplyPayload", "Schedule", "SendWorker",
+    "StartHost", "Stats", "StopWorker", "Timer", "WORKER_MOVES", "Worker", "WorkerState",
+]
 
 _ids = itertools.count(1)  # worker and job ids, unique in the agent (worker identities must be)
 
@@ -88,93 +108,6 @@ class IllegalTransition(ValueError):
     """A state change the tables do not allow: a bug in the core, never a client's doing."""
 
 
-class Timer(str, enum.Enum):
-    TICK = "tick"     # deadlines, reconcile, restart backoff, host kill
-    BATCH = "batch"   # a batch's delay is over: hand out work
-    LOAD = "load"     # a load retry's backoff is over: start the host again
-
-
-# ---- commands out ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StartHost:
-    model_path: str
-    tokenizer_path: Optional[str]
-    attempt: int
-
-
-@dataclass(frozen=True)
-class HostCommand:
-    """A message for the model host: spawn, kill or exit (see agent/host.py)."""
-    cmd: str
-    worker_id: str = ""
-    identity: str = ""
-    force: bool = False
-
-    def message(self) -> tuple[str, dict[str, Any]]:
-        """(op, body) as the pipe carries it: Spawn, KillWorker, or ``exit`` with no body."""
-        if self.cmd == "spawn":
-            return "spawn", m.encode(m.Spawn(worker_id=self.worker_id, identity=self.identity))
-        if self.cmd == "kill":
-            return "kill", m.encode(m.KillWorker(worker_id=self.worker_id, force=self.force))
-        return self.cmd, {}
-
-
-@dataclass(frozen=True)
-class KillHost:
-    """The host did not exit in time after ``exit``: SIGKILL it (its workers die with it)."""
-
-
-@dataclass(frozen=True)
-class SendWorker:
-    """Jobs for a worker: ``(job id, payload)`` pairs, the payloads as the clients sent them."""
-    identity: bytes
-    jobs: tuple[tuple[int, Payload], ...]
-
-
-@dataclass(frozen=True)
-class StopWorker:
-    identity: bytes
-
-
-@dataclass(frozen=True)
-class Reply:
-    client: bytes
-    rid: int
-    status: int
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ReplyPayload:
-    """A 200 answer whose results are a payload a worker encoded (or the cache kept): sent as it is."""
-    client: bytes
-    rid: int
-    payload: Payload
-
-
-@dataclass(frozen=True)
-class Schedule:
-    at: float
-    timer: Timer
-
-
-@dataclass(frozen=True)
-class Observe:
-    """One request's queue and compute time, for the metrics histograms."""
-    queue_s: float
-    compute_s: float
-
-
-@dataclass(frozen=True)
-class Log:
-    level: str   # "info" | "warning"
-    message: str
-
-
-Command = Union[StartHost, HostCommand, KillHost, SendWorker, StopWorker, Reply, ReplyPayload, Schedule,
-                Observe, Log]
-
-
 # ---- state -------------------------------------------------------------------------------------
 @dataclass
 class Worker:
@@ -197,53 +130,6 @@ class Job:
     answered: bool = False
     dispatched: float = 0.0
     nbytes: int = 0          # the request's size on the wire, held until it is answered
-
-
-@dataclass
-class Stats:
-    """Counts documents (inferences), as Elasticsearch does; cache hits count as inferences.
-    The last minute's throughput is kept in 60 one-second buckets: constant memory at any rate."""
-    start_time_ms: int
-    inference_count: int = 0
-    error_count: int = 0
-    timeout_count: int = 0
-    rejected_execution_count: int = 0
-    cache_hit_count: int = 0
-    total_time_ms: float = 0.0
-    compute_time_ms: float = 0.0
-    queue_time_ms: float = 0.0
-    batches: int = 0
-    batched_jobs: int = 0
-    computed_jobs: int = 0
-    last_access_ms: Optional[int] = None
-    peak_per_minute: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * 60)  # docs per second, by second % 60
-    bucket_second: int = 0  # the last second written
-
-    def _advance(self, now: float) -> None:
-        second = int(now)
-        gap = second - self.bucket_second
-        if gap > 0:
-            for k in range(1, min(gap, 60) + 1):
-                self.buckets[(self.bucket_second + k) % 60] = 0
-            self.bucket_second = second
-
-    def record(self, now: float, wall_ms: int, docs: int, time_ms: float, hit: bool) -> None:
-        self.inference_count += docs
-        self.total_time_ms += time_ms
-        if hit:
-            self.cache_hit_count += docs
-        else:
-            self.compute_time_ms += time_ms
-        self.last_access_ms = wall_ms
-        self._advance(now)
-        self.buckets[int(now) % 60] += docs
-
-    def last_minute(self, now: float) -> int:
-        self._advance(now)
-        n = sum(self.buckets)
-        self.peak_per_minute = max(self.peak_per_minute, n)
-        return n
 
 
 @dataclass(frozen=True)

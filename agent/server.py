@@ -168,20 +168,32 @@ class Agent:
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
         self._host_fds: dict[int, DeploymentRuntime] = {}
+        self._hosts_dirty = True
         try:
             while self._running:
                 self._guarded("poll", self._loop_once)
         finally:
             self.close()
 
+    def _hosts_changed(self) -> None:
+        """A model host started or its pipe closed: the poller's set and reaping are due."""
+        self._hosts_dirty = True
+
     def _loop_once(self) -> None:
-        host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
-        if host_fds.keys() != self._host_fds.keys():
-            for fd in self._host_fds.keys() - host_fds.keys():
-                self.poller.unregister(fd)
-            for fd in host_fds.keys() - self._host_fds.keys():
-                self.poller.register(fd, zmq.POLLIN)
-        self._host_fds = host_fds
+        # Work per turn does not grow with the deployments on the node: the host pipes are
+        # re-listed, and stopped deployments reaped, only after a host started or ended (and on
+        # the periodic tick).
+        if self._hosts_dirty:
+            self._hosts_dirty = False
+            self._guarded("reaping stopped deployments", self._reap_stopped)
+            host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
+            if host_fds.keys() != self._host_fds.keys():
+                for fd in self._host_fds.keys() - host_fds.keys():
+                    self.poller.unregister(fd)
+                for fd in host_fds.keys() - self._host_fds.keys():
+                    self.poller.register(fd, zmq.POLLIN)
+            self._host_fds = host_fds
+        host_fds = self._host_fds
         events = dict(self.poller.poll(self.timers.timeout_ms(100)))
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
@@ -195,7 +207,6 @@ class Agent:
             if fd in events:
                 self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         self.timers.run_due()
-        self._guarded("reaping stopped deployments", self._reap_stopped)
         if self._leave_requested:
             self._guarded("leaving", self._leave)
 
@@ -426,6 +437,7 @@ class Agent:
                                queue_max_bytes=self.cfg.queue_max_bytes,
                                load_retries=self.cfg.load_retries,
                                require_sandbox=self.cfg.require_sandbox)
+        rt.on_host_change = self._hosts_changed
         self.runtimes[a.deployment_id] = rt
         if self.metrics is not None:
             qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)
@@ -490,6 +502,7 @@ class Agent:
                           self._on_sync_reply)
 
     def _tick(self) -> None:
+        self._hosts_dirty = True  # a backstop: a deployment that stopped without a host is reaped
         self.models.tick(self.clock.monotonic())
         for rt in list(self.runtimes.values()):
             before = (rt.routing_state(), rt.ready_count())
@@ -547,10 +560,16 @@ class Agent:
             return
         rid = 0
         try:
-            # Trust before decoding: op and id from the envelope (the body skipped), the key's
-            # role checked, then the header decoded within the op's limits.
+            # A header is small: decoding it whole within the header's limits costs no more than
+            # reading its envelope (peek_request), so the key's role is checked after it. A frame
+            # that is not a header of this version is answered with the id peek_request finds.
             header = frames[0].buffer
-            op, rid = peek_request(header)
+            try:
+                req = decode_request(header, OP_LIMITS["infer"])
+            except BadRequest:
+                _, rid = peek_request(header)  # raises EnvelopeError (with the id it read) if not even
+                raise                          # an envelope; else the error goes back with the id
+            op, rid = req.op, req.id
             if not assigned_routing_id(ident):
                 raise BadRequest(ROUTING_ID_CHOSEN)
             if self.curve is not None:
@@ -567,8 +586,7 @@ class Agent:
             if len(payload) > m.MAX_PAYLOAD_FRAMES:
                 raise BadRequest(f"malformed message: [{len(payload)}] payload frames; at most "
                                  f"[{m.MAX_PAYLOAD_FRAMES}] are taken")
-            req = decode_request(header, OP_LIMITS["infer"])
-            msg = m.decode(m.Infer, req.body, "infer")
+            msg = m.decode_infer(req.body)
             rt = self.runtimes.get(msg.deployment_id)
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "

@@ -39,7 +39,7 @@ from mlfleet.common.protocol import (
 def decode_jobs(header: Any, payload: list[Buffer]) -> list[dict]:
     """``infer``'s header and payload frames -> ``[{"rid", "docs"} | {"rid", "error"}]``. A job
     whose documents do not decode or break a rule fails alone, with the rule it broke."""
-    msg = m.decode(m.RunJobs, header.body, "infer")
+    msg = m.decode_run_jobs(header.body)
     jobs, at = [], 0
     for j in msg.jobs:
         frames = payload[at:at + j["frames"]]

@@ -1,7 +1,8 @@
 """Overhead of the serving path: a no-op (identity) model through Client.infer, against a raw
-pyzmq DEALER/ROUTER round trip with the same payload to an echo process.
+pyzmq DEALER/ROUTER round trip with the same payload to an echo process; then the same for a
+1 MiB tensor (the raw side echoes the same 1 MiB of bytes).
 
-    .venv/bin/python -m bench.overhead [--requests 3000]
+    .venv/bin/python -m bench.overhead [--requests 3000] [--large-requests 300]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import zmq
 
 from bench._util import cluster, fmt, pct, table
-from mlfleet.common.protocol import encode_request, encode_tree
+from mlfleet.common.protocol import encode_infer
 from tests.helpers import save_model
 
 
@@ -85,10 +86,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--large-requests", type=int, default=300)
     args = ap.parse_args()
     x = np.ones((1, 16), np.float32)
-    payload = encode_request("infer", 1, {"deployment_id": "noop", "docs": encode_tree([{"input": x}]),
-                                          "timeout_ms": 10000})
+    frames = encode_infer(1, {"deployment_id": "noop", "timeout_ms": 10000}, [{"input": x}])
+    payload = b"".join(bytes(f) for f in frames)  # the same bytes, in one frame
     raw_lat, raw_rps = raw_zmq(payload, args.requests, args.inflight)
     rows = [["raw pyzmq DEALER/ROUTER echo (another process)", fmt(pct(raw_lat, 50)),
              fmt(pct(raw_lat, 99)), f"{raw_rps:.0f}", "-", "1.0x"]]
@@ -103,10 +105,35 @@ def main() -> None:
                          fmt(pct(lat, 50)), fmt(pct(lat, 99)), f"{threads_rps:.0f}", f"{many_rps:.0f}",
                          f"{pct(lat, 50) / pct(raw_lat, 50):.1f}x"])
             client.stop_deployment(dep)
+        big = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB
+        dep = "noop-large"
+        client.start_deployment("noop", deployment_id=dep, cache_size="0b", wait_for="fully_allocated")
+        big_lat = latency(lambda: client.infer(dep, [{"input": big}]), args.large_requests)
+        out = client.infer(dep, [{"input": big}])["inference_results"][0]
+        assert np.array_equal(out, big)
+        client.stop_deployment(dep)
+    big_raw, _ = raw_zmq(big.tobytes(), args.large_requests, 1)
+    large = [["raw pyzmq DEALER/ROUTER echo of the same 1 MiB (another process)", fmt(pct(big_raw, 50)),
+              fmt(pct(big_raw, 99)), "1.0x"],
+             ["Client.infer, identity model, a 1 MiB float32 tensor in and out", fmt(pct(big_lat, 50)),
+              fmt(pct(big_lat, 99)), f"{pct(big_lat, 50) / pct(big_raw, 50):.1f}x"]]
     print(table(f"Overhead: identity model, payload {len(payload)} bytes; {args.requests} sequential "
                 f"requests, then {args.requests * 2} with {args.inflight} in flight from one client process",
                 ["path", "p50 ms (1 in flight)", "p99 ms", f"req/s, {args.inflight} threads",
                  f"req/s, infer_many({args.inflight})", "p50 vs raw"], rows))
+    print(table(f"A 1 MiB tensor round trip, {args.large_requests} sequential requests",
+                ["path", "p50 ms", "p99 ms", "p50 vs raw"], large))
+
+
+def latency(call, n: int) -> list[float]:
+    for _ in range(min(20, n)):
+        call()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        lat.append((time.perf_counter() - t) * 1000)
+    return lat
 
 
 def mlfleet_dep(client, dep: str, x: np.ndarray, n: int, inflight: int) -> tuple[list[float], float, float]:

@@ -58,12 +58,12 @@ MAX_CHUNK_REQUEST = 8 << 20            # model_chunk.length
 
 # ---- ids ----------------------------------------------------------------------------------------
 
-ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_\-.]{0,62}[a-z0-9])?$")
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
-UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-HOSTNAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
-ADDRESS_RE = re.compile(r"^(?:tcp|ipc|inproc|ws|wss|udp|pgm|epgm|vmci)://[^\s\x00-\x1f\x7f]{1,500}$")
+ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_\-.]{0,62}[a-z0-9])?\Z")
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}\Z")
+UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+HOSTNAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,255}\Z")
+ADDRESS_RE = re.compile(r"^(?:tcp|ipc|inproc|ws|wss|udp|pgm|epgm|vmci)://[^\s\x00-\x1f\x7f]{1,500}\Z")
 
 
 def id_problem(name: str, value: str) -> str | None:
@@ -590,6 +590,15 @@ class Infer:
     timeout_ms: int = rule(10_000, min=1, max=MAX_TIMEOUT_MS, min_msg="[timeout] must be positive")
 
 
+def decode_infer(body: dict[str, Any]) -> Infer:
+    """``decode(Infer, body)`` on the hot path, as ``decode_run_jobs``."""
+    if type(body) is dict and body.keys() <= {"deployment_id", "timeout_ms"}:
+        dep, t = body.get("deployment_id"), body.get("timeout_ms", 10_000)
+        if type(dep) is str and ID_RE.match(dep) and type(t) is int and 1 <= t <= MAX_TIMEOUT_MS:
+            return Infer(deployment_id=dep, timeout_ms=t)
+    return decode(Infer, body, "infer")
+
+
 @dataclass(frozen=True)
 class Docs:
     """An inference request's payload tree, as the worker decodes it."""
@@ -631,6 +640,52 @@ class Results:
     items: list = rule(max_len=MAX_JOBS, items=Spec(JobResult))
 
 
+def _small_ints_ok(d: dict[str, Any], bounds: dict[str, tuple[int, int]], required: tuple[str, ...],
+                   extra: Callable[[str, Any], bool] = lambda k, v: False) -> bool:
+    """The common case of a map of bounded ints, checked fast: True only if ``decode`` would take
+    it as it is (it is then still the type's rules that hold, ``decode`` just says why not)."""
+    if type(d) is not dict:
+        return False
+    for k, v in d.items():
+        b = bounds.get(k)
+        if b is None:
+            if not extra(k, v):
+                return False
+        elif type(v) is not int or not b[0] <= v <= b[1]:
+            return False
+    return all(k in d for k in required)
+
+
+_JOB = {"rid": (0, MAX_COUNTER), "frames": (1, MAX_PAYLOAD_FRAMES)}
+_RESULT = {"rid": (0, MAX_COUNTER), "status": (200, 599), "docs": (0, MAX_DOCS),
+           "frames": (0, MAX_PAYLOAD_FRAMES)}
+
+
+def _reason_ok(k: str, v: Any) -> bool:
+    return k == "reason" and type(v) is str and len(v) <= MAX_REASON
+
+
+def decode_run_jobs(body: dict[str, Any]) -> RunJobs:
+    """``decode(RunJobs, body)`` on the hot path: the common case checked in a few microseconds,
+    anything else through ``decode`` (tests/test_codec.py checks the two agree)."""
+    jobs = body.get("jobs") if type(body) is dict and body.keys() <= {"jobs"} else None
+    if type(jobs) is list and len(jobs) <= MAX_JOBS and all(
+            _small_ints_ok(j, _JOB, ("rid", "frames")) for j in jobs):
+        return RunJobs(jobs=jobs)
+    return decode(RunJobs, body, "infer")
+
+
+def decode_results(body: dict[str, Any]) -> Results:
+    """``decode(Results, body)`` on the hot path, as ``decode_run_jobs``."""
+    if type(body) is dict and body.keys() <= {"time_ms", "items"}:
+        t, items = body.get("time_ms"), body.get("items")
+        if (type(t) in (int, float) and 0 <= t <= 1e12 and type(items) is list  # NaN fails the range
+                and len(items) <= MAX_JOBS
+                and all(_small_ints_ok(i, _RESULT, ("rid", "status"), _reason_ok) for i in items)):
+            return Results(time_ms=float(t), items=items)
+    return decode(Results, body, "results")
+
+
 @dataclass(frozen=True)
 class WorkerReady:
     """worker -> agent (op ``ready``): connected (and warmed up); send it work."""
@@ -639,7 +694,7 @@ class WorkerReady:
 
 # ---- agent <-> model host (its stdin/stdout; see agent/host.py) ---------------------------------
 
-_WORKER_ID = dict(max_len=64, pattern=re.compile(r"^[A-Za-z0-9_.\-]{1,64}$"),
+_WORKER_ID = dict(max_len=64, pattern=re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z"),
                   pattern_msg="[{name}] must be 1 to 64 letters, digits, '_', '-' or '.'")
 
 
@@ -753,7 +808,7 @@ class NodeAssignment:
 
 # ---- node lifecycle and keys -----------------------------------------------------------------
 
-Z85_KEY_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+Z85_KEY_RE = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\Z")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ import numpy as np
 from mlfleet.common import PROTOCOL_VERSION
 from mlfleet.common.errors import BadRequest
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # also set as ZMQ_MAXMSGSIZE on every socket (per frame)
+INLINE_ARRAY_MAX = 4096     # arrays of this many bytes and more travel in frames of their own
+MAX_PAYLOAD_FRAMES = 4097   # the tree and up to 4096 array frames in one request or result
 
 # What a body may hold, per op, checked while it is decoded (msgpack's own limits) and, for
 # frames past SMALL_FRAME, a budget of containers so no frame expands into much more memory
@@ -270,16 +272,32 @@ def encode_infer(rid: int, body: dict[str, Any], docs: Any) -> list[Buffer]:
 _ARRAY_KEYS = frozenset(("dtype", "shape", "data"))
 
 
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {}  # numpy builds dtype.name anew on each call (~8 us)
+_DTYPES: dict[str, np.dtype[Any]] = {}
+
+
+def _dtype_name(dt: np.dtype[Any]) -> str:
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        if dt.hasobject:
+            raise TypeError(f"an array of dtype [{dt}] cannot travel: it holds Python objects")
+        name = dt.str if dt.byteorder == ">" else dt.name
+        if len(_DTYPE_NAMES) < 256:
+            _DTYPE_NAMES[dt] = name
+    return name
+
+
 def encode_array(a: Any) -> dict[str, Any]:
-    """An array as the wire carries it. ``data`` is a view of the array's own bytes when it is
-    C-contiguous (no copy: packed inline or sent as a frame as it is), else a C-order copy."""
+    """An array as the wire carries it, its bytes in C order. A large array's ``data`` is a view
+    of the array's own bytes (no copy: it is sent as a frame as it is); a small one's is a copy
+    (cheaper than a view at that size: it is packed into the tree anyway)."""
     arr = np.asarray(a)  # ascontiguousarray would turn a 0-d array into shape (1,)
-    if arr.dtype.hasobject:
-        raise TypeError(f"an array of dtype [{arr.dtype}] cannot travel: it holds Python objects")
-    if not arr.flags.c_contiguous:
-        arr = arr.copy(order="C")
-    return {"dtype": arr.dtype.str if arr.dtype.byteorder == ">" else arr.dtype.name,
-            "shape": list(arr.shape), "data": memoryview(arr.reshape(-1).view(np.uint8).data)}
+    name = _dtype_name(arr.dtype)
+    if arr.nbytes < INLINE_ARRAY_MAX or not arr.flags.c_contiguous:
+        data: Any = arr.tobytes(order="C")
+    else:
+        data = memoryview(arr.reshape(-1).view(np.uint8).data)
+    return {"dtype": name, "shape": list(arr.shape), "data": data}
 
 
 def is_array(obj: Any) -> bool:
@@ -288,7 +306,11 @@ def is_array(obj: Any) -> bool:
 
 def decode_array(obj: dict[str, Any], where: str = "input") -> np.ndarray:
     try:
-        dtype = np.dtype(obj["dtype"])
+        dtype = _DTYPES.get(obj["dtype"]) if type(obj["dtype"]) is str else None
+        if dtype is None:
+            dtype = np.dtype(obj["dtype"])
+            if type(obj["dtype"]) is str and len(_DTYPES) < 256:
+                _DTYPES[obj["dtype"]] = dtype
         if not isinstance(obj["shape"], list) or not all(
                 type(s) is int and s >= 0 for s in obj["shape"]):
             raise ValueError("shape must be a list of non-negative integers")
@@ -342,8 +364,6 @@ def to_jsonable(obj: Any) -> Any:
 
 # ---- payloads: a tree frame and the frames of its large arrays ----------------------------------
 
-INLINE_ARRAY_MAX = 4096     # arrays of this many bytes and more travel in frames of their own
-MAX_PAYLOAD_FRAMES = 4097   # the tree and up to 4096 array frames in one request or result
 _FRAME_KEYS = frozenset(("dtype", "shape", "frame"))
 
 
@@ -354,10 +374,11 @@ def encode_payload(tree: Any) -> list[Buffer]:
     frames: list[Buffer] = [b""]
 
     def walk(obj: Any) -> Any:
-        if isinstance(obj, (np.ndarray, np.generic)):
-            obj = encode_array(obj)
-        if isinstance(obj, dict):
-            if obj.keys() == _ARRAY_KEYS:
+        t = type(obj)
+        if t is str or t is int or t is float or obj is None:  # the common leaves, first
+            return obj
+        if t is dict:
+            if len(obj) == 3 and obj.keys() == _ARRAY_KEYS:
                 data = obj["data"]
                 if isinstance(data, (bytes, bytearray, memoryview)) and len(data) >= INLINE_ARRAY_MAX:
                     if len(frames) >= MAX_PAYLOAD_FRAMES:
@@ -366,8 +387,10 @@ def encode_payload(tree: Any) -> list[Buffer]:
                     return {"dtype": obj["dtype"], "shape": obj["shape"], "frame": len(frames) - 1}
                 return obj
             return {k: walk(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
+        if t is list or t is tuple:
             return [walk(v) for v in obj]
+        if t is np.ndarray or isinstance(obj, (np.ndarray, np.generic)):
+            return walk(encode_array(obj))
         return obj
 
     frames[0] = pack(walk(tree))

@@ -634,7 +634,7 @@ ID_MSG = ("Invalid [{0}]; [{1}] can contain lowercase alphanumeric (a-z and 0-9)
     (M.StartDeployment, "model_id"), (M.GetStats, "deployment_id"), (M.GetModels, "model_id"),
 ])
 @pytest.mark.parametrize("bad", ["UPPER", "-start", "end-", "has space", "a" * 65, "sl/ash", "", "é",
-                                 "a\x00"])
+                                 "a\x00", "trailing\n"])
 def test_model_and_deployment_ids(cls, field, bad):
     body = {}
     body[field] = bad
@@ -1115,3 +1115,46 @@ def test_pipe_rejects_oversized_and_foreign_messages():
     foreign = P.pack({"v": 1, "op": "spawn", "id": 0})
     with pytest.raises(E.BadRequest, match="unsupported protocol version"):
         P.PipeReader().feed(len(foreign).to_bytes(4, "big") + foreign)
+
+
+# ---- the hot-path decoders agree with the declared types ---------------------------------------
+
+EXTREME_NUMBERS = st.one_of(
+    st.sampled_from([0, 1, -1, 199, 200, 599, 600, 4096, 4097, 10_000, 10_001, 2**63 - 1, 2**63, 1e12,
+                     1e12 + 1, 0.5, -0.0, NAN, INF, -INF, True, False]),
+    st.integers(), st.floats())
+
+_JOBISH = st.dictionaries(st.sampled_from(["rid", "frames", "status", "docs", "reason", "x"]),
+                          st.one_of(EXTREME_NUMBERS, st.text(max_size=5), st.none(), st.booleans()),
+                          max_size=5)
+
+
+def _outcome(fn, body):
+    try:
+        return fn(body)
+    except E.ApiError as e:
+        return ("error", type(e), e.status)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.fixed_dictionaries({"jobs": st.lists(_JOBISH, max_size=3)}),
+                 st.dictionaries(st.sampled_from(["jobs", "x"]), st.one_of(st.lists(_JOBISH, max_size=2),
+                                                                          EXTREME_NUMBERS), max_size=2)))
+def test_decode_run_jobs_agrees_with_decode(body):
+    assert _outcome(M.decode_run_jobs, body) == _outcome(lambda b: M.decode(M.RunJobs, b, "infer"), body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.fixed_dictionaries({"time_ms": EXTREME_NUMBERS, "items": st.lists(_JOBISH, max_size=3)}),
+                 st.dictionaries(st.sampled_from(["time_ms", "items", "x"]),
+                                 st.one_of(st.lists(_JOBISH, max_size=2), EXTREME_NUMBERS), max_size=3)))
+def test_decode_results_agrees_with_decode(body):
+    assert _outcome(M.decode_results, body) == _outcome(lambda b: M.decode(M.Results, b, "results"), body)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["deployment_id", "timeout_ms", "docs"]),
+                       st.one_of(EXTREME_NUMBERS, st.sampled_from(["d", "a-b.c", "UP", "a\n", "", "x" * 65]),
+                                 st.text(max_size=6), st.none()), max_size=3))
+def test_decode_infer_agrees_with_decode(body):
+    assert _outcome(M.decode_infer, body) == _outcome(lambda b: M.decode(M.Infer, b, "infer"), body)

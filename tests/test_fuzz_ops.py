@@ -604,7 +604,8 @@ FRAMES = st.one_of(
     st.lists(st.binary(max_size=64), min_size=1, max_size=3),
     ENVELOPE.map(lambda d: [msgpack.packb(d, use_bin_type=True)]),
     st.tuples(st.sampled_from(["ping", "get_stats", "infer", "register", "nope", "x" * 1000]), INTS, JUNK)
-      .map(lambda t: [msgpack.packb({"v": PROTOCOL_VERSION, "op": t[0], "id": t[1], "body": t[2]}, use_bin_type=True)]),
+      .map(lambda t: [msgpack.packb({"v": PROTOCOL_VERSION, "op": t[0], "id": t[1], "body": t[2]},
+                                    use_bin_type=True)]),
     st.sampled_from([[b""], [b"\xc1"], [pack({"v": PROTOCOL_VERSION, "op": "ping", "id": 1})[:-2]],
                      [encode_request("ping", 1, {}), encode_request("ping", 2, {})],
                      [msgpack.packb([[[[]]]])], [b"\x91" * 5000 + b"\xc0"],
