@@ -455,7 +455,7 @@ _NODE_ID = dict(max_len=128, pattern=NODE_ID_RE,
 _UPLOAD_ID = dict(pattern=UPLOAD_ID_RE, pattern_msg="[{name}] must be 16 to 64 lowercase hex characters")
 _SHA256 = dict(pattern=SHA256_RE, pattern_msg="[{name}] must be 64 lowercase hex characters")
 _TIME = dict(max_len=64)  # a time value ("30s") or a number of seconds; params owns its range
-TASKS = ("pass_through", "text_embedding")
+TASKS = ("pass_through", "text_embedding", "text_classification", "ner")
 ROUTING_STATES = ("starting", "started", "stopping", "stopped", "failed")
 
 _ALLOCATIONS = dict(min=0, max=MAX_NUMBER_OF_ALLOCATIONS)
@@ -483,6 +483,11 @@ MODEL_CONFIG_SHAPE = {
     "max_sequence_length": spec(Optional[int], min=1, max=1 << 20),
     "embedding_size": spec(Optional[int], min=1, max=1 << 20),
     "source": spec(Optional[str], max_len=1000),
+    # text_classification and ner (Elasticsearch's names); every text task: max_batch_tokens
+    "classification_labels": spec(Optional[list], max_len=10_000, items=spec(str, max_len=256)),
+    "num_top_classes": spec(Optional[int], min=-1, max=10_000),
+    "results_field": spec(Optional[str], max_len=256),
+    "max_batch_tokens": spec(Optional[int], min=1, max=1 << 24),
 }
 _JSON = Content(max_depth=8, max_items=1000, max_string=MAX_STRING, json_only=True)
 _MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any), content=_JSON)
