@@ -144,8 +144,8 @@ def _overrides_for(task: str, docs: list[Any], overrides: Optional[list[Any]],
     return out
 
 
-def _rename(result: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    field = opts.get("results_field")
+def _rename(result: dict[str, Any], opts: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    field = opts.get("results_field") or config.get("results_field")
     if field and field != DEFAULT_RESULTS_FIELD:
         result = {(field if k == DEFAULT_RESULTS_FIELD else k): v for k, v in result.items()}
     return result
@@ -183,7 +183,7 @@ class PassThrough:
                 out.append(o)
                 continue
             try:
-                out.append(_rename(self.one(doc), o))
+                out.append(_rename(self.one(doc), o, self.config))
             except ApiError as e:
                 out.append(e)
             except Exception as e:  # anything else fails this document only
@@ -284,6 +284,7 @@ class _TextTask:
         self.pad_id = pad_id if pad_id is not None else 0
         self.lowercase = _lowercases(self.tok)
         self.labels: Optional[list[str]] = None
+        self.overhead_tokens = BATCH_OVERHEAD_TOKENS
         self.batches_run = 0  # forward passes, for tests and benchmarks
 
     # subclasses: one document's result from its row of the model output
@@ -324,7 +325,7 @@ class _TextTask:
         if not texts:
             return out
         encs = self.tok.encode_batch(texts)
-        for group in plan_batches([len(e.ids) for e in encs], self.max_batch_tokens):
+        for group in plan_batches([len(e.ids) for e in encs], self.max_batch_tokens, self.overhead_tokens):
             try:
                 rows = self._forward([encs[k] for k in group])
                 parts = [(k, rows[r]) for r, k in enumerate(group)]
@@ -342,7 +343,7 @@ class _TextTask:
             for k, row in parts:
                 i = where[k]
                 try:
-                    out[i] = _rename(self._result(texts[k], encs[k], row, opts[i]), opts[i])
+                    out[i] = _rename(self._result(texts[k], encs[k], row, opts[i]), opts[i], self.config)
                 except ApiError as e:
                     out[i] = e
                 except Exception as e:  # a bug in post-processing fails this document only

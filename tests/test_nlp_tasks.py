@@ -247,6 +247,9 @@ def test_overrides_must_match_the_documents(traced):
         task.run([{"text_field": "a"}], overrides=[None, None])
     out = task.run([{"text_field": "Zoë Müller"}], overrides=[{"results_field": "tagged"}])[0]
     assert "tagged" in out and "entities" in out
+    task.config["results_field"] = "from_config"  # the model config's own results_field
+    assert "from_config" in task.run([{"text_field": "Zoë"}])[0]
+    assert "tagged" in task.run([{"text_field": "Zoë"}], overrides=[{"results_field": "tagged"}])[0]
 
 
 # ---- length-aware batching ---------------------------------------------------------------------
@@ -296,6 +299,8 @@ def test_a_bad_document_fails_alone(traced):
     assert isinstance(out[0], dict) and isinstance(out[3], dict)
     assert isinstance(out[1], BadRequest) and "[text_field]" in out[1].reason
     assert isinstance(out[2], ApiError)
+    empty = task.run([{"text_field": ""}, {"text_field": "   "}])
+    assert empty == [{"predicted_value": "", "entities": []}, {"predicted_value": "   ", "entities": []}]
 
 
 # ---- warm-up documents ---------------------------------------------------------------------------
