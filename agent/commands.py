@@ -52,9 +52,10 @@ class KillHost:
 
 @dataclass(frozen=True)
 class SendWorker:
-    """Jobs for a worker: ``(job id, payload)`` pairs, the payloads as the clients sent them."""
+    """Jobs for a worker: ``(job id, payload, inference_config)``, the payloads as the clients
+    sent them."""
     identity: bytes
-    jobs: tuple[tuple[int, Payload], ...]
+    jobs: tuple[tuple[int, Payload, Optional[dict[str, Any]]], ...]
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ class Job:
     answered: bool = False
     dispatched: float = 0.0
     nbytes: int = 0          # the request's size on the wire, held until it is answered
+    config: Optional[dict[str, Any]] = None  # the request's inference_config
 
 
 @dataclass(frozen=True)
@@ -461,12 +462,14 @@ class DeploymentCore:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, client: bytes, rid: int, payload: Payload, timeout_s: float, now: float, *,
-               key: Optional[bytes] = None, dispatch: bool = True, nbytes: int = 0) -> list[Command]:
+               key: Optional[bytes] = None, dispatch: bool = True, nbytes: int = 0,
+               config: Optional[dict[str, Any]] = None) -> list[Command]:
         """Queue a request (or answer it from the cache); a rejection raises its ApiError.
         ``key`` is the digest of the payload when the cache is on. ``dispatch=False`` leaves
         handing out work to a later ``dispatch``, so a burst of requests can share a batch.
         ``nbytes`` is the request's size on the wire: the bytes held for requests not yet
-        answered have a budget, as their count has one."""
+        answered have a budget, as their count has one. ``config``: the request's inference_config,
+        passed to the worker with it (the key, when there is one, covers it)."""
         if self.phase in (Phase.STOPPING, Phase.STOPPED):
             raise self._stopping_error()
         if self.phase == Phase.FAILED:
@@ -483,7 +486,7 @@ class DeploymentCore:
                 return self._take()
         self._admit(nbytes)
         self.held_bytes += nbytes
-        self.queue.append(Job(client, rid, payload, now + timeout_s, now, key, nbytes=nbytes))
+        self.queue.append(Job(client, rid, payload, now + timeout_s, now, key, nbytes=nbytes, config=config))
         if dispatch:
             self._dispatch(now)
         return self._take()
@@ -536,7 +539,7 @@ class DeploymentCore:
                     self._batch_wake_at = due
                     self._out.append(Schedule(due, Timer.BATCH))
                 return
-            jobs: list[tuple[int, Payload]] = []
+            jobs: list[tuple[int, Payload, Optional[dict[str, Any]]]] = []
             ids: list[int] = []
             while self.queue and len(jobs) < batch:
                 job = self.queue.popleft()
@@ -547,7 +550,7 @@ class DeploymentCore:
                 job.dispatched = now
                 self.jobs[job_id] = job
                 ids.append(job_id)
-                jobs.append((job_id, job.payload))
+                jobs.append((job_id, job.payload, job.config))
                 self.stats.queue_time_ms += (now - job.enqueued) * 1000
             if jobs:
                 self.stats.batches += 1

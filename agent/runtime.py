@@ -183,17 +183,19 @@ class DeploymentRuntime:
         return self.core.cache.enabled
 
     def submit(self, client: bytes, rid: int, payload: tuple, timeout_s: float, *,
-               key: Optional[bytes] = None, dispatch: bool = True, nbytes: int = 0) -> None:
+               key: Optional[bytes] = None, dispatch: bool = True, nbytes: int = 0,
+               config: Optional[dict] = None) -> None:
         """Queue a request (or answer it from the cache); a rejection raises its ApiError. The
         payload (the documents' frames) is relayed to a worker as it came, never decoded here."""
         self._run(self.core.submit(client, rid, payload, timeout_s, self._now(), key=key,
-                                   dispatch=dispatch, nbytes=nbytes))
+                                   dispatch=dispatch, nbytes=nbytes, config=config))
 
     def _send_jobs(self, c: SendWorker) -> None:
         # a RunJobs body (built as a map: it is ours, and dataclasses.asdict costs 20 us a batch)
-        frames: list[Buffer] = [encode_request("infer", 0, {
-            "jobs": [{"rid": rid, "frames": len(payload)} for rid, payload in c.jobs]})]
-        for _, payload in c.jobs:
+        frames: list[Buffer] = [encode_request("infer", 0, {"jobs": [
+            {"rid": rid, "frames": len(payload), **({"inference_config": cfg} if cfg is not None else {})}
+            for rid, payload, cfg in c.jobs]})]
+        for _, payload, _ in c.jobs:
             frames.extend(payload)
         self.send_worker(c.identity, frames)
 

@@ -40,6 +40,7 @@ from mlfleet.common.protocol import (
     decode_request,
     encode_reply,
     encode_request,
+    pack,
     payload_key,
     payload_size,
     peek_request,
@@ -591,9 +592,12 @@ class Agent:
             if rt is None:
                 raise NotFound(f"No known model deployment with id [{msg.deployment_id}] on node "
                                f"[{self.node_id}]", retryable=True)
-            rt.submit(ident, rid, payload, msg.timeout_ms / 1000.0,
-                      key=payload_key(payload) if rt.cache_enabled else None, dispatch=False,
-                      nbytes=len(header) + payload_size(payload))
+            cfg = msg.inference_config
+            key = None
+            if rt.cache_enabled:  # the same documents under another inference_config are another entry
+                key = payload_key(payload, pack(cfg) if cfg is not None else b"")
+            rt.submit(ident, rid, payload, msg.timeout_ms / 1000.0, key=key, dispatch=False,
+                      nbytes=len(header) + payload_size(payload), config=cfg)
             self._submitted.add(rt)
         except EnvelopeError as e:
             self._reply_client(ident, e.request_id, e.status, e.to_body())

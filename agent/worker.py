@@ -49,7 +49,7 @@ def decode_jobs(header: Any, payload: list[Buffer]) -> list[dict]:
                 raise BadRequest("malformed message: fewer payload frames than the job declares")
             tree = decode_payload(frames, PAYLOAD_LIMITS)
             docs = m.decode(m.Docs, {"docs": tree}, "infer").docs
-            jobs.append({"rid": j["rid"], "docs": docs})
+            jobs.append({"rid": j["rid"], "docs": docs, "config": j.get("inference_config")})
         except ApiError as e:
             jobs.append({"rid": j["rid"], "error": e})
     return jobs
@@ -88,13 +88,15 @@ def run_jobs(task: Any, jobs: list[dict]) -> list[dict]:
         return failed + run_jobs(task, [j for j in jobs if "error" not in j])
     if not jobs:
         return []
-    docs, bounds = [], []
+    docs, bounds, overrides = [], [], []
     for job in jobs:
         d = job.get("docs") or []
         bounds.append((len(docs), len(docs) + len(d)))
         docs.extend(d)
+        overrides.extend([job.get("config")] * len(d))
     try:
-        outcomes = task.run(docs)
+        # a request's inference_config applies to each of its documents (the task checks it)
+        outcomes = task.run(docs, overrides) if any(o is not None for o in overrides) else task.run(docs)
     except Exception as e:  # a bug or a broken model must not end the worker
         if len(jobs) > 1:
             return [item for job in jobs for item in run_jobs(task, [job])]

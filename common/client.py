@@ -535,12 +535,14 @@ class Client:
                 self._agent_keys[route["address"]] = route["public_key"].encode()
 
     def infer_many(self, deployment_id: str, requests: list[list[dict[str, Any]]],
-                   timeout: str | float = "10s", inflight: int = 16) -> list[Any]:
+                   timeout: str | float = "10s", inflight: int = 16,
+                   inference_config: Optional[dict[str, Any]] = None) -> list[Any]:
         """Run many inference requests from this thread with up to ``inflight`` outstanding at
         once, spread over the routing table. Returns, in order, each request's body or the
         ApiError it got (a request whose node said it no longer serves the deployment is
         retried through ``infer``)."""
         timeout_s = parse_time(timeout, "timeout")
+        extra = {} if inference_config is None else {"inference_config": inference_config}
         routes = self._routes(deployment_id)
         socks = self._infer_sockets()
         out: list[Any] = [None] * len(requests)
@@ -553,7 +555,7 @@ class Client:
                 route = routes.pick(set())
                 if route is None:  # nothing routable: this one waits (and may start an allocation)
                     try:
-                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
+                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout, inference_config)
                     except ApiError as e:
                         out[nxt] = e
                     nxt += 1
@@ -561,7 +563,7 @@ class Client:
                     continue
                 address, rid = route["address"], next(self._ids)
                 frames = [_encode("infer", rid, {"deployment_id": deployment_id,
-                                                 "timeout_ms": max(1, int(timeout_s * 1000))}),
+                                                 "timeout_ms": max(1, int(timeout_s * 1000)), **extra}),
                           *_encode_payload(requests[nxt])]
                 s = socks.get(address)
                 if address not in registered:
@@ -571,7 +573,7 @@ class Client:
                     s.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 except zmq.Again:  # no connection to that node: the one-by-one path retries elsewhere
                     try:
-                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout)
+                        out[nxt] = self.infer(deployment_id, requests[nxt], timeout, inference_config)
                     except ApiError as e:
                         out[nxt] = e
                     nxt += 1
@@ -606,7 +608,7 @@ class Client:
                         err = errors.from_body(rep.body)
                         if err.retryable:
                             try:
-                                out[i] = self.infer(deployment_id, requests[i], timeout)
+                                out[i] = self.infer(deployment_id, requests[i], timeout, inference_config)
                             except ApiError as e:
                                 out[i] = e
                         else:
@@ -619,12 +621,16 @@ class Client:
         return out
 
     def infer(self, deployment_id: str, docs: list[dict[str, Any]],
-              timeout: str | float = "10s") -> dict[str, Any]:
-        """Run ``docs`` through a deployment; arrays in and out are numpy arrays."""
+              timeout: str | float = "10s",
+              inference_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Run ``docs`` through a deployment; arrays in and out are numpy arrays.
+        ``inference_config``: Elasticsearch's infer-time overrides for the model's task, e.g.
+        ``{"num_top_classes": 3}`` or ``{"results_field": "label"}``."""
         timeout_s = parse_time(timeout, "timeout")
         if timeout_s <= 0:
             raise errors.BadRequest("[timeout] must be positive")
         payload = _encode_payload(docs)
+        extra = {} if inference_config is None else {"inference_config": inference_config}
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S
         routes = self._routes(deployment_id)
         tried: set[str] = set()
@@ -648,7 +654,7 @@ class Client:
             rid = next(self._ids)
             left_s = deadline - INFER_MARGIN_S - time.monotonic()  # a retry gets what is left
             frames = [_encode("infer", rid, {"deployment_id": deployment_id,
-                                             "timeout_ms": max(1, int(left_s * 1000))}), *payload]
+                                             "timeout_ms": max(1, int(left_s * 1000)), **extra}), *payload]
             try:
                 rep = self._infer_sockets().call(address, frames, rid,
                                                  max(0.1, deadline - time.monotonic()), "infer")

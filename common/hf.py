@@ -1,23 +1,37 @@
-"""Bring a local Hugging Face model directory (sentence-transformers layout) into mlfleet, offline:
-trace it to TorchScript, keep its ``tokenizer.json``, and read its pooling and normalisation
-from ``modules.json`` / ``1_Pooling/config.json``. Needs the ``hf`` extra (transformers), as
-Elasticsearch's eland does.
+"""Bring a local Hugging Face model directory into mlfleet, offline: trace it to TorchScript (or
+export it with ``torch.export``), keep its ``tokenizer.json``, and write the model config its task
+needs. Needs the ``hf`` extra (transformers), as Elasticsearch's eland does.
+
+The task comes from the directory's ``config.json`` unless given: ``architectures`` ending in
+``ForTokenClassification`` -> ``ner``, ``ForSequenceClassification`` -> ``text_classification``,
+anything else -> ``text_embedding`` (pooling and normalisation read from the sentence-transformers
+files ``modules.json`` / ``1_Pooling/config.json``). Classification labels come from ``id2label``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+HF_TASKS = ("text_embedding", "text_classification", "ner")
+FORMATS = ("torchscript", "export")
+
 
 @dataclass(frozen=True)
 class ImportedModel:
-    torchscript: Path
+    path: Path          # the model file: TorchScript (.pt) or a torch.export program (.pt2)
     tokenizer: Path
     config: dict[str, Any]
+    task: str = "text_embedding"
+    format: str = "torchscript"
+
+    @property
+    def torchscript(self) -> Path:  # the name callers used before there were two formats
+        return self.path
 
 
 def read_sentence_transformers_config(d: Path, max_sequence_length: Optional[int] = None) -> dict[str, Any]:
@@ -50,38 +64,119 @@ def read_sentence_transformers_config(d: Path, max_sequence_length: Optional[int
             "embedding_size": model_cfg.get("hidden_size"), "source": d.name}
 
 
+def task_of(model_cfg: dict[str, Any]) -> str:
+    """The mlfleet task a Hugging Face config.json describes."""
+    archs = model_cfg.get("architectures") or []
+    if any(str(a).endswith("ForTokenClassification") for a in archs):
+        return "ner"
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return "text_classification"
+    return "text_embedding"
+
+
+def labels_of(model_cfg: dict[str, Any]) -> list[str]:
+    """``id2label`` in output order."""
+    id2label = model_cfg.get("id2label") or {}
+    try:
+        pairs = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        raise ValueError("config.json [id2label] must map output indices to label names") from None
+    if [i for i, _ in pairs] != list(range(len(pairs))):
+        raise ValueError("config.json [id2label] must name every output index from 0")
+    return [v for _, v in pairs]
+
+
+def model_config_for(d: Path, task: str, max_sequence_length: Optional[int] = None) -> dict[str, Any]:
+    """The mlfleet model config of a Hugging Face directory for ``task``."""
+    base = read_sentence_transformers_config(d, max_sequence_length)
+    if task == "text_embedding":
+        return base
+    model_cfg = json.loads((d / "config.json").read_text())
+    labels = labels_of(model_cfg)
+    if task == "ner":
+        from mlfleet.agent.tasks import iob_labels
+        iob_labels(labels)  # ValueError naming the label that is not an IOB tag
+    elif len(labels) < 2:
+        raise ValueError(f"[text_classification] requires at least 2 [classification_labels]; "
+                         f"config.json [id2label] gives {labels}")
+    return {"classification_labels": labels, "max_sequence_length": base["max_sequence_length"],
+            "source": base["source"]}
+
+
+def _wrapper(task: str, d: Path):
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    cls = {"ner": AutoModelForTokenClassification,
+           "text_classification": AutoModelForSequenceClassification}.get(task, AutoModel)
+    model = cls.from_pretrained(str(d), attn_implementation="eager").eval()
+
+    class Wrapped(torch.nn.Module):
+        """input_ids, attention_mask -> last hidden state [batch, seq, hidden] (text_embedding),
+        or logits ([batch, labels] for text_classification, [batch, seq, labels] for ner)."""
+
+        def __init__(self, m: torch.nn.Module, field: str) -> None:
+            super().__init__()
+            self.m = m
+            self.field = field
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask)
+            return out.logits if self.field == "logits" else out.last_hidden_state
+
+    return Wrapped(model, "last_hidden_state" if task == "text_embedding" else "logits").eval()
+
+
+def _example_inputs():
+    import torch
+    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
+    return ids, (ids != 0).long()
+
+
 def trace_hf_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                   max_sequence_length: Optional[int] = None) -> ImportedModel:
+                   max_sequence_length: Optional[int] = None, task: Optional[str] = None,
+                   format: str = "torchscript") -> ImportedModel:
+    """Write the model of a local Hugging Face directory into ``out_dir``: ``model.pt``
+    (TorchScript, ``torch.jit.trace``) or ``model.pt2`` (``torch.export`` with dynamic batch and
+    sequence dimensions, ``torch.export.save``)."""
     try:
         import torch
-        from transformers import AutoModel
+        import transformers  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the optional extra
         raise RuntimeError("import-hf needs the 'hf' extra: pip install 'mlfleet[hf]'") from e
+    if format not in FORMATS:
+        raise ValueError(f"invalid [format] [{format}]; must be one of [{','.join(FORMATS)}]")
     d = Path(model_dir)
     tokenizer = d / "tokenizer.json"
     if not (d / "config.json").exists() or not tokenizer.exists():
         raise ValueError(f"{d} is not a Hugging Face model directory (needs config.json and tokenizer.json)")
-    config = read_sentence_transformers_config(d, max_sequence_length)
+    if task is None:
+        task = task_of(json.loads((d / "config.json").read_text()))
+    if task not in HF_TASKS:
+        raise ValueError(f"invalid [task] [{task}]; must be one of [{','.join(HF_TASKS)}]")
+    config = model_config_for(d, task, max_sequence_length)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModel.from_pretrained(str(d), attn_implementation="eager").eval()
-
-    class Encoder(torch.nn.Module):
-        """input_ids, attention_mask -> last hidden state [batch, seq, hidden]."""
-
-        def __init__(self, m: torch.nn.Module) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    enc = Encoder(model).eval()
-    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
-    mask = (ids != 0).long()
-    with torch.no_grad():
-        traced = torch.jit.trace(enc, (ids, mask), strict=False, check_trace=False)
+    wrapped = _wrapper(task, d)
+    ids, mask = _example_inputs()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.pt"
-    torch.jit.save(traced, str(path))
-    return ImportedModel(path, tokenizer, config)
+    with torch.no_grad():
+        if format == "export":
+            dyn = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
+                   "attention_mask": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}}
+            program = torch.export.export(wrapped, (ids, mask), dynamic_shapes=dyn)
+            path = out / "model.pt2"
+            torch.export.save(program, str(path))
+        else:
+            traced = torch.jit.trace(wrapped, (ids, mask), strict=False, check_trace=False)
+            path = out / "model.pt"
+            torch.jit.save(traced, str(path))
+    return ImportedModel(path, tokenizer, config, task, format)
+
+
+def import_hf(client: Any, model_id: str, model_dir: str | os.PathLike[str], task: Optional[str] = None,
+              max_sequence_length: Optional[int] = None, format: str = "torchscript") -> dict[str, Any]:
+    """Trace (or export) a local Hugging Face directory and put it through ``client``."""
+    with tempfile.TemporaryDirectory(prefix="mlfleet-hf-") as tmp:
+        imported = trace_hf_model(model_dir, tmp, max_sequence_length, task=task, format=format)
+        return client.put_model(model_id, imported.path, task=imported.task,
+                                tokenizer=imported.tokenizer, model_config=imported.config)

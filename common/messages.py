@@ -456,7 +456,7 @@ _NODE_ID = dict(max_len=128, pattern=NODE_ID_RE,
 _UPLOAD_ID = dict(pattern=UPLOAD_ID_RE, pattern_msg="[{name}] must be 16 to 64 lowercase hex characters")
 _SHA256 = dict(pattern=SHA256_RE, pattern_msg="[{name}] must be 64 lowercase hex characters")
 _TIME = dict(max_len=64)  # a time value ("30s") or a number of seconds; params owns its range
-TASKS = ("pass_through", "text_embedding")
+TASKS = ("pass_through", "text_embedding", "text_classification", "ner")
 ROUTING_STATES = ("starting", "started", "stopping", "stopped", "failed")
 
 _ALLOCATIONS = dict(min=0, max=MAX_NUMBER_OF_ALLOCATIONS)
@@ -484,6 +484,11 @@ MODEL_CONFIG_SHAPE = {
     "max_sequence_length": spec(Optional[int], min=1, max=1 << 20),
     "embedding_size": spec(Optional[int], min=1, max=1 << 20),
     "source": spec(Optional[str], max_len=1000),
+    # text_classification and ner (Elasticsearch's names); every text task: max_batch_tokens
+    "classification_labels": spec(Optional[list], max_len=10_000, items=spec(str, max_len=256)),
+    "num_top_classes": spec(Optional[int], min=-1, max=10_000),
+    "results_field": spec(Optional[str], max_len=256),
+    "max_batch_tokens": spec(Optional[int], min=1, max=1 << 24),
 }
 _JSON = Content(max_depth=8, max_items=1000, max_string=MAX_STRING, json_only=True)
 _MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any), content=_JSON)
@@ -580,6 +585,7 @@ class Empty:
 # ---- client -> agent (inference endpoint) ------------------------------------------------
 
 DOCS_CONTENT = Content(max_depth=16, max_items=1_000_000, max_string=16 << 20)
+INFERENCE_CONFIG_CONTENT = Content(max_depth=4, max_items=256, max_string=4096, json_only=True)
 
 
 @dataclass(frozen=True)
@@ -588,6 +594,9 @@ class Infer:
     agent relays undecoded and the worker decodes."""
     deployment_id: str = rule(**_ID)
     timeout_ms: int = rule(10_000, min=1, max=MAX_TIMEOUT_MS, min_msg="[timeout] must be positive")
+    # Elasticsearch's infer-time overrides for the task (num_top_classes, results_field...): their
+    # shape here, their meaning checked by the worker's task (a 400 naming the field)
+    inference_config: Optional[dict] = rule(None, max_len=64, content=INFERENCE_CONFIG_CONTENT)
 
 
 def decode_infer(body: dict[str, Any]) -> Infer:
@@ -612,9 +621,11 @@ MAX_JOBS = 4096
 
 @dataclass(frozen=True)
 class WorkerJob:
-    """One request in a RunJobs message: its id and how many payload frames follow for it."""
+    """One request in a RunJobs message: its id, how many payload frames follow for it, and
+    the request's inference_config, if it had one."""
     rid: int = rule(min=0, max=MAX_COUNTER)
     frames: int = rule(min=1, max=MAX_PAYLOAD_FRAMES)
+    inference_config: Optional[dict] = rule(None, max_len=64, content=INFERENCE_CONFIG_CONTENT)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ from mlfleet.coordinator.state import (
 from mlfleet.coordinator.store import Store
 
 log = logging.getLogger(__name__)
-TASKS = ("pass_through", "text_embedding")
+TASKS = ("pass_through", "text_embedding", "text_classification", "ner")
 UPLOAD_MAX_AGE_S = 24 * 3600.0
 DEFER = object()
 
@@ -748,8 +748,8 @@ class Coordinator:
             raise BadRequest(f"Model id [{msg.model_id}] is the id of an existing deployment")
         if msg.task not in TASKS:
             raise BadRequest(f"invalid [task] [{msg.task}]; must be one of [{','.join(TASKS)}]")
-        if msg.task == "text_embedding" and not msg.tokenizer:
-            raise BadRequest("[tokenizer] is required for task [text_embedding]")
+        if msg.task != "pass_through" and not msg.tokenizer:
+            raise BadRequest(f"[tokenizer] is required for task [{msg.task}]")
         if not self.store.upload_path(msg.upload_id).exists():
             raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
 

@@ -415,6 +415,13 @@ def up(
 class Task(str, Enum):
     pass_through = "pass_through"
     text_embedding = "text_embedding"
+    text_classification = "text_classification"
+    ner = "ner"
+
+
+class ModelFormat(str, Enum):
+    torchscript = "torchscript"
+    export = "export"
 
 
 @models_app.command("put")
@@ -429,16 +436,30 @@ def models_put(model_id: str, file: Path = typer.Option(..., "--file", exists=Tr
 
 @models_app.command("import-hf")
 def models_import_hf(model_id: str, path: Path = typer.Argument(..., exists=True, file_okay=False),
-                     task: Task = typer.Option(Task.text_embedding),
+                     task: Optional[Task] = typer.Option(
+                         None, help="Default: from config.json (ForTokenClassification: ner, "
+                                    "ForSequenceClassification: text_classification, else text_embedding)."),
                      max_sequence_length: Optional[int] = typer.Option(None, help="Default: the model's own."),
+                     model_format: ModelFormat = typer.Option(
+                         ModelFormat.torchscript, "--model-format",
+                         help="torchscript (torch.jit.trace) or export (a torch.export program, .pt2)."),
                      coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
-    """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra).
+    """Trace a local Hugging Face model directory and put it (needs the hf extra).
 
-    Example: mlfleet models import-hf minilm ./all-MiniLM-L6-v2
+    Example: mlfleet models import-hf ner-model ./distilbert-base-uncased-finetuned-conll03-english
     """
+    from mlfleet.common.hf import import_hf
+
+    def put():
+        try:
+            return import_hf(c, model_id, path, task=task.value if task else None,
+                             max_sequence_length=max_sequence_length, format=model_format.value)
+        except ValueError as e:
+            sys.stderr.write(f"mlfleet: {e}\n")
+            raise typer.Exit(2) from None
+
     with _client(coordinator) as c:
-        _run(format, lambda: c.import_hf_model(model_id, path, task=task.value,
-                                               max_sequence_length=max_sequence_length))
+        _run(format, put)
 
 
 @models_app.command("list")

@@ -681,7 +681,7 @@ def test_node_ids_accepted(good):
     (M.ModelChunk, {"sha256": "../../etc/passwd", "offset": 0, "length": 1},
      "[sha256] must be 64 lowercase hex characters"),
     (M.PutModel, {"model_id": "m", "upload_id": UPLOAD, "sha256": SHA, "task": "regression"},
-     "invalid [task] [regression]; must be one of [pass_through,text_embedding]"),
+     "invalid [task] [regression]; must be one of [pass_through,text_embedding,text_classification,ner]"),
     (M.RouteReport, report(routing_state="running"),
      "invalid [routing_state] [running]; must be one of [starting,started,stopping,stopped,failed]"),
     (M.RouteReport, report(reason="r" * 4097), "[reason] must be at most 4096 characters long"),
