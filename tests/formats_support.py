@@ -1,4 +1,4 @@
-"""One small model in the three formats mlfleet serves, built once per test session.
+"""One model in the three formats mlfleet serves, built once per test session.
 
 AOTInductor compiles C++ (about 20-40 s on the 2-core VM), so whatever is compiled is cached
 under the session's pytest base temp directory (``cached``): test modules each declare their
@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import Mlp
-
-N_IN = 8
+N_IN = 2048  # Big: 64 MB of float32 weights, enough to see one copy per node in PSS
 
 
 def cached(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
@@ -32,33 +30,34 @@ def cached(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path
     return path
 
 
-def mlp(seed: int = 0) -> torch.nn.Module:
+def big(seed: int = 0) -> torch.nn.Module:
+    from tests.test_memory import Big
     torch.manual_seed(seed)
-    return Mlp(N_IN).eval()
+    return Big().eval()
 
 
-def export_mlp(seed: int = 0) -> torch.export.ExportedProgram:
-    """The Mlp exported with a dynamic batch (example of batch 2; batch 1 allowed)."""
+def export_big(seed: int = 0) -> torch.export.ExportedProgram:
+    """Big exported with a dynamic batch (an example of batch 2; batch 1 allowed)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = torch.arange(2 * N_IN, dtype=torch.float32).reshape(2, N_IN) / 10
-    return torch.export.export(mlp(seed), (example,), dynamic_shapes=({0: batch},))
+    example = torch.linspace(-1, 1, 2 * N_IN).reshape(2, N_IN)
+    return torch.export.export(big(seed), (example,), dynamic_shapes=({0: batch},))
 
 
 def save_torchscript(path: Path, seed: int = 0) -> None:
     with warnings.catch_warnings():  # the format itself is deprecated: building one is the point
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(mlp(seed)), str(path))
+        torch.jit.save(torch.jit.script(big(seed)), str(path))
 
 
 def save_export(path: Path, seed: int = 0) -> None:
-    torch.export.save(export_mlp(seed), str(path))
+    torch.export.save(export_big(seed), str(path))
 
 
 def save_aoti(path: Path, seed: int = 0) -> None:
     from torch._inductor import aoti_compile_and_package
     # Inductor takes a dynamic size as >= 2 (sizes 0 and 1 are specialised): without this, the
     # package's input check refuses batch 1, which the exported program accepts.
-    aoti_compile_and_package(export_mlp(seed), package_path=str(path),
+    aoti_compile_and_package(export_big(seed), package_path=str(path),
                              inductor_configs={"aot_inductor.check_lowerbound": False})
 
 
@@ -67,10 +66,11 @@ def need_compiler() -> None:
         pytest.skip("no C++ compiler to build an AOTInductor package")
 
 
-def mlp_in_three_formats(tmp_path_factory) -> dict[str, Path]:
-    """{format: path} of the same Mlp (seed 0). The names say nothing true about the format:
-    the upload must read the contents."""
+def big_in_three_formats(tmp_path_factory) -> dict[str, Path]:
+    """{format: path} of the same Big (seed 0), the AOTInductor package compiled once per
+    session (about 25 s). The names say nothing true about the format: the upload must read
+    the contents."""
     need_compiler()
-    return {"torchscript": cached(tmp_path_factory, "mlp-ts.pt2", save_torchscript),
-            "export": cached(tmp_path_factory, "mlp-export.pt", save_export),
-            "aoti": cached(tmp_path_factory, "mlp-aoti.zip", save_aoti)}
+    return {"torchscript": cached(tmp_path_factory, "big-ts.pt2", save_torchscript),
+            "export": cached(tmp_path_factory, "big-export.pt", save_export),
+            "aoti": cached(tmp_path_factory, "big-aoti.zip", save_aoti)}

@@ -4,6 +4,7 @@ and warm allocations (warm-up passes before a worker reports ready)."""
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 
 import numpy as np
@@ -14,15 +15,15 @@ from mlfleet.common import formats as cf
 from mlfleet.common.errors import ApiError, BadRequest, ServerError
 from mlfleet.common.messages import PutModel, decode
 from mlfleet.common.protocol import encode_array
-from tests.formats_support import N_IN, mlp, mlp_in_three_formats, save_torchscript
-from tests.helpers import running_cluster
+from tests.formats_support import N_IN, big, big_in_three_formats
+from tests.helpers import Mlp, running_cluster, save_model
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="session")
 def three(tmp_path_factory):
-    return mlp_in_three_formats(tmp_path_factory)
+    return big_in_three_formats(tmp_path_factory)
 
 
 # ---- detection (pure: the file's contents, never its name) ---------------------------------------
@@ -100,19 +101,19 @@ def test_the_same_model_in_three_formats_gives_the_same_answers(three, tmp_path)
     x = np.random.default_rng(1).standard_normal((3, N_IN)).astype(np.float32)
     one = x[:1]
     with torch.no_grad():
-        want = mlp()(torch.from_numpy(x)).numpy()
+        want = big()(torch.from_numpy(x)).numpy()
     with running_cluster(tmp_path, {"node-a": 3}) as c, c.client() as client:
         got = {}
         for fmt, path in three.items():
-            put = client.put_model(f"mlp-{fmt}", path)
+            put = client.put_model(f"big-{fmt}", path)
             assert put["model_size_bytes"] == path.stat().st_size
-            conf = client.get_models(f"mlp-{fmt}")["trained_model_configs"][0]
+            conf = client.get_models(f"big-{fmt}")["trained_model_configs"][0]
             assert conf["inference_config"]["pass_through"]["format"] == fmt
-            client.start_deployment(f"mlp-{fmt}", wait_for="fully_allocated", timeout="90s")
-            res = client.infer(f"mlp-{fmt}", [{"input": x}, {"input": one}])["inference_results"]
+            client.start_deployment(f"big-{fmt}", wait_for="fully_allocated", timeout="90s")
+            res = client.infer(f"big-{fmt}", [{"input": x}, {"input": one}])["inference_results"]
             got[fmt] = [r["predicted_value"] for r in res]
             with pytest.raises(ApiError) as e:  # a wrong shape is the caller's 400, in every format
-                client.infer(f"mlp-{fmt}", [{"input": np.zeros((2, N_IN + 1), np.float32)}])
+                client.infer(f"big-{fmt}", [{"input": np.zeros((2, N_IN + 1), np.float32)}])
             assert e.value.status == 400, (fmt, e.value)
         for fmt, (batch, single) in got.items():
             np.testing.assert_allclose(batch, want, rtol=1e-5, atol=1e-6, err_msg=fmt)
@@ -123,7 +124,7 @@ def test_the_same_model_in_three_formats_gives_the_same_answers(three, tmp_path)
 
 def test_upload_refuses_a_file_that_is_no_model_and_a_wrong_format_claim(three, tmp_path):
     weights = tmp_path / "weights.pt"
-    torch.save(mlp().state_dict(), str(weights))
+    torch.save(big().state_dict(), str(weights))
     with running_cluster(tmp_path, {}) as c, c.client() as client:
         with pytest.raises(ApiError) as e:
             client.put_model("weights", weights)
@@ -137,26 +138,31 @@ def test_upload_refuses_a_file_that_is_no_model_and_a_wrong_format_claim(three, 
 
 # ---- warm allocations ----------------------------------------------------------------------------
 
+def _small_torchscript(path):
+    with warnings.catch_warnings():  # TorchScript itself is deprecated: building one is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return save_model(Mlp(), path)
+
+
 def test_torchscript_warms_up_with_the_example_input_given_at_upload(tmp_path):
-    ts = tmp_path / "m.pt"
-    save_torchscript(ts)
-    ex = np.ones((1, N_IN), np.float32)
+    ts = _small_torchscript(tmp_path / "m.pt")
+    ex = np.ones((1, 8), np.float32)
     with running_cluster(tmp_path, {"node-a": 2}) as c, c.client() as client:
         client.put_model("warm", ts, model_config={"example_input": encode_array(ex)})
         stored = client.get_models("warm")["trained_model_configs"][0]["inference_config"]["pass_through"]
-        assert stored["format"] == "torchscript" and stored["example_input"]["shape"] == [1, N_IN]
+        assert stored["format"] == "torchscript" and stored["example_input"]["shape"] == [1, 8]
         client.start_deployment("warm", number_of_allocations=2, wait_for="fully_allocated")
         res = client.infer("warm", [{"input": ex}])["inference_results"][0]["predicted_value"]
         with torch.no_grad():
-            np.testing.assert_allclose(res, mlp()(torch.from_numpy(ex)).numpy(), rtol=1e-5, atol=1e-6)
+            want = torch.jit.load(str(ts))(torch.from_numpy(ex)).numpy()
+        np.testing.assert_allclose(res, want, rtol=1e-5, atol=1e-6)
     log = (tmp_path / "node-a.log").read_text()
     assert log.count("warm-up: 1 documents x 3 passes") == 2, log[-3000:]  # each worker, before ready
 
 
 def test_a_failing_warm_up_fails_the_start_with_the_reason(tmp_path):
-    ts = tmp_path / "m.pt"
-    save_torchscript(ts)
-    wrong = encode_array(np.ones((1, N_IN + 3), np.float32))  # the model takes N_IN features
+    ts = _small_torchscript(tmp_path / "m.pt")
+    wrong = encode_array(np.ones((1, 11), np.float32))  # the model takes 8 features
     with running_cluster(tmp_path, {"node-a": 2}) as c, c.client() as client:
         client.put_model("cold", ts, model_config={"example_input": wrong})
         with pytest.raises(ServerError) as e:
@@ -164,4 +170,3 @@ def test_a_failing_warm_up_fails_the_start_with_the_reason(tmp_path):
         assert e.value.status == 500
         assert "warm-up failed" in e.value.reason, e.value
         assert "the model rejected the input" in e.value.reason, e.value
-
