@@ -74,3 +74,18 @@ def big_in_three_formats(tmp_path_factory) -> dict[str, Path]:
     return {"torchscript": cached(tmp_path_factory, "big-ts.pt2", save_torchscript),
             "export": cached(tmp_path_factory, "big-export.pt", save_export),
             "aoti": cached(tmp_path_factory, "big-aoti.zip", save_aoti)}
+
+
+def hostile_native(tmp_path_factory) -> tuple[Path, Path]:
+    """tests/hostile.py's AOTInductor package (a C++ compile), built once per session: its
+    path and the directory its write and exec attempts aim at (baked into the library)."""
+    from tests import hostile
+    need_compiler()
+    d = tmp_path_factory.getbasetemp() / "formats-cache"
+    d.mkdir(exist_ok=True)
+    target = d / "hostile-target"
+    target.mkdir(exist_ok=True)
+    pkg = cached(tmp_path_factory, "hostile.pt2", lambda p: hostile.native_package(
+        p, read_path="/etc/hostname", write_path=str(target / "written"),
+        marker_path=str(target / "marker")))
+    return pkg, target
