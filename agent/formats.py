@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -118,7 +119,10 @@ def load(model_path: str, config: Optional[dict], scratch_dir: Optional[str] = N
     import torch
 
     if fmt == cf.TORCHSCRIPT:
-        model = torch.jit.load(model_path, map_location="cpu")  # no non-deprecated way to load it
+        with warnings.catch_warnings():  # serving TorchScript has no non-deprecated way to load it
+            warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated",
+                                    category=DeprecationWarning)
+            model = torch.jit.load(model_path, map_location="cpu")
         model.eval()
         examples: list[tuple] = []
     elif fmt == cf.EXPORT:

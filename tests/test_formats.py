@@ -4,6 +4,7 @@ and warm allocations (warm-up passes before a worker reports ready)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 import zipfile
 
@@ -137,6 +138,30 @@ def test_upload_refuses_a_file_that_is_no_model_and_a_wrong_format_claim(three, 
 
 
 # ---- warm allocations ----------------------------------------------------------------------------
+
+def test_exported_programs_and_packages_load_without_torchscript(three, tmp_path, monkeypatch):
+    """The model host's paths for the new formats use no deprecated torch.jit API: with every
+    warning shown (pytest's config silences torch.jit's deprecation for TorchScript's own
+    paths), loading and running them raises none."""
+    import tempfile
+
+    from mlfleet.agent import formats
+    for var in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "AOTI_RUNTIME_CHECK_INPUTS"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))  # load() sets them, as in the host
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    x = torch.ones(1, N_IN)
+    for fmt in ("export", "aoti"):
+        scratch = tmp_path / fmt
+        scratch.mkdir()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loaded = formats.load(str(three[fmt]), {"format": fmt}, str(scratch))
+            with torch.inference_mode():
+                loaded.model(x)
+        assert loaded.format == fmt and not list(scratch.iterdir())  # emptied once loaded
+        jit = [w for w in seen if "torch.jit" in str(w.message)]
+        assert not jit, [str(w.message) for w in jit]
+
 
 def _small_torchscript(path):
     with warnings.catch_warnings():  # TorchScript itself is deprecated: building one is the point
