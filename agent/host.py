@@ -29,6 +29,8 @@ def probe_warmup(task, threads: int) -> str | None:
     model whose warm-up fails fails its load with the reason, not a string of worker restarts.
     Returns the reason, or None. Bounded: the warm-up ends its process past its time limit."""
     from mlfleet.agent import formats
+    if not formats.warmup_docs(task):
+        return None  # nothing to warm up with: nothing to try
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -115,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlfleet.agent.tasks import make_task
         from mlfleet.agent.worker import worker_main  # imported before forking: shared by every worker
         task = make_task(args.task, loaded.model, config, args.tokenizer)
-        task.example_inputs = loaded.examples  # pass_through's warm-up inputs (agent/formats.py)
+        try:
+            task.example_inputs = loaded.examples  # pass_through's warm-up inputs (agent/formats.py)
+        except AttributeError:  # a task class with __slots__ warms up with its own docs only
+            pass
     except formats.ModelLoadError as e:
         emit(event="failed", reason=f"could not load model: {e}"[:1000])
         return 2

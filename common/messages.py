@@ -200,7 +200,9 @@ def _check_value(name: str, value: Any, r: Rule, errors: list[str]) -> None:
         return
     if isinstance(value, (bytes, bytearray, memoryview)):
         limit = r.max_len if r.max_len is not None else MAX_FRAME_BYTES
-        if len(value) > limit:
+        if r.content.json_only:
+            errors.append(f"[{name}] must not be bytes")
+        elif len(value) > limit:
             errors.append(f"[{name}] must be at most {limit} bytes long")
         return
     if isinstance(value, list):
@@ -491,8 +493,9 @@ MODEL_CONFIG_SHAPE = {
         "data": spec(bytes, max_len=64 << 10)}, required=("dtype", "shape", "data")),
 }
 _JSON = Content(max_depth=8, max_items=1000, max_string=MAX_STRING, json_only=True)
-# at upload, bytes only under example_input (common.formats.stored_config turns them into JSON)
-_MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any),
+# at upload, bytes only under example_input (common.formats.stored_config turns them into JSON):
+# the other keys' values are JSON, the whole map within the same bounds
+_MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any, Rule(content=_JSON)),
                      content=dataclasses.replace(_JSON, json_only=False))
 # adaptive_allocations: the keys; their values' rules are Elasticsearch's (common.params), here only
 # the bounds every value has
