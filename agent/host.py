@@ -1,8 +1,10 @@
-"""The model host: one per deployment per node. It loads the TorchScript model once, never runs
-it, and forks allocation workers that share its weights copy-on-write. It talks to its agent
-over stdin/stdout in the protocol's envelope, length-framed (common/protocol.py ``encode_pipe``,
-``PipeReader``; the bodies are common/messages.py types), and has no threads of its own
-(fork-safe):
+"""The model host: one per deployment per node. It loads the model once (TorchScript, a
+torch.export program or an AOTInductor package: agent/formats.py), never runs it (a forked
+child tries the warm-up once before "loaded"), and forks allocation workers that share its
+weights copy-on-write; each runs its warm-up passes before it reports ready. It talks to its
+agent over stdin/stdout in the protocol's envelope, length-framed (common/protocol.py
+``encode_pipe``, ``PipeReader``; the bodies are common/messages.py types), and has no threads of
+its own (fork-safe):
 
     agent -> host  spawn (Spawn) | kill (KillWorker) | exit
     host -> agent  loaded (HostLoaded) | failed (HostFailed) | spawned (WorkerSpawned)
@@ -25,6 +27,48 @@ from mlfleet.common import messages as m
 from mlfleet.common.errors import BadRequest
 from mlfleet.common.proc import set_parent_death_signal
 from mlfleet.common.protocol import PipeReader, encode_pipe
+
+
+def probe_warmup(task, threads: int) -> str | None:
+    """Runs the warm-up once in a forked child (the host itself never runs the model), so that a
+    model whose warm-up fails fails its load with the reason, not a string of worker restarts.
+    Returns the reason, or None. Bounded: the warm-up ends its process past its time limit."""
+    from mlfleet.agent import formats
+    if not formats.warmup_docs(task):
+        return None  # nothing to warm up with: nothing to try
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            set_parent_death_signal(signal.SIGKILL)
+            import torch
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                formats.warm_up(task, passes=1)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - the reason goes to the host
+            msg = (str(e) if isinstance(e, formats.WarmupFailed)
+                   else f"warm-up failed: {type(e).__name__}: {e}")
+            os.write(w, msg.encode("utf-8", "replace")[:1000])
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None
+    reason = b"".join(chunks).decode("utf-8", "replace")
+    if not reason:
+        from mlfleet.common.proc import describe_exit
+        reason = f"warm-up failed: the process {describe_exit(code)}" + (
+            f" (past its {formats.WARMUP_TIMEOUT_S}s limit)" if code == -signal.SIGALRM else "")
+    return reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     # loading or running the model does, it can read only the Python installation, the system's
     # libraries, the model and its tokenizer; it can write nothing, open no socket but a unix
     # one, run no program. Workers forked later inherit it.
-    from mlfleet.agent import sandbox
+    from mlfleet.agent import formats, sandbox
+    # An AOTInductor package unpacks its library before loading it, torch._dynamo (loading an
+    # exported program) wants a cache directory: a fresh one, the only place the host may write.
+    scratch_dir = formats.make_scratch_dir() if formats.scratch_dir_needed(args.model) else None
     try:
         report = sandbox.apply(
             read_paths=[*sandbox.default_read_paths(), args.model,
                         *([args.tokenizer] if args.tokenizer else [])],
+            read_write_paths=[scratch_dir] if scratch_dir else [],
             require_all=args.require_sandbox)
         if report.missing:
             print(f"model host: WARNING: the sandbox is incomplete on this kernel: {report.summary()}",
@@ -68,14 +116,24 @@ def main(argv: list[str] | None = None) -> int:
         emit(event="failed", reason=f"could not sandbox the model host: {e}"[:1000])
         return 2
     try:
-        import torch
-        model = torch.jit.load(args.model, map_location="cpu")
-        model.eval()
+        config = json.loads(args.model_config)
+        loaded = formats.load(args.model, config, scratch_dir)
         from mlfleet.agent.tasks import make_task
         from mlfleet.agent.worker import worker_main  # imported before forking: shared by every worker
-        task = make_task(args.task, model, json.loads(args.model_config), args.tokenizer)
+        task = make_task(args.task, loaded.model, config, args.tokenizer)
+        try:
+            task.example_inputs = loaded.examples  # pass_through's warm-up inputs (agent/formats.py)
+        except AttributeError:  # a task class with __slots__ warms up with its own docs only
+            pass
+    except formats.ModelLoadError as e:
+        emit(event="failed", reason=f"could not load model: {e}"[:1000])
+        return 2
     except Exception as e:
         emit(event="failed", reason=f"could not load model: {type(e).__name__}: {e}"[:1000])
+        return 2
+    problem = probe_warmup(task, args.threads)
+    if problem is not None:
+        emit(event="failed", reason=problem[:1000])
         return 2
     emit(event="loaded", pid=os.getpid())
 

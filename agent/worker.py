@@ -126,6 +126,9 @@ def worker_main(task: Any, *, endpoint: str, identity: bytes, threads: int,
         pass
     if low_priority:
         os.nice(15)  # as Elasticsearch's pytorch_inference does for priority=low
+    from mlfleet.agent.formats import warm_up  # warm allocations: warm-up passes before "ready"
+    with torch.inference_mode():  # as requests run; a failure raises and the worker exits
+        warm_up(task)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)

@@ -109,7 +109,7 @@ def main() -> None:
         dep = "noop-large"
         client.start_deployment("noop", deployment_id=dep, cache_size="0b", wait_for="fully_allocated")
         big_lat = latency(lambda: client.infer(dep, [{"input": big}]), args.large_requests)
-        out = client.infer(dep, [{"input": big}])["inference_results"][0]
+        out = client.infer(dep, [{"input": big}])["inference_results"][0]["predicted_value"]
         assert np.array_equal(out, big)
         client.stop_deployment(dep)
     big_raw, _ = raw_zmq(big.tobytes(), args.large_requests, 1)

@@ -201,7 +201,9 @@ def _check_value(name: str, value: Any, r: Rule, errors: list[str]) -> None:
         return
     if isinstance(value, (bytes, bytearray, memoryview)):
         limit = r.max_len if r.max_len is not None else MAX_FRAME_BYTES
-        if len(value) > limit:
+        if r.content.json_only:
+            errors.append(f"[{name}] must not be bytes")
+        elif len(value) > limit:
             errors.append(f"[{name}] must be at most {limit} bytes long")
         return
     if isinstance(value, list):
@@ -489,9 +491,18 @@ MODEL_CONFIG_SHAPE = {
     "num_top_classes": spec(Optional[int], min=-1, max=10_000),
     "results_field": spec(Optional[str], max_len=256),
     "max_batch_tokens": spec(Optional[int], min=1, max=1 << 24),
+    # set by the upload from the file's contents (common.formats); a different value is a 400
+    "format": spec(Optional[str], choices=("torchscript", "export", "aoti")),
+    # pass_through warm-up input, in the wire's array encoding; stored as JSON (common.formats)
+    "example_input": spec(Optional[dict], shape={
+        "dtype": spec(str, max_len=32), "shape": spec(list, max_len=32, items=spec(int, min=0, max=1 << 40)),
+        "data": spec(bytes, max_len=64 << 10)}, required=("dtype", "shape", "data")),
 }
 _JSON = Content(max_depth=8, max_items=1000, max_string=MAX_STRING, json_only=True)
-_MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any), content=_JSON)
+# at upload, bytes only under example_input (common.formats.stored_config turns them into JSON):
+# the other keys' values are JSON, the whole map within the same bounds
+_MODEL_CONFIG = dict(shape=MODEL_CONFIG_SHAPE, max_len=64, extra=Spec(Any, Rule(content=_JSON)),
+                     content=dataclasses.replace(_JSON, json_only=False))
 # adaptive_allocations: the keys; their values' rules are Elasticsearch's (common.params), here only
 # the bounds every value has
 ADAPTIVE_SHAPE = {k: Spec(Any) for k in ("enabled", "min_number_of_allocations", "max_number_of_allocations")}

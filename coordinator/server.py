@@ -65,7 +65,7 @@ from mlfleet.coordinator.state import (
     deployment_stats_body,
     routes_of,
 )
-from mlfleet.coordinator.store import Store
+from mlfleet.coordinator.store import Store, model_config_with_format
 
 log = logging.getLogger(__name__)
 TASKS = ("pass_through", "text_embedding", "text_classification", "ner")
@@ -753,17 +753,17 @@ class Coordinator:
         if not self.store.upload_path(msg.upload_id).exists():
             raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
 
-        def place() -> tuple[int, Optional[str]]:  # on an Offload thread: hash, check, fsync, rename
+        def place() -> tuple[int, Optional[str], dict]:  # on an Offload thread: hash, check, fsync, rename
             size = self.store.finish_upload(msg.upload_id, msg.sha256)
             tok = self.store.put_blob(msg.tokenizer, ".tokenizer.json") if msg.tokenizer else None
-            return size, tok
+            return size, tok, model_config_with_format(self.store.model_path(msg.sha256), msg.model_config)
 
-        def store(placed: tuple[int, Optional[str]]) -> dict[str, Any]:  # back on the loop
-            size, tok_sha = placed
+        def store(placed: tuple[int, Optional[str], dict]) -> dict[str, Any]:  # back on the loop
+            size, tok_sha, model_config = placed
             if msg.model_id in self.models or msg.model_id in self.deployments:
                 raise BadRequest(f"Trained machine learning model [{msg.model_id}] already exists",
                                  type="resource_already_exists_exception")
-            rec = ModelRecord(msg.model_id, msg.sha256, size, msg.task, tok_sha, msg.model_config,
+            rec = ModelRecord(msg.model_id, msg.sha256, size, msg.task, tok_sha, model_config,
                               self.clock.wall_ms())
             self.store.save_model(rec)  # the file is durable first, then its row
             self.models[rec.model_id] = rec

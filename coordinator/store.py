@@ -40,10 +40,10 @@ import re
 import sqlite3
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from mlfleet.common import formats
 from mlfleet.common.errors import BadRequest, NotFound, ServerError
 from mlfleet.common.files import (
     DiskFullError,
@@ -74,14 +74,26 @@ TMP_SUFFIX = ".tmp"
 
 
 def is_model_archive(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` looks like a ``torch.jit.save`` archive (a zip with data.pkl and code)."""
+    """True if ``path`` holds a model mlfleet can serve (TorchScript, torch.export or AOTInductor)."""
+    return model_format_problem(path) is None
+
+
+def model_format_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a model mlfleet can serve, or None (see ``common.formats``)."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/data.pkl") for n in names) and any(
-        "/code/" in n or n.endswith("/constants.pkl") for n in names)
+        formats.detect(path)
+    except formats.UnknownFormat as e:
+        return str(e)
+    return None
+
+
+def model_config_with_format(path: str | os.PathLike[str], model_config: dict | None) -> dict:
+    """The model's config as stored: ``format`` set from the stored file's contents (400 when the
+    config names another format, or the file is no model), ``example_input`` made JSON."""
+    try:
+        return formats.stored_config(model_config, formats.detect(path))
+    except formats.UnknownFormat as e:
+        raise BadRequest(str(e)) from None
 
 
 def _storage_error(e: OSError, path: Path, action: str = "writing") -> ServerError:
@@ -274,7 +286,7 @@ class Store:
             self._release(upload_id)
 
     def finish_upload(self, upload_id: str, sha256: str) -> int:
-        """Verify upload ``upload_id`` against ``sha256``, check it is a TorchScript archive,
+        """Verify upload ``upload_id`` against ``sha256``, check it is a model (``common.formats``),
         and place it durably as ``models/<sha256>.pt`` (fsync, rename, fsync the directories).
         Returns its size. The upload is gone afterwards, whatever happened. Blocking (a hash
         over the whole file): Offload it, then commit the row with ``save_model`` on the loop.
@@ -295,8 +307,8 @@ class Store:
                                  "send the model with put_model_chunk first") from None
             if got != sha256:
                 raise BadRequest(f"[sha256] does not match the uploaded bytes (got {got})")
-            if not is_model_archive(upload):
-                raise BadRequest("[file] is not a TorchScript model (expected a torch.jit.save archive)")
+            if (problem := model_format_problem(upload)) is not None:
+                raise BadRequest(f"[file] is not a model: {problem}")
             size = upload.stat().st_size
             dest = self.model_path(sha256)
             try:

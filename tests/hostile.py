@@ -158,3 +158,30 @@ def run_native(package, mode: int, arg: int = 0) -> int:
     if isinstance(out, (list, tuple)):
         out = out[0]
     return int(out[0])
+
+
+def exported_from_file(out: str | os.PathLike, path: str, *, write: bool) -> str:
+    """A torch.export program (.pt2) whose graph maps ``path`` with ``aten.from_file``: reads its
+    first byte (write=False) or fills 8 bytes of it with 'A', creating it (write=True). Export
+    cannot trace ``from_file`` (no fake kernel): one is registered while exporting, as anyone
+    hand-crafting a hostile program could."""
+
+    class FromFile(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.from_file(path, shared=write, size=8 if write else 1, dtype=torch.uint8)
+            if write:
+                t.fill_(65)
+            return x + t[0].to(torch.float32)
+
+    def meta(filename, shared=None, size=0, *, dtype=None, layout=None, device=None, pin_memory=None):
+        return torch.empty(size, dtype=dtype or torch.float32, device="meta")
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        lib.impl("from_file", meta, "Meta")
+        ep = torch.export.export(FromFile(), (torch.zeros(1),))
+    finally:
+        lib._destroy()
+    ep.example_inputs = None  # no warm-up input: the deployment starts, requests make the attempt
+    torch.export.save(ep, str(out))
+    return str(out)

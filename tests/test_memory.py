@@ -9,6 +9,7 @@ import psutil
 import pytest
 import torch
 
+from tests.formats_support import big_in_three_formats
 from tests.helpers import Cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,16 +39,34 @@ def deployment_memory(agent_pid: int) -> dict[str, int]:
 
 
 def test_workers_share_one_copy_of_the_weights(tmp_path: Path):
+    assert_one_copy_per_node(tmp_path, save_model(Big(), tmp_path / "big.pt"))
+
+
+@pytest.fixture(scope="session")
+def big_formats(tmp_path_factory):
+    return big_in_three_formats(tmp_path_factory)
+
+
+@pytest.mark.parametrize("fmt", ["export", "aoti"])
+def test_every_format_keeps_one_copy_of_the_weights(tmp_path: Path, big_formats, fmt):
+    """The exported program and the AOTInductor package are loaded once, in the model host, and
+    shared copy-on-write by its workers like TorchScript (the AOTI library's weights are in its
+    mapped .so, and stay shared after the host empties its scratch directory)."""
+    assert_one_copy_per_node(tmp_path, big_formats[fmt], fmt)
+
+
+def assert_one_copy_per_node(tmp_path: Path, model: Path, fmt: str = "torchscript") -> None:
     c = Cluster(tmp_path)
     try:
         c.start_coordinator()
         agent = c.start_agent("node-a", 4)
         c.wait_nodes(1)
-        model = save_model(Big(), tmp_path / "big.pt")
         model_bytes = model.stat().st_size
         assert model_bytes > 60 * MB
         with c.client() as client:
             client.put_model("big", model)
+            conf = client.get_models("big")["trained_model_configs"][0]
+            assert conf["inference_config"]["pass_through"]["format"] == fmt
             client.start_deployment("big", wait_for="fully_allocated", cache_size="0b")
             x = np.ones((1, 2048), np.float32)
             for _ in range(5):

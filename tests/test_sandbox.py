@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import zmq
 
 from mlfleet.agent import sandbox
 from tests import hostile
+from tests.formats_support import hostile_native
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -343,14 +343,7 @@ def test_torchscript_models_cannot_read_or_write_files(tmp_path):
 @pytest.fixture(scope="session")
 def native_hostile(tmp_path_factory):
     """The hostile AOTInductor package (a C++ compile: about 20-40 s), built once per session."""
-    if shutil.which("g++") is None:
-        pytest.skip("no C++ compiler to build the hostile AOTInductor package")
-    d = tmp_path_factory.mktemp("hostile")
-    target = d / "target"
-    target.mkdir()
-    pkg = hostile.native_package(d / "hostile.pt2", read_path="/etc/hostname",
-                                 write_path=str(target / "written"), marker_path=str(target / "marker"))
-    return Path(pkg), target
+    return hostile_native(tmp_path_factory)  # shared with tests/test_sandboxed_models.py
 
 
 @needs_kernel
