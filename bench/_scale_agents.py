@@ -80,7 +80,7 @@ class Sims:
         self.register_window = register_window
         self.interval = 1.0
         self.ctx = zmq.Context(io_threads=1)
-        self.ctx.setsockopt(zmq.MAX_SOCKETS, nodes + 64)
+        self.ctx.set(zmq.MAX_SOCKETS, nodes + 64)  # a context option (the default is 1023)
         self.sel = selectors.DefaultSelector()
         self.sims: list[Sim] = []
         self.by_fd: dict[int, Sim] = {}

@@ -53,6 +53,10 @@ class OutOfBudget(Exception):
     pass
 
 
+class SimExited(BaseException):
+    """A simulator process ended: not retried by ``wait_until`` (which retries Exceptions)."""
+
+
 class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
@@ -86,7 +90,7 @@ class SimProcess:
             raise RuntimeError(f"the simulator did not answer [{cmd}] in {timeout_s}s")
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the simulator exited ({self.proc.poll()})")
+            raise SimExited(f"the simulator exited ({self.proc.poll()}); see its stderr above")
         return json.loads(line)
 
     def samples(self) -> dict[str, list[list[float]]]:
@@ -296,7 +300,7 @@ def main() -> None:
             r: dict[str, Any] = {"nodes": nodes, "deployments": deps}
             try:
                 results.append(run_size(r, args, Path(d)))
-            except (OutOfBudget, AssertionError, RuntimeError) as e:
+            except (OutOfBudget, AssertionError, RuntimeError, SimExited) as e:
                 reason = (f"did not finish within {args.size_budget:.0f}s ({e}); by then "
                           f"{r.get('started', 0)} deployments started, coordinator RSS "
                           f"{r.get('rss_mib', 0):.0f} MiB, {r.get('lost_total', '?')} nodes lost")

@@ -9,9 +9,13 @@ a frame is trusted only to the extent that its bytes equal bytes that passed the
 * the whole frame, but for its id, equals the last one that passed (and has the same length,
   so every size limit gives the same answer; the id itself was read and checked by
   ``peek_request``): the last decoded message is used as it is;
-* only the body's ``deployments`` are the same bytes: the frame is decoded within its op's
-  limits as always and the rest of the body checked, and the checked route reports are reused;
-* otherwise: decoded and checked in full.
+* otherwise the frame is decoded within its op's limits as always, the body but its
+  ``deployments`` checked, and of the route reports only those whose bytes are not among the
+  reports of the last frame that passed (a real agent's stats move in the deployments that
+  served): the list's own rule (at most MAX_REPORTS maps) and each new report's rules, which
+  together are the rule of the list;
+* a frame whose parts cannot be found (not a map, ``deployments`` not a list): decoded and
+  checked in full.
 
 Equal bytes are compared, never equal values: msgpack ``1`` and ``true`` decode to values that
 compare equal in Python but are not the same input.
@@ -35,7 +39,7 @@ ParsedReports = tuple[tuple[m.RouteReport, RoutingState], ...]
 @dataclass(frozen=True)
 class Spans:
     rest: bytes   # the frame without the bytes of its id's value
-    deps: bytes   # the bytes of the body's [deployments] value (b"" when absent)
+    items: Optional[tuple[bytes, ...]]  # the bytes of each of the body's [deployments], if a list
 
 
 def spans(frame: bytes | memoryview) -> Optional[Spans]:
@@ -46,7 +50,8 @@ def spans(frame: bytes | memoryview) -> Optional[Spans]:
     data = bytes(frame)
     u = msgpack.Unpacker(raw=False, max_buffer_size=max(1, len(data)), strict_map_key=True)
     u.feed(data)
-    id_span = deps_span = None
+    id_span = None
+    items: Optional[list[bytes]] = None
     try:
         for _ in range(u.read_map_header()):
             key = u.unpack()
@@ -56,11 +61,14 @@ def spans(frame: bytes | memoryview) -> Optional[Spans]:
                 id_span = (start, u.tell())
             elif key == "body":
                 for _ in range(u.read_map_header()):
-                    k = u.unpack()
-                    s = u.tell()
-                    u.skip()
-                    if k == "deployments":
-                        deps_span = (s, u.tell())
+                    if u.unpack() == "deployments":
+                        items = []
+                        for _ in range(u.read_array_header()):
+                            s = u.tell()
+                            u.skip()
+                            items.append(data[s:u.tell()])
+                    else:
+                        u.skip()
             else:
                 u.skip()
         if u.tell() != len(data) or id_span is None:
@@ -68,22 +76,24 @@ def spans(frame: bytes | memoryview) -> Optional[Spans]:
     except Exception:  # msgpack raises several unrelated types; the full decode reports it
         return None
     a, b = id_span
-    return Spans(data[:a] + data[b:], data[deps_span[0]:deps_span[1]] if deps_span else b"")
+    return Spans(data[:a] + data[b:], tuple(items) if items is not None else None)
+
+
+def parse_report(raw: Any) -> tuple[m.RouteReport, RoutingState]:
+    """One route report, checked (a pure function of it)."""
+    if not isinstance(raw, dict):
+        raise BadRequest("[deployments] must be a list of maps")
+    r = m.decode(m.RouteReport, raw, "deployments")
+    try:
+        state = RoutingState(r.routing_state)
+    except ValueError:
+        raise BadRequest(f"unknown routing_state [{r.routing_state}]") from None
+    return r, state
 
 
 def parse_reports(reports: list[Any]) -> ParsedReports:
-    """The route reports of a register or heartbeat, each checked (a pure function of them)."""
-    out = []
-    for raw in reports:
-        if not isinstance(raw, dict):
-            raise BadRequest("[deployments] must be a list of maps")
-        r = m.decode(m.RouteReport, raw, "deployments")
-        try:
-            state = RoutingState(r.routing_state)
-        except ValueError:
-            raise BadRequest(f"unknown routing_state [{r.routing_state}]") from None
-        out.append((r, state))
-    return tuple(out)
+    """The route reports of a register or heartbeat, each checked."""
+    return tuple(parse_report(raw) for raw in reports)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class Seen:
     spans: Spans
     msg: m.Heartbeat
     reports: ParsedReports
+    by_bytes: dict[bytes, tuple[m.RouteReport, RoutingState]]  # each report's bytes -> checked
 
 
 class HeartbeatMemo:
@@ -114,19 +125,26 @@ class HeartbeatMemo:
             self.hits += 1
             return seen.msg, seen.reports
         body = decode_body(frame)
-        if sp is not None and seen is not None and sp.deps and seen.spans.deps == sp.deps \
-                and isinstance(body, dict):
-            self.partial += 1
-            others = {k: v for k, v in body.items() if k != "deployments"}
-            msg = m.decode(m.Heartbeat, others, "heartbeat")
-            msg = m.Heartbeat(node_id=msg.node_id, memory=msg.memory, deployments=seen.msg.deployments)
-            reports = seen.reports
+        deps = body.get("deployments") if isinstance(body, dict) else None
+        if sp is not None and sp.items is not None and isinstance(deps, list) and len(deps) == len(sp.items):
+            # the body but its reports, then the list's rule and each report not seen last time
+            msg = m.decode(m.Heartbeat, {k: v for k, v in body.items() if k != "deployments"}, "heartbeat")
+            if len(deps) > m.MAX_REPORTS:
+                raise BadRequest(f"[deployments] must have at most {m.MAX_REPORTS} items")
+            known = seen.by_bytes if seen is not None else {}
+            reports = tuple(known.get(b) or parse_report(raw) for b, raw in zip(sp.items, deps, strict=True))
+            msg = m.Heartbeat(node_id=msg.node_id, memory=msg.memory, deployments=deps)
+            if any(b in known for b in sp.items):
+                self.partial += 1
+            else:
+                self.misses += 1
         else:
             self.misses += 1
             msg = m.decode(m.Heartbeat, body, "heartbeat")
             reports = parse_reports(msg.deployments)
         if sp is not None and remember:
-            self.seen[ident] = Seen(len(frame), sp, msg, reports)
+            self.seen[ident] = Seen(len(frame), sp, msg, reports,
+                                    dict(zip(sp.items, reports, strict=True)) if sp.items is not None else {})
         return msg, reports
 
     def forget(self, ident: bytes) -> None:

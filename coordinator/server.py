@@ -172,6 +172,7 @@ class Coordinator:
                     processors, memory = (int(x) for x in cap.split(","))
                     self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
+        self._behind_since: Optional[float] = None  # since when frames have been waiting for us
         self._settling = False
         self._resettle = False
         self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
@@ -256,11 +257,14 @@ class Coordinator:
 
     def _loop_once(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(self.timers.timeout_ms(200)))
-        if self.sock in events:
+        if self.sock not in events:
+            self._behind_since = None
+        else:
             for _ in range(256):
                 try:
                     raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    self._behind_since = None  # caught up: nothing is waiting
                     break
                 user = None
                 if self.curve is not None and len(raw) > 1:
@@ -271,6 +275,9 @@ class Coordinator:
                 # the routing id as bytes; the message itself stays in ZeroMQ's buffer (no copy)
                 frames = [raw[0].bytes, *(f.buffer for f in raw[1:])]
                 self._guarded("frame", lambda frames=frames, user=user: self._on_frames(frames, user))
+            else:  # 256 frames and maybe more waiting: we are behind
+                if self._behind_since is None:
+                    self._behind_since = self.clock.monotonic()
         if self.offload.fd in events:
             self.offload.run_done()
         self.timers.run_due()
@@ -806,7 +813,14 @@ class Coordinator:
         return {"node_id": msg.node_id, "public_key": msg.public_key, "previous_public_key": old}
 
     def _check_nodes(self) -> None:
+        """Nodes not heard from for a node timeout are lost. Not while frames wait to be read
+        (their heartbeats may be among them), for at most one more node timeout: an overloaded
+        coordinator does not declare live nodes lost and bring on a storm of registrations."""
         now = self.clock.monotonic()
+        if self._behind_since is not None and now - self._behind_since < self.cfg.node_timeout_s:
+            log.warning("frames have been waiting to be read for %.1fs: node loss checks deferred",
+                        now - self._behind_since)
+            return
         lost = [n for n in self._alive() if now - n.last_seen > self.cfg.node_timeout_s]
         for n in lost:
             log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)

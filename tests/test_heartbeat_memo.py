@@ -76,6 +76,24 @@ def test_new_memory_figures_reuse_the_checked_reports_and_check_the_rest():
         memo.decode(b"c", encode_request("heartbeat", 3, worse), body_of, True)
 
 
+def test_of_many_reports_only_those_that_changed_are_checked_again(monkeypatch):
+    from mlfleet.coordinator import heartbeat
+    memo = HeartbeatMemo()
+    reps = [{**report(), "deployment_id": f"d{i}"} for i in range(50)]
+    body = {"node_id": "n1", "memory": GOOD_MEMORY, "deployments": reps}
+    memo.decode(b"c", encode_request("heartbeat", 1, body), body_of, True)
+    checked = []
+    real = heartbeat.parse_report
+    monkeypatch.setattr(heartbeat, "parse_report", lambda raw: checked.append(raw) or real(raw))
+    reps[7] = {**reps[7], "stats": {"inference_count": 4}}
+    frame = encode_request("heartbeat", 2, body)
+    got = memo.decode(b"c", frame, body_of, True)
+    assert checked == [reps[7]] and got == full(frame)
+    reps[9] = {**reps[9], "current_allocations": -1}
+    with pytest.raises(ApiError):
+        memo.decode(b"c", encode_request("heartbeat", 3, body), body_of, True)
+
+
 def test_an_unregistered_connection_is_not_remembered():
     memo = HeartbeatMemo()
     body = {"node_id": "n1", "memory": GOOD_MEMORY, "deployments": []}
@@ -86,7 +104,8 @@ def test_an_unregistered_connection_is_not_remembered():
 def test_spans_cut_out_the_id_and_find_the_deployments():
     a = spans(encode_request("heartbeat", 5, {"node_id": "n", "deployments": [1]}))
     b = spans(encode_request("heartbeat", 1 << 40, {"node_id": "n", "deployments": [1]}))
-    assert a is not None and b is not None and a.rest == b.rest and a.deps == pack([1])
+    assert a is not None and b is not None and a.rest == b.rest and a.items == (pack(1),)
+    assert spans(encode_request("heartbeat", 5, {"deployments": 3})) is None  # decoded in full
     assert spans(b"\x93\x01\x02\x03") is None and spans(b"\xc1") is None
 
 
