@@ -17,7 +17,7 @@ sockets costs a scan of all of them per call); a socket is drained while its ``Z
 POLLIN, and again after each send, since a send may consume the fd's edge.
 
 Control: JSON lines on stdin (``{"cmd": "status"}``, ``{"cmd": "dump"}``, ``{"cmd": "stop"}``),
-one JSON line answered on stdout for each. ``dump`` writes ``DIR/samples.json``: every heartbeat
+one JSON line answered on stdout for each. ``dump`` writes ``DIR/PREFIX-samples.json``: every heartbeat
 round trip as ``[sent at (time.monotonic), round trip ms]``, the same for registrations. Every
 loop is bounded: the process exits by itself after ``--max-seconds``.
 """
@@ -73,14 +73,14 @@ class Sim:
 
 class Sims:
     def __init__(self, endpoint: str, nodes: int, processors: int, register_window: int,
-                 out: Path, max_seconds: float) -> None:
-        self.endpoint, self.out = endpoint, out
+                 out: Path, max_seconds: float, prefix: str = "sim") -> None:
+        self.endpoint, self.out, self.prefix = endpoint, out, prefix
         self.deadline = time.monotonic() + max_seconds
         self.processors = processors
         self.register_window = register_window
         self.interval = 1.0
         self.ctx = zmq.Context(io_threads=1)
-        self.ctx.setsockopt(zmq.MAX_SOCKETS, nodes + 64)
+        self.ctx.set(zmq.MAX_SOCKETS, nodes + 64)  # a context option (the default is 1023)
         self.sel = selectors.DefaultSelector()
         self.sims: list[Sim] = []
         self.by_fd: dict[int, Sim] = {}
@@ -91,7 +91,7 @@ class Sims:
             s.setsockopt(zmq.SNDHWM, 1000)
             s.setsockopt(zmq.RCVHWM, 1000)
             s.connect(endpoint)
-            sim = Sim(i, f"sim-{i:04d}", s)
+            sim = Sim(i, f"{prefix}-{i:04d}", s)
             self.sims.append(sim)
             fd = s.getsockopt(zmq.FD)
             self.by_fd[fd] = sim
@@ -291,7 +291,8 @@ class Sims:
                 self.running = False
                 answer: dict[str, Any] = {"ok": True}
             elif cmd == "dump":
-                (self.out / "samples.json").write_text(json.dumps({"hb": self.hb, "reg": self.reg}))
+                samples = {"hb": self.hb, "reg": self.reg}
+                (self.out / f"{self.prefix}-samples.json").write_text(json.dumps(samples))
                 answer = {"ok": True}
             else:
                 answer = {"registered": sum(s.registered for s in self.sims),
@@ -338,12 +339,13 @@ def main() -> None:
     ap.add_argument("--register-window", type=int, default=32)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-seconds", type=float, default=3600)
+    ap.add_argument("--prefix", default="sim", help="node ids are PREFIX-0000, PREFIX-0001, ...")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.nodes + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     Sims(args.endpoint, args.nodes, args.processors, args.register_window, args.out,
-         args.max_seconds).run()
+         args.max_seconds, args.prefix).run()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class OutOfBudget(Exception):
     pass
 
 
+class SimExited(BaseException):
+    """A simulator process ended: not retried by ``wait_until`` (which retries Exceptions)."""
+
+
 class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
@@ -67,11 +71,13 @@ class Budget:
 class SimProcess:
     """The simulated agents, in their own process (its CPU is not the benchmark's)."""
 
-    def __init__(self, endpoint: str, nodes: int, processors: int, out: Path, max_s: float) -> None:
-        self.out = out
+    def __init__(self, endpoint: str, nodes: int, processors: int, out: Path, max_s: float,
+                 prefix: str = "sim") -> None:
+        self.out, self.prefix = out, prefix
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._scale_agents", "--endpoint", endpoint, "--nodes", str(nodes),
-             "--processors", str(processors), "--out", str(out), "--max-seconds", str(max_s)],
+             "--processors", str(processors), "--out", str(out), "--max-seconds", str(max_s),
+             "--prefix", prefix],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
         self.ps = psutil.Process(self.proc.pid)
 
@@ -84,12 +90,12 @@ class SimProcess:
             raise RuntimeError(f"the simulator did not answer [{cmd}] in {timeout_s}s")
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the simulator exited ({self.proc.poll()})")
+            raise SimExited(f"the simulator exited ({self.proc.poll()}); see its stderr above")
         return json.loads(line)
 
     def samples(self) -> dict[str, list[list[float]]]:
         self.ask("dump", 120)
-        return json.loads((self.out / "samples.json").read_text())
+        return json.loads((self.out / f"{self.prefix}-samples.json").read_text())
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -141,17 +147,25 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
     nodes, deps = r["nodes"], r["deployments"]
     c = Cluster(work)
     sim: SimProcess | None = None
+    wit: SimProcess | None = None
     try:
         coord = c.start_coordinator(extra=COORDINATOR_ARGS)
         cp = psutil.Process(coord.pid)
         log = coord.log
         t0 = time.monotonic()
         sim = SimProcess(coord.endpoint, nodes, args.processors, work, args.size_budget + 60)
+        # a few more nodes in a process of their own, with 1 processor (never given the big
+        # model): their heartbeat round trips are the coordinator's, not the fetchers' receiving
+        wit = SimProcess(coord.endpoint, args.witnesses, 1, work, args.size_budget + 60, "witness") \
+            if args.witnesses else None
         st = wait_until(lambda: (s := sim.ask("status"))["registered"] >= nodes and s,
                         budget.left(600), 0.5, what=f"{nodes} simulated nodes to register")
+        if wit is not None:
+            wait_until(lambda: wit.ask("status")["registered"] >= args.witnesses, budget.left(120), 0.5,
+                       what=f"{args.witnesses} witness nodes to register")
         with c.client(request_timeout="300s") as client:
-            wait_until(lambda: len(client.get_nodes()["nodes"]) >= nodes, budget.left(120), 0.5,
-                       what=f"the coordinator to list {nodes} nodes")
+            wait_until(lambda: len(client.get_nodes()["nodes"]) >= nodes + args.witnesses,
+                       budget.left(120), 0.5, what=f"the coordinator to list {nodes} nodes")
             r["register_s"] = time.monotonic() - t0
             progress(f"{nodes} nodes registered in {r['register_s']:.1f}s ({st})")
 
@@ -208,7 +222,8 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
             # liveness under bulk work: one model put, then fetched by many nodes at once
             size = parse_bytes(args.fetch_size)
             archive = big_archive(work / "big.pt", size)
-            free = [n for n, b in client.get_nodes()["nodes"].items() if not b["deployments"]]
+            free = [n for n, b in client.get_nodes()["nodes"].items()
+                    if not b["deployments"] and n.startswith("sim-")]
             fetchers = min(args.fetchers, len(free))
             r["fetchers"] = fetchers
             budget.left(120)
@@ -230,17 +245,21 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
         st = sim.ask("status")
         r["sim"] = st
         hb = samples["hb"]
+        whb = wit.samples()["hb"] if wit is not None else []
         for name, (a, b) in (("steady", (w0, w1)), ("put", (p0, p1)), ("fetch", (p1, f1))):
             h = in_window(hb, a, b)
             r[f"hb_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
+            h = in_window(whb, a, b)
+            r[f"wit_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
         return r
     finally:
         if c.coordinator is not None:
             r["lost_total"] = lost_lines(c.coordinator.log)
             with contextlib.suppress(psutil.Error):
                 r.setdefault("rss_mib", psutil.Process(c.coordinator.pid).memory_info().rss / (1 << 20))
-        if sim is not None:
-            sim.stop()
+        for p in (sim, wit):
+            if p is not None:
+                p.stop()
         leftovers = c.shutdown()
         assert not leftovers, f"processes outlived their daemons: {leftovers}"
 
@@ -262,6 +281,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=50, help="get_routing / get_stats calls each")
     ap.add_argument("--fetch-size", default="32mb")
     ap.add_argument("--fetchers", type=int, default=50)
+    ap.add_argument("--witnesses", type=int, default=10,
+                    help="nodes in a process of their own whose heartbeats measure the coordinator alone")
     ap.add_argument("--size-budget", type=float, default=900.0, help="seconds for one size")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -279,7 +300,7 @@ def main() -> None:
             r: dict[str, Any] = {"nodes": nodes, "deployments": deps}
             try:
                 results.append(run_size(r, args, Path(d)))
-            except (OutOfBudget, AssertionError, RuntimeError) as e:
+            except (OutOfBudget, AssertionError, RuntimeError, SimExited) as e:
                 reason = (f"did not finish within {args.size_budget:.0f}s ({e}); by then "
                           f"{r.get('started', 0)} deployments started, coordinator RSS "
                           f"{r.get('rss_mib', 0):.0f} MiB, {r.get('lost_total', '?')} nodes lost")
@@ -304,6 +325,7 @@ def main() -> None:
         frows.append([r["nodes"], f"{r['fetchers']} x {args.fetch_size}", fmt(r["put_s"], 1),
                       ms(r["hb_put"][1]), fmt(r["fetch_s"], 1), ms(r["hb_fetch"][0]),
                       ms(r["hb_fetch"][1]), ms(r["hb_fetch"][2]), ms(r["hb_steady"][1]),
+                      f"{ms(r['wit_put'][1])} / {ms(r['wit_fetch'][1])} / {ms(r['wit_fetch'][2])}",
                       r["lost_fetch"]])
     print(table("The coordinator at scale (heartbeat every 1 s, node timeout 10 s; steady window "
                 f"{args.window:.0f} s)",
@@ -316,7 +338,8 @@ def main() -> None:
         print(table("Liveness while many nodes fetch one model at once (4 MiB chunks, 4 in flight each)",
                     ["nodes", "fetchers x size", "put s", "hb p99 ms (put)", "fetch s",
                      "hb p50 ms (fetch)", "hb p99 ms (fetch)", "hb max ms (fetch)",
-                     "hb p99 ms (steady)", "nodes lost (fetch)"], frows))
+                     "hb p99 ms (steady)", "witness hb p99 put / p99 fetch / max fetch ms",
+                     "nodes lost (fetch)"], frows))
 
 
 if __name__ == "__main__":

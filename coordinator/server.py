@@ -4,6 +4,7 @@ is re-checked after every state change and answered at its deadline at the lates
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -41,7 +42,9 @@ from mlfleet.common.protocol import (
     EnvelopeError,
     decode_request,
     encode_reply,
+    encode_reply_raw,
     encode_request,
+    pack,
     peek_request,
 )
 from mlfleet.common.security import Curve, authorize, load_authorized_keys, load_secret, start_authenticator
@@ -49,7 +52,9 @@ from mlfleet.common.units import format_time
 from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
 from mlfleet.coordinator import planner
 from mlfleet.coordinator.adaptive import AdaptiveAllocations
+from mlfleet.coordinator.bulk import chunk_reply
 from mlfleet.coordinator.config import CoordinatorConfig
+from mlfleet.coordinator.heartbeat import HeartbeatMemo, ParsedReports, parse_reports
 from mlfleet.coordinator.routing import RoutingIndex
 from mlfleet.coordinator.state import (
     AssignmentState,
@@ -73,6 +78,12 @@ UPLOAD_MAX_AGE_S = 24 * 3600.0
 DEFER = object()
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A reply body already encoded (msgpack): sent as it is."""
+    body: bytes
+
+
 @dataclass
 class Waiter:
     ident: bytes
@@ -85,6 +96,23 @@ class Waiter:
 
 
 MAX_WAITING_FOR_ALLOCATION = 100
+# Model bytes are bulk work: chunk requests wait in a queue and BULK_IN_FLIGHT chunk at a time is
+# read and encoded, off the loop, so heartbeats and registrations never wait behind them (on the
+# loop a chunk request costs its checks and an append; a reply, one send without a copy). One at
+# a time: with more, 50 nodes fetching at once kept 2 cores busy and heartbeats waited for CPU.
+BULK_IN_FLIGHT = 1
+SEND_BUFFER = 128 << 10  # bytes: the kernel's send buffer of each connection (see __init__)
+MAX_BULK_QUEUED = 8192  # beyond: 503, and the agent asks again after a backoff
+
+
+@dataclass
+class BulkJob:
+    ident: bytes
+    rid: int
+    node_id: str
+    sha256: str
+    offset: int
+    length: int
 
 
 class Coordinator:
@@ -102,12 +130,21 @@ class Coordinator:
         self._route_sigs: dict[str, tuple] = {}
         self.routing = RoutingIndex()                 # who reports what; what changed
         self._sync_cache: dict[str, dict[str, Any]] = {}  # node -> its sync body, until it changes
+        self._sync_packed: dict[str, bytes] = {}      # node -> that body encoded, likewise
+        self.hb_memo = HeartbeatMemo()                # what each node last sent that passed the checks
+        self._bulk: collections.deque[BulkJob] = collections.deque()  # model chunks to send
+        self._bulk_in_flight = 0
         self._stopping: set[str] = set()              # deployments being stopped
         self._max_version = 0
         self.waiters: list[Waiter] = []
+        self._waiters_due = float("inf")  # the earliest deadline among the waiters (or sooner)
         self.timers = Timers(self.clock.monotonic)
         self.ctx = zmq.Context.instance()
         self.sock = make_socket(self.ctx, zmq.ROUTER)
+        # One ZeroMQ I/O thread writes to every connection in turn, each write as much as the
+        # kernel takes: a small send buffer keeps the slice a 4 MiB chunk reply takes short, so
+        # a heartbeat reply to another connection does not wait behind whole chunks.
+        self.sock.setsockopt(zmq.SNDBUF, SEND_BUFFER)
         self.curve: Optional[Curve] = None
         self.keys: dict[str, str] = {}
         self.auth = None
@@ -135,6 +172,7 @@ class Coordinator:
                     processors, memory = (int(x) for x in cap.split(","))
                     self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
+        self._behind_since: Optional[float] = None  # since when frames have been waiting for us
         self._settling = False
         self._resettle = False
         self.loop_errors = 0  # faults caught in the loop (logged with their tracebacks)
@@ -219,11 +257,14 @@ class Coordinator:
 
     def _loop_once(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(self.timers.timeout_ms(200)))
-        if self.sock in events:
+        if self.sock not in events:
+            self._behind_since = None
+        else:
             for _ in range(256):
                 try:
                     raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    self._behind_since = None  # caught up: nothing is waiting
                     break
                 user = None
                 if self.curve is not None and len(raw) > 1:
@@ -234,6 +275,9 @@ class Coordinator:
                 # the routing id as bytes; the message itself stays in ZeroMQ's buffer (no copy)
                 frames = [raw[0].bytes, *(f.buffer for f in raw[1:])]
                 self._guarded("frame", lambda frames=frames, user=user: self._on_frames(frames, user))
+            else:  # 256 frames and maybe more waiting: we are behind
+                if self._behind_since is None:
+                    self._behind_since = self.clock.monotonic()
         if self.offload.fd in events:
             self.offload.run_done()
         self.timers.run_due()
@@ -326,9 +370,10 @@ class Coordinator:
         self.metrics.publish([node_up, allocs, inf, waiting])
 
     # ---- transport -----------------------------------------------------------------------------
-    def _send(self, ident: bytes, frame: bytes) -> bool:
+    def _send(self, ident: bytes, frame: bytes | bytearray) -> bool:
         try:
-            self.sock.send_multipart([ident, frame], zmq.NOBLOCK)
+            # large frames (model chunks) are handed to ZeroMQ without a copy
+            self.sock.send_multipart([ident, frame], zmq.NOBLOCK, copy=len(frame) < 1 << 16)
             return True
         except zmq.ZMQError as e:
             log.debug("could not send to %r: %s", ident, e)
@@ -358,11 +403,19 @@ class Coordinator:
             entry = self.handlers.get(op)
             if entry is None:
                 raise BadRequest(f"unknown op [{op[:64]}]")
-            req = decode_request(frames[1], OP_LIMITS.get(op, DEFAULT_LIMITS))
-            cls, handler = entry
-            msg = m.decode(cls, req.body, req.op)
-            result = handler(Ctx(ident, rid, user), msg)
-            if result is not DEFER:
+            limits = OP_LIMITS.get(op, DEFAULT_LIMITS)
+            if op == "heartbeat":  # a heartbeat like the last one is not decoded and checked again
+                hb, reports = self.hb_memo.decode(
+                    ident, frames[1], lambda f: decode_request(f, limits).body, ident in self._node_of)
+                result: Any = self.on_heartbeat(Ctx(ident, rid, user), hb, reports)
+            else:
+                req = decode_request(frames[1], limits)
+                cls, handler = entry
+                msg = m.decode(cls, req.body, req.op)
+                result = handler(Ctx(ident, rid, user), msg)
+            if isinstance(result, Packed):
+                self._send(ident, encode_reply_raw(rid, 200, result.body))
+            elif result is not DEFER:
                 self._reply(ident, rid, 200, result)
         except EnvelopeError as e:
             self._reply(ident, e.request_id, e.status, e.to_body())
@@ -487,6 +540,8 @@ class Coordinator:
         if not self.waiters:
             return
         now = self.clock.monotonic()
+        if not dirty and now < self._waiters_due:
+            return  # nothing they wait on changed and no deadline passed: O(1), not O(waiters)
         waiting, self.waiters = self.waiters, []
         keep = []
         for w in waiting:
@@ -508,6 +563,7 @@ class Coordinator:
             else:
                 self._reply(w.ident, w.rid, *result)
         self.waiters = keep + self.waiters  # waiters parked by a check stay too
+        self._waiters_due = min((w.deadline if w.tag else now for w in self.waiters), default=float("inf"))
 
     def _offload(self, ctx: Ctx, fn: Callable[..., Any], *args: Any,
                  then: Callable[[Any], dict[str, Any]]) -> object:
@@ -533,8 +589,10 @@ class Coordinator:
     def _park(self, ctx: Ctx, timeout_s: float, check, on_timeout, tag: str = "") -> object:
         """Answer the request later: when ``check`` returns a reply, or ``on_timeout``'s at the
         deadline."""
-        self.waiters.append(Waiter(ctx.ident, ctx.rid, self.clock.monotonic() + timeout_s,
-                                   check, on_timeout, tag))
+        w = Waiter(ctx.ident, ctx.rid, self.clock.monotonic() + timeout_s, check, on_timeout, tag)
+        self.waiters.append(w)
+        # an untagged waiter is checked at every settle (its due time is now)
+        self._waiters_due = min(self._waiters_due, w.deadline if tag else self.clock.monotonic())
         return DEFER
 
     # ---- agent sync ----------------------------------------------------------------------------
@@ -567,7 +625,16 @@ class Coordinator:
         body = self._sync_cache.get(node_id)
         if body is None:
             body = self._sync_cache[node_id] = self._build_sync_body(node_id)
+            self._sync_packed.pop(node_id, None)
         return body
+
+    def _sync_body_packed(self, node_id: str) -> bytes:
+        """The sync body encoded, kept as long as the body itself."""
+        body = self._sync_body(node_id)
+        packed = self._sync_packed.get(node_id)
+        if packed is None:
+            packed = self._sync_packed[node_id] = pack(body)
+        return packed
 
     def _build_sync_body(self, node_id: str) -> dict[str, Any]:
         body = {"assignments": self._node_assignments(node_id),
@@ -588,19 +655,13 @@ class Coordinator:
             self._push_sync(node.node_id)
 
     # ---- agent protocol ------------------------------------------------------------------------
-    def _ingest_reports(self, node: NodeRecord, reports: list[Any]) -> None:
-        """An agent's reports count only for deployments planned on that node (or that it was
-        already running, while it drains them), and never for more allocations than it was
-        given: an agent key cannot attract traffic to deployments it was not assigned."""
+    def _ingest_reports(self, node: NodeRecord, reports: ParsedReports) -> None:
+        """An agent's reports (checked by ``parse_reports``) count only for deployments planned
+        on that node (or that it was already running, while it drains them), and never for more
+        allocations than it was given: an agent key cannot attract traffic to deployments it
+        was not assigned."""
         parsed: dict[str, RouteReport] = {}
-        for raw in reports:
-            if not isinstance(raw, dict):
-                raise BadRequest("[deployments] must be a list of maps")
-            r = m.decode(m.RouteReport, raw, "deployments")
-            try:
-                state = RoutingState(r.routing_state)
-            except ValueError:
-                raise BadRequest(f"unknown routing_state [{r.routing_state}]") from None
+        for r, state in reports:
             dep = self.deployments.get(r.deployment_id)
             if dep is None or not (node.node_id in dep.targets or node.node_id in dep.warm
                                    or r.deployment_id in node.reports):
@@ -638,9 +699,11 @@ class Coordinator:
                           public_key=user, ident=ctx.ident)
         if known is not None and known.alive:
             node.reports = known.reports  # continuity: what it ran before counts while it drains
-        self._ingest_reports(node, msg.deployments)
+        self._ingest_reports(node, parse_reports(msg.deployments))
         if known is not None:
             self._node_of.pop(known.ident, None)
+            self.hb_memo.forget(known.ident)
+        self.hb_memo.forget(ctx.ident)
         self.nodes[msg.node_id] = node
         self.routing.reports_changed(msg.node_id, known.reports if known else {}, node.reports)
         self.routing.dirty |= {d.deployment_id for d in self.deployments.values()
@@ -660,7 +723,8 @@ class Coordinator:
         self._push_sync(msg.node_id)
         return self._sync_body(msg.node_id)
 
-    def on_heartbeat(self, ctx: Ctx, msg: m.Heartbeat) -> dict[str, Any]:
+    def on_heartbeat(self, ctx: Ctx, msg: m.Heartbeat,
+                     reports: Optional[ParsedReports] = None) -> Any:
         node = self._node_for(ctx.ident, msg.node_id)
         if node is None:
             return {"reregister": True}
@@ -668,9 +732,10 @@ class Coordinator:
             raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
         node.last_seen = self.clock.monotonic()
         node.memory = msg.memory
-        self._ingest_reports(node, msg.deployments)
-        self._finish_stops()
-        return self._sync_body(msg.node_id)
+        self._ingest_reports(node, parse_reports(msg.deployments) if reports is None else reports)
+        if self._stopping:
+            self._finish_stops()
+        return Packed(self._sync_body_packed(msg.node_id))
 
     def on_leave(self, ctx: Ctx, msg: m.Leave) -> dict[str, Any]:
         """An agent shutting down cleanly: its routes go at once (clients move first) and its
@@ -688,7 +753,7 @@ class Coordinator:
         node = self._node_for(ctx.ident, node_id) if node_id else None
         if node is None:  # e.g. an agent reconnecting: it asks again once it has registered
             raise ServiceUnavailable("[model_chunk] is for registered nodes: register first")
-        wanted = {sha for a in self._node_assignments(node.node_id)
+        wanted = {sha for a in self._sync_body(node.node_id)["assignments"]
                   for sha in (a["sha256"], a["tokenizer_sha256"]) if sha}
         if msg.sha256 not in wanted:
             raise Forbidden(f"model definition [{msg.sha256}] is not assigned to node [{node.node_id}]")
@@ -696,8 +761,42 @@ class Coordinator:
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
-        return self._offload(ctx, self.store.read_chunk, msg.sha256, msg.offset, msg.length,
-                             then=lambda r: {"data": r[0], "size": r[1]})
+        if len(self._bulk) >= MAX_BULK_QUEUED:
+            raise ServiceUnavailable("the coordinator has too many model chunks to send; ask again later")
+        self._bulk.append(BulkJob(ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length))
+        self._pump_bulk()
+        return DEFER
+
+    def _pump_bulk(self) -> None:
+        """Start the next queued chunks, BULK_IN_FLIGHT at a time: each is read and its whole
+        reply encoded on an Offload thread; the loop only sends the frame. A chunk whose node is
+        gone (lost, left or registered again from another connection) is dropped."""
+        while self._bulk and self._bulk_in_flight < BULK_IN_FLIGHT:
+            job = self._bulk.popleft()
+            if self._node_for(job.ident, job.node_id) is None:
+                continue
+            self._bulk_in_flight += 1
+            self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:
+                                self._bulk_done(job, frame, error))
+
+    def _chunk_reply(self, job: BulkJob) -> bytes | bytearray:  # on an Offload thread
+        paths = (self.store.model_path(job.sha256), self.store.tokenizer_path(job.sha256))
+        try:
+            return chunk_reply(job.sha256, paths, job.rid, job.offset, job.length)
+        except ApiError as e:
+            return encode_reply(job.rid, e.status, e.to_body())
+
+    def _bulk_done(self, job: BulkJob, frame: Optional[bytes | bytearray],
+                   error: Optional[BaseException]) -> None:
+        self._bulk_in_flight -= 1
+        if error is not None:
+            self.loop_errors += 1
+            log.error("model chunk for request %s failed", job.rid, exc_info=error)
+            frame = encode_reply(job.rid, 500, ServerError(
+                f"internal error: {type(error).__name__}: {error}").to_body())
+        if frame is not None:
+            self._send(job.ident, frame)
+        self._pump_bulk()
 
     def on_rotate_node_key(self, ctx: Ctx, msg: m.RotateNodeKey) -> dict[str, Any]:
         """Move a node id to another agent key (admin). The agent running now keeps its
@@ -714,7 +813,14 @@ class Coordinator:
         return {"node_id": msg.node_id, "public_key": msg.public_key, "previous_public_key": old}
 
     def _check_nodes(self) -> None:
+        """Nodes not heard from for a node timeout are lost. Not while frames wait to be read
+        (their heartbeats may be among them), for at most one more node timeout: an overloaded
+        coordinator does not declare live nodes lost and bring on a storm of registrations."""
         now = self.clock.monotonic()
+        if self._behind_since is not None and now - self._behind_since < self.cfg.node_timeout_s:
+            log.warning("frames have been waiting to be read for %.1fs: node loss checks deferred",
+                        now - self._behind_since)
+            return
         lost = [n for n in self._alive() if now - n.last_seen > self.cfg.node_timeout_s]
         for n in lost:
             log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)
@@ -726,6 +832,7 @@ class Coordinator:
             n.alive = False
             old, n.reports = n.reports, {}
             self.routing.node_gone(n.node_id, old)
+            self.hb_memo.forget(n.ident)
             self.routing.dirty |= {d.deployment_id for d in self.deployments.values()
                                    if n.node_id in d.targets}
             self._node_of.pop(n.ident, None)
