@@ -87,6 +87,25 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
                                  "z85": load_public(public).decode()}) + "\n")
 
 
+@keys_app.command("api-key")
+def keys_api_key(name: str,
+                 role: str = typer.Option(..., "--role", help="admin (everything) or infer (inference and reads)."),
+                 keys_file: Path = typer.Option(..., "--keys-file", help="The gateway's --api-keys file (created, mode 600)."),
+                 ) -> None:
+    """Create an API key for the HTTP gateway; prints it once, as Elasticsearch's create-API-key
+    answer (send it as 'Authorization: ApiKey <encoded>'). The file keeps only its hash.
+
+    Example: mlfleet keys api-key ops --role admin --keys-file /etc/mlfleet/api_keys
+    """
+    from mlfleet.gateway.keys import create_api_key
+    try:
+        out = create_api_key(keys_file, name, role)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"mlfleet: {e}\n")
+        raise typer.Exit(2) from None
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
 class Format(str, Enum):
     json = "json"
     table = "table"
@@ -333,6 +352,40 @@ def agent(
         stop_grace_s=_duration(stop_grace, "stop_grace"),
         overrun_grace_s=_duration(overrun_grace, "overrun_grace"),
         queue_max_bytes=max_bytes, load_retries=load_retries, require_sandbox=require_sandbox))
+
+
+@app.command()
+def gateway(
+    listen: str = typer.Option("http://127.0.0.1:9200", help="http://HOST:PORT (loopback) or https://HOST:PORT (port 0: the OS picks)."),
+    coordinator: str = typer.Option(DEFAULT_COORDINATOR, help="Coordinator address."),
+    api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Keys file ('mlfleet keys api-key'): every request then needs 'Authorization: ApiKey ...'."),
+    tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS certificate (PEM; required off loopback)."),
+    tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS private key (PEM)."),
+    request_timeout: str = typer.Option("30s", help="How long an admin call waits for the coordinator."),
+    ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
+) -> None:
+    """Run the HTTP gateway: Elasticsearch's trained-model REST API for the cluster.
+
+    Example: mlfleet gateway --listen http://127.0.0.1:9200 --coordinator tcp://127.0.0.1:7600
+    """
+    from mlfleet.gateway.server import GatewayConfig, check_security, run
+    _setup_logging()
+    config = GatewayConfig(listen=listen, coordinator=coordinator,
+                           api_keys=str(api_keys) if api_keys else None,
+                           tls_cert=str(tls_cert) if tls_cert else None,
+                           tls_key=str(tls_key) if tls_key else None,
+                           ready_file=str(ready_file) if ready_file else None,
+                           request_timeout_s=_duration(request_timeout, "request_timeout"))
+    try:
+        check_security(config)
+    except ValueError as e:
+        sys.stderr.write(f"mlfleet: {e}\n")
+        raise typer.Exit(2) from None
+    try:
+        run(config)  # binds inside its own event loop: start-up problems surface here
+    except (OSError, ValueError) as e:  # a port in use, a bad certificate or keys file
+        sys.stderr.write(f"mlfleet: cannot start: {e}\n")
+        raise typer.Exit(2) from None
 
 
 def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float = 60.0) -> dict[str, Any]:
