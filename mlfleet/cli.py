@@ -406,8 +406,10 @@ def up(
     node_id: str = typer.Option("local", help="The local agent's node id."),
     allocated_processors: Optional[int] = typer.Option(None, min=1, max=4096, help="Processors for allocations."),
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON once both daemons serve."),
+    gateway_listen: str = typer.Option("http://127.0.0.1:9200", help="The HTTP gateway's address (loopback); 'none': no gateway."),
 ) -> None:
-    """The embedded default: a coordinator and one agent on loopback. Ctrl-C stops both.
+    """The embedded default: a coordinator, one agent and the HTTP gateway on loopback. Ctrl-C
+    stops them all.
 
     Example: mlfleet up --data-dir /tmp/mlfleet
     """
@@ -440,9 +442,16 @@ def up(
         procs.append(ag)
         a = _wait_ready(run / "a.json", ag)
         log.info("mlfleet is up: coordinator %s, agent [%s] %s", c["endpoint"], node_id, a["endpoint"])
+        extra = {"agent": a["endpoint"]}
+        if gateway_listen != "none":
+            gw = subprocess.Popen(exe + ["gateway", "--listen", gateway_listen, "--coordinator", c["endpoint"],
+                                         "--ready-file", str(run / "g.json")], start_new_session=True)
+            procs.append(gw)
+            extra["gateway"] = _wait_ready(run / "g.json", gw)["endpoint"]
+            log.info("HTTP gateway (Elasticsearch's trained-model API) on %s", extra["gateway"])
         if ready_file:
             from mlfleet.common.proc import write_ready_file
-            write_ready_file(str(ready_file), c["endpoint"], agent=a["endpoint"])
+            write_ready_file(str(ready_file), c["endpoint"], **extra)
         while not stopping:
             if any(p.poll() is not None for p in procs):
                 log.error("a daemon exited on its own; stopping the other")
