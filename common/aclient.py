@@ -46,6 +46,11 @@ from mlfleet.common.units import parse_time
 from mlfleet.common.zmqutil import make_socket
 
 
+def _expire(fut: asyncio.Future, why: str) -> None:
+    if not fut.done():
+        fut.set_exception(NoAnswer(why))
+
+
 class _Peer:
     """One DEALER to one address, the requests waiting on it, and the task reading its replies."""
 
@@ -76,21 +81,29 @@ class _Peer:
 
     async def call(self, frame: bytes, rid: int, wait_s: float, connect_s: float, op: str) -> Reply:
         """Send and wait. ``NoAnswer(retryable=True)`` when it could not even be sent."""
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self.pending[rid] = fut
+        timer = None
         try:
-            connect_s = min(wait_s, connect_s)
-            try:  # with no live connection the send waits for one (IMMEDIATE), briefly
-                await asyncio.wait_for(self.sock.send(frame, copy=False), connect_s)
-            except TimeoutError:
-                raise NoAnswer(f"no answer from {self.address}: could not connect within "
-                               f"{connect_s:g}s (is it running? off loopback it needs a CURVE key)",
-                               retryable=True) from None
-            try:
-                return await asyncio.wait_for(asyncio.shield(fut), wait_s)
-            except TimeoutError:
-                raise NoAnswer(f"no answer from {self.address} to [{op}] within {wait_s:g}s") from None
+            sent = self.sock.send(frame, copy=len(frame) < 65536)  # a copy is cheaper when small
+            if not sent.done():  # no live connection yet (IMMEDIATE): wait for one, briefly
+                connect_s = min(wait_s, connect_s)
+                try:
+                    await asyncio.wait_for(sent, connect_s)
+                except TimeoutError:
+                    raise NoAnswer(f"no answer from {self.address}: could not connect within "
+                                   f"{connect_s:g}s (is it running? off loopback it needs a CURVE key)",
+                                   retryable=True) from None
+            else:
+                sent.result()  # raises what the send raised
+            # a timer, not wait_for: no task per request on the hot path
+            timer = loop.call_later(wait_s, _expire, fut, f"no answer from {self.address} to [{op}] "
+                                    f"within {wait_s:g}s")
+            return await fut
         finally:
+            if timer is not None:
+                timer.cancel()
             self.pending.pop(rid, None)
 
     def close(self) -> None:
