@@ -59,3 +59,4 @@ def test_gateway_sends_ready_and_feeds_the_watchdog(tmp_path):
         proc.terminate()
         assert proc.wait(20) == 0
         sock.close()
+
