@@ -37,6 +37,7 @@ from mlfleet.common.client import (
     UPLOAD_CHUNK,
     Routes,
     _encode,
+    handshake_failure,
     start_wait_s,
 )
 from mlfleet.common.errors import ApiError, NoAnswer, ServiceUnavailable
@@ -61,9 +62,16 @@ class _Peer:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: fail fast otherwise
         if curve is not None:
             curve.client(self.sock, server_key)
+        self.failed: Optional[str] = None  # why the handshake failed, said at once
+        self.keyed = curve is not None
+        mon = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                           | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(address)
         self.pending: dict[int, asyncio.Future[Reply]] = {}
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self._read())
+        self.monitor = loop.create_task(self._watch(mon))
 
     async def _read(self) -> None:
         try:
@@ -79,6 +87,25 @@ class _Peer:
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
 
+    async def _watch(self, mon: zmq.asyncio.Socket) -> None:
+        """A handshake that fails says why at once, instead of a timeout that says nothing."""
+        from zmq.utils.monitor import parse_monitor_message
+        try:
+            while True:
+                ev = parse_monitor_message(await mon.recv_multipart())
+                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.failed = None
+                    continue
+                self.failed = handshake_failure(self.address, ev["event"], ev["value"], self.keyed)
+                for fut in self.pending.values():
+                    if not fut.done():
+                        # IMMEDIATE: nothing was delivered on a connection that never completed
+                        fut.set_exception(NoAnswer(self.failed, retryable=True))
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            mon.close(0)
+
     async def call(self, frame: bytes, rid: int, wait_s: float, connect_s: float, op: str) -> Reply:
         """Send and wait. ``NoAnswer(retryable=True)`` when it could not even be sent."""
         loop = asyncio.get_running_loop()
@@ -86,17 +113,26 @@ class _Peer:
         self.pending[rid] = fut
         timer = None
         try:
+            if self.failed is not None:
+                raise NoAnswer(self.failed, retryable=True)
             sent = self.sock.send(frame, copy=len(frame) < 65536)  # a copy is cheaper when small
             if not sent.done():  # no live connection yet (IMMEDIATE): wait for one, briefly
                 connect_s = min(wait_s, connect_s)
                 try:
-                    await asyncio.wait_for(sent, connect_s)
+                    await asyncio.wait_for(asyncio.wait([sent, fut], return_when=asyncio.FIRST_COMPLETED),
+                                           connect_s)
                 except TimeoutError:
+                    sent.cancel()
                     raise NoAnswer(f"no answer from {self.address}: could not connect within "
                                    f"{connect_s:g}s (is it running? off loopback it needs a CURVE key)",
                                    retryable=True) from None
-            else:
-                sent.result()  # raises what the send raised
+                if fut.done():  # the handshake failed: the monitor said why
+                    sent.cancel()
+                    return fut.result()
+                if not sent.done():
+                    raise NoAnswer(f"no answer from {self.address}: could not connect within "
+                                   f"{connect_s:g}s", retryable=True)
+            sent.result()  # raises what the send raised
             # a timer, not wait_for: no task per request on the hot path
             timer = loop.call_later(wait_s, _expire, fut, f"no answer from {self.address} to [{op}] "
                                     f"within {wait_s:g}s")
@@ -108,6 +144,7 @@ class _Peer:
 
     def close(self) -> None:
         self.reader.cancel()
+        self.monitor.cancel()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(NoAnswer("client closed"))

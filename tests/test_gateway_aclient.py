@@ -76,3 +76,19 @@ def test_no_answer_from_a_coordinator_that_is_not_there():
             with pytest.raises(NoAnswer):
                 await c.get_nodes()
     run(scenario())
+
+
+def test_a_failed_curve_handshake_is_said_at_once(fresh_cluster, tmp_path):
+    from mlfleet.common.security import generate_keys
+    secret, _ = generate_keys("coordinator", tmp_path / "keys")
+    (tmp_path / "authorized").write_text("")
+    c = fresh_cluster.start_coordinator(extra=["--curve-secret-key", str(secret),
+                                               "--authorized-keys", str(tmp_path / "authorized")])
+
+    async def scenario():
+        async with mlfleet.AsyncClient(c.endpoint, request_timeout="20s") as ac:
+            t = asyncio.get_running_loop().time()
+            with pytest.raises(NoAnswer, match="requires CURVE keys and this client has none"):
+                await ac.get_nodes()
+            return asyncio.get_running_loop().time() - t
+    assert run(scenario()) < 4.0  # not the 5 s connect timeout, nor the 20 s request timeout
