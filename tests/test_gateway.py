@@ -281,11 +281,15 @@ def test_upload_in_parts_then_deploy_and_infer(gw, http, tmp_path):
         status, _, body = http.call("PUT", f"/_ml/trained_models/enc/definition/{i}",
                                     {"definition": parts[i], **total})
         assert (status, body) == (200, {"acknowledged": True}), body
-    assert http.call("GET", "/_ml/trained_models/enc")[0] == 404
+    status, _, body = http.call("GET", "/_ml/trained_models/enc")  # in progress, as Elasticsearch shows it
+    assert status == 200 and body["trained_model_configs"][0]["fully_defined"] is False
+    every = http.call("GET", "/_ml/trained_models/_all")[2]["trained_model_configs"]
+    assert "enc" in [c["model_id"] for c in every]
     status, _, body = http.call("PUT", "/_ml/trained_models/enc/vocabulary", {"vocabulary": VOCAB})
     assert (status, body) == (200, {"acknowledged": True}), body
     status, _, body = http.call("GET", "/_ml/trained_models/enc")
     assert status == 200 and body["trained_model_configs"][0]["task"] == "text_embedding"
+    assert body["trained_model_configs"][0]["fully_defined"] is True
     assert body["trained_model_configs"][0]["model_size_bytes"] == len(data)
     status, _, body = http.call("POST", "/_ml/trained_models/enc/deployment/_start")
     assert status == 200, body
@@ -361,3 +365,40 @@ def test_a_definition_whose_parts_do_not_add_up_is_refused_and_pass_through_need
     assert http.call("POST", "/_ml/trained_models/pt/deployment/_start")[0] == 200
     assert http.call("DELETE", "/_ml/trained_models/pt?force=true")[2] == {"acknowledged": True}
     assert http.call("GET", "/_ml/trained_models/pt/_stats")[0] == 404
+
+
+def test_adaptive_allocations_in_the_body(http):
+    status, _, body = http.call("POST", "/_ml/trained_models/mlp/deployment/_start?deployment_id=ada", {
+        "adaptive_allocations": {"enabled": True, "min_number_of_allocations": 1,
+                                 "max_number_of_allocations": 2}})
+    assert status == 200, body
+    try:
+        assert body["assignment"]["adaptive_allocations"] == {
+            "enabled": True, "min_number_of_allocations": 1, "max_number_of_allocations": 2}
+        status, _, body = http.call("POST", "/_ml/trained_models/ada/deployment/_update",
+                                    {"number_of_allocations": 2})
+        reason = es_error(body, 400, "action_request_validation_exception")
+        assert "[number_of_allocations] cannot be set if adaptive allocations is enabled" in reason
+        status, _, body = http.call("POST", "/_ml/trained_models/ada/deployment/_update",
+                                    {"adaptive_allocations": {"enabled": False}})
+        assert status == 200 and body["assignment"]["adaptive_allocations"]["enabled"] is False, body
+    finally:
+        http.call("POST", "/_ml/trained_models/ada/deployment/_stop")
+
+
+def test_a_coordinator_that_is_not_there_is_a_503_and_the_gateway_goes_on(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: nothing answers
+    g = start_gateway(tmp_path, dead, extra=["--request-timeout", "1s"])
+    h = Http(g.endpoint)
+    try:
+        for _ in range(2):
+            status, _, body = h.call("GET", "/_ml/trained_models/_stats")
+            assert status == 503, body
+            assert "no answer from" in es_error(body, 503, "transport_exception")
+    finally:
+        h.close()
+        s.close()
+        assert g.stop() == 0

@@ -307,7 +307,14 @@ async def _select(raw_ids: Optional[str], fetch: Callable[[Optional[str]], Await
 @handles("ml.get_trained_models")
 async def _get_models(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dict[str, Any]:
     async def fetch(model_id: Optional[str]) -> list[dict]:
-        return (await gw.client.get_models(model_id))["trained_model_configs"]
+        """Stored models, and this gateway's uploads in progress (``fully_defined: false``)."""
+        pending = {m: up.config_body for m, up in gw.uploads.pending.items()}
+        if model_id is not None and model_id in pending:
+            return [pending[model_id]]
+        stored = (await gw.client.get_models(model_id))["trained_model_configs"]
+        if model_id is None:
+            stored = sorted(stored + list(pending.values()), key=lambda c: c["model_id"])
+        return stored
     configs = await _select(path.get("model_id"), fetch, lambda c: (c["model_id"],), p["allow_no_match"],
                             "Could not find trained model")
     return {"count": len(configs), "trained_model_configs": _page(configs, p)}
