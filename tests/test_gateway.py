@@ -402,3 +402,32 @@ def test_a_coordinator_that_is_not_there_is_a_503_and_the_gateway_goes_on(tmp_pa
         h.close()
         s.close()
         assert g.stop() == 0
+
+
+def test_a_full_queue_is_429_with_retry_after(gw, tmp_path):
+    import concurrent.futures as cf
+
+    from tests.helpers import Slow
+    with gw.cluster.client() as sync:
+        sync.put_model("slow", save_model(Slow(), tmp_path / "slow.pt"))
+    h = Http(gw.endpoint)
+    try:
+        assert h.call("POST", "/_ml/trained_models/slow/deployment/_start?queue_capacity=1")[0] == 200
+
+        def one(_):
+            c = Http(gw.endpoint)
+            try:
+                return c.call("POST", "/_ml/trained_models/slow/_infer", {"docs": [{"input": [0.4]}]})
+            finally:
+                c.close()
+        with cf.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(one, range(6)))
+        full = [a for a in answers if a[0] == 429]
+        assert full and any(a[0] == 200 for a in answers), [a[0] for a in answers]
+        status, headers, body = full[0]
+        es_error(body, 429, "es_rejected_execution_exception")
+        assert int(headers["retry-after"]) >= 1 and body["error"]["retry_after_ms"] >= 0
+    finally:
+        h.call("POST", "/_ml/trained_models/slow/deployment/_stop")
+        h.call("DELETE", "/_ml/trained_models/slow")
+        h.close()
