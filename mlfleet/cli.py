@@ -446,9 +446,15 @@ def up(
         if gateway_listen != "none":
             gw = subprocess.Popen(exe + ["gateway", "--listen", gateway_listen, "--coordinator", c["endpoint"],
                                          "--ready-file", str(run / "g.json")], start_new_session=True)
-            procs.append(gw)
-            extra["gateway"] = _wait_ready(run / "g.json", gw)["endpoint"]
-            log.info("HTTP gateway (Elasticsearch's trained-model API) on %s", extra["gateway"])
+            try:
+                extra["gateway"] = _wait_ready(run / "g.json", gw)["endpoint"]
+                procs.append(gw)
+                log.info("HTTP gateway (Elasticsearch's trained-model API) on %s", extra["gateway"])
+            except RuntimeError as e:  # e.g. its port is taken (an Elasticsearch on 9200)
+                from mlfleet.common.proc import stop_process
+                stop_process(gw, grace_s=5.0)
+                log.warning("running without the HTTP gateway: %s (see its error above; choose "
+                            "another address with --gateway-listen, or --gateway-listen none)", e)
         if ready_file:
             from mlfleet.common.proc import write_ready_file
             write_ready_file(str(ready_file), c["endpoint"], **extra)

@@ -47,3 +47,25 @@ def test_up_serves_the_http_gateway(tmp_path, mlp_path):
         for pid in left:
             psutil.Process(pid).kill()
         assert not left, f"outlived mlfleet up: {left}"
+
+
+def test_up_runs_without_the_gateway_when_its_port_is_taken(tmp_path):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    ready = tmp_path / "up.json"
+    proc = subprocess.Popen([sys.executable, "-m", "mlfleet", "up", "--data-dir", str(tmp_path / "data"),
+                             "--listen", "tcp://127.0.0.1:0", "--gateway-listen", f"http://127.0.0.1:{port}",
+                             "--allocated-processors", "1", "--ready-file", str(ready)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        info = wait_until(lambda: ready.exists() and json.loads(ready.read_text()), 90, what="up to be ready")
+        assert "gateway" not in info and info["agent"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        taken.close()
+    assert proc.returncode == 0, err
+    assert "running without the HTTP gateway" in err
