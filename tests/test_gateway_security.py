@@ -203,3 +203,15 @@ def test_refuses_off_loopback_with_tls_but_no_keys_and_a_bad_keys_file(tmp_path,
     bad.write_text("root abc def ghi\n")
     p = mlfleet("gateway", "--listen", "http://127.0.0.1:0", "--api-keys", str(bad), check=False)
     assert p.returncode == 2 and "expected 'ROLE ID SHA256 NAME'" in p.stderr
+
+
+def test_elasticsearch_client_with_api_keys(secured):
+    elasticsearch = pytest.importorskip("elasticsearch")
+    g, _, admin, reader = secured
+    with elasticsearch.Elasticsearch(g.endpoint, api_key=reader["encoded"]) as app:
+        assert app.ml.get_trained_models_stats()["count"] >= 1
+        with pytest.raises(elasticsearch.AuthorizationException):
+            app.ml.start_trained_model_deployment(model_id="mlp", deployment_id="nope")
+    with elasticsearch.Elasticsearch(g.endpoint, api_key=(admin["id"], "wrong")) as bad:
+        with pytest.raises(elasticsearch.AuthenticationException):
+            bad.ml.get_trained_models()
