@@ -197,7 +197,8 @@ def _query_value(p: Param, raw: str) -> Any:
 
 
 def parse_boolean(raw: str, name: str) -> bool:
-    """A query-string flag: ``?force`` alone is true, as curl users write it."""
+    """A query-string flag: ``?force`` alone is true (Elasticsearch's RestRequest.paramAsBoolean
+    treats the empty string as true)."""
     if raw in ("", "true"):
         return True
     if raw == "false":
