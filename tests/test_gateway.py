@@ -431,3 +431,17 @@ def test_a_full_queue_is_429_with_retry_after(gw, tmp_path):
         h.call("POST", "/_ml/trained_models/slow/deployment/_stop")
         h.call("DELETE", "/_ml/trained_models/slow")
         h.close()
+
+
+def test_infer_on_a_model_id_uses_its_deployment(http):
+    status, _, body = http.call("POST", "/_ml/trained_models/mlp/deployment/_start?deployment_id=for_search")
+    assert status == 200, body
+    try:
+        status, _, out = http.call("POST", "/_ml/trained_models/mlp/_infer",
+                                   {"docs": [{"input": [[0.0] * 8]}]})
+        assert status == 200, out
+        assert len(out["inference_results"][0]["predicted_value"][0]) == 4
+    finally:
+        http.call("POST", "/_ml/trained_models/for_search/deployment/_stop")
+    status, _, body = http.call("POST", "/_ml/trained_models/mlp/_infer", {"docs": [{"input": [[0.0] * 8]}]})
+    assert status == 404, body
