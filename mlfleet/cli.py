@@ -381,6 +381,10 @@ def gateway(
     except ValueError as e:
         sys.stderr.write(f"mlfleet: {e}\n")
         raise typer.Exit(2) from None
+    if _DRY_RUN["on"]:  # mlfleet config show gateway
+        import dataclasses
+        sys.stdout.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        return
     try:
         run(config)  # binds inside its own event loop: start-up problems surface here
     except (OSError, ValueError) as e:  # a port in use, a bad certificate or keys file
@@ -728,14 +732,14 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coordinator or agent")) -> None:
+def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coordinator, agent or gateway")) -> None:
     """Print the configuration a daemon would run with: flags (given after the daemon's name),
     MLFLEET_* variables and the --config file, each in its place.
 
     Example: mlfleet --config /etc/mlfleet/mlfleet.toml config show agent --node-id host-1
     """
-    if daemon not in ("coordinator", "agent"):
-        raise typer.BadParameter("must be coordinator or agent", param_hint="DAEMON")
+    if daemon not in ("coordinator", "agent", "gateway"):
+        raise typer.BadParameter("must be coordinator, agent or gateway", param_hint="DAEMON")
     _DRY_RUN["on"] = True
     try:
         typer.main.get_command(app).main(args=[daemon, *ctx.args], prog_name="mlfleet",

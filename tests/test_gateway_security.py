@@ -215,3 +215,14 @@ def test_elasticsearch_client_with_api_keys(secured):
     with elasticsearch.Elasticsearch(g.endpoint, api_key=(admin["id"], "wrong")) as bad:
         with pytest.raises(elasticsearch.AuthenticationException):
             bad.ml.get_trained_models()
+
+
+def test_config_show_gateway(tmp_path):
+    import os
+    env = dict(os.environ, MLFLEET_GATEWAY_REQUEST_TIMEOUT="5s")
+    p = subprocess.run([sys.executable, "-m", "mlfleet", "config", "show", "gateway", "--listen",
+                        "http://127.0.0.1:9201"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    shown = json.loads(p.stdout)
+    assert shown["listen"] == "http://127.0.0.1:9201" and shown["request_timeout_s"] == 5.0
