@@ -119,7 +119,7 @@ def test_deployment_lifecycle_over_http(gw, http):
             return ds["deployment_id"] == "life" and ds["inference_count"] >= 4
         wait_until(counted, 20, what="the inferences counted in stats")
         status, _, every = http.call("GET", "/_ml/trained_models/_stats")
-        assert status == 200 and any(e["deployment_stats"]["deployment_id"] == "life"
+        assert status == 200 and any(e.get("deployment_stats", {}).get("deployment_id") == "life"
                                      for e in every["trained_model_stats"])
         status, _, some = http.call("GET", "/_ml/trained_models/li*,nothing*/_stats?size=1")
         assert status == 200 and [e["deployment_stats"]["deployment_id"]
@@ -139,6 +139,19 @@ def test_deployment_lifecycle_over_http(gw, http):
     status, _, body = http.call("POST", "/_ml/trained_models/life/deployment/_stop?allow_no_match=false")
     assert status == 404 and "No known model deployment with id [life]" in es_error(
         body, 404, "resource_not_found_exception")
+
+
+def test_stats_of_a_model_without_deployments(http):
+    """As Elasticsearch lists it: an entry with the model's size, no deployment_stats."""
+    status, _, body = http.call("GET", "/_ml/trained_models/mlp/_stats")
+    assert status == 200, body
+    assert body["count"] == 1
+    (entry,) = body["trained_model_stats"]
+    assert entry["model_id"] == "mlp" and "deployment_stats" not in entry
+    assert entry["model_size_stats"]["model_size_bytes"] > 0
+    status, _, every = http.call("GET", "/_ml/trained_models/_stats")
+    assert status == 200 and {"mlp", SEED_MODEL} <= {e["model_id"] for e in every["trained_model_stats"]}
+    assert every["count"] == len({e["model_id"] for e in every["trained_model_stats"]})
 
 
 def test_get_models(gw, http):

@@ -320,14 +320,39 @@ async def _get_models(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> d
     return {"count": len(configs), "trained_model_configs": _page(configs, p)}
 
 
+def _model_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """A model with no deployment, as Elasticsearch lists it in _stats: no deployment_stats."""
+    from mlfleet.coordinator.planner import memory_estimate
+    size = config["model_size_bytes"]
+    return {"model_id": config["model_id"], "pipeline_count": 0,
+            "model_size_stats": {"model_size_bytes": size,
+                                 "required_native_memory_bytes": memory_estimate(size, size)}}
+
+
 @handles("ml.get_trained_models_stats")
 async def _get_stats(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dict[str, Any]:
-    async def fetch(model_id: Optional[str]) -> list[dict]:
-        return (await gw.client.get_stats(model_id))["trained_model_stats"]
-    entries = await _select(path.get("model_id"), fetch,
-                            lambda e: (e["model_id"], e["deployment_stats"]["deployment_id"]),
-                            p["allow_no_match"], "No known model deployment with id")
+    async def fetch(one: Optional[str]) -> list[dict]:
+        """One entry per deployment, and one per model that has none (as Elasticsearch lists)."""
+        try:
+            entries = (await gw.client.get_stats(one))["trained_model_stats"]
+        except NotFound as missing:
+            try:
+                configs = (await gw.client.get_models(one))["trained_model_configs"]
+            except NotFound:
+                raise missing from None
+            return [_model_entry(c) for c in configs]
+        if one is None:
+            deployed = {e["model_id"] for e in entries}
+            configs = (await gw.client.get_models())["trained_model_configs"]
+            entries += [_model_entry(c) for c in configs if c["model_id"] not in deployed]
+        return sorted(entries, key=_stats_names)
+    entries = await _select(path.get("model_id"), fetch, _stats_names, p["allow_no_match"],
+                            "No known model deployment with id")
     return {"count": len({e["model_id"] for e in entries}), "trained_model_stats": _page(entries, p)}
+
+
+def _stats_names(e: dict[str, Any]) -> tuple[str, str]:
+    return e["model_id"], e.get("deployment_stats", {}).get("deployment_id", e["model_id"])
 
 
 @handles("ml.delete_trained_model")
