@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mlfleet.common.errors import ApiError, BadRequest
+from mlfleet.common.iob import iob_labels
 from mlfleet.common.protocol import INLINE_ARRAY_MAX, decode_array, encode_array, is_array
 
 DEFAULT_RESULTS_FIELD = "predicted_value"
@@ -432,31 +433,6 @@ class TextClassification(_TextTask):
                                       "class_score": float(p[i])} for i in order[:k]]
         result["prediction_probability"] = float(p[order[0]])
         return self._truncated(enc, result)
-
-
-def iob_labels(labels: Any) -> list[tuple[str, str, bool]]:
-    """(tag, entity class, starts an entity) per label, as Elasticsearch reads IOB tags: ``O``,
-    ``B-X``/``B_X`` and ``I-X``/``I_X`` (any case); raises ValueError naming a bad label."""
-    if not isinstance(labels, list) or not labels:
-        raise ValueError("[ner] requires [classification_labels]: the model's IOB tags in output order")
-    out, seen, bad = [], set(), []
-    for tag in labels:
-        if not isinstance(tag, str):
-            bad.append(f"classification label [{tag!r:.40}] is not a string")
-            continue
-        up = tag.upper()
-        if up[:2] in ("B-", "I-", "B_", "I_") and len(up) > 2:
-            out.append((tag, up[2:], up.startswith("B")))
-        elif up == "O":
-            out.append((tag, "O", False))
-        else:
-            bad.append(f"classification label [{tag}] is not an entity I-O-B tag.")
-        if tag in seen:
-            bad.append(f"the classification label [{tag}] is duplicated in the list {labels}")
-        seen.add(tag)
-    if bad:
-        raise ValueError("; ".join(bad))
-    return out
 
 
 def annotate(text: str, entities: list[dict[str, Any]]) -> str:

@@ -84,6 +84,19 @@ def _results(rep: Reply) -> dict[str, Any]:
     return {**rep.body, "inference_results": decode_tree(decode_payload(rep.payload, PAYLOAD_LIMITS))}
 
 
+def start_wait_s(timeout: Any, request_timeout_s: float) -> float:
+    """How long a start waits for its answer: its ``timeout`` plus a margin, at least
+    ``request_timeout_s``; a bad or absurd timeout waits ``request_timeout_s`` (the server
+    answers 400 naming it)."""
+    try:
+        wait = parse_time(timeout) + START_MARGIN_S
+    except ValueError:
+        return request_timeout_s
+    if not math.isfinite(wait) or wait > MAX_WAIT_S:
+        return request_timeout_s
+    return max(wait, request_timeout_s)
+
+
 class _IO(threading.Thread):
     """Owns the sockets. Requests come in through a deque plus a wake-up pipe."""
 
@@ -451,13 +464,7 @@ class Client:
                      ("max_batch_size", max_batch_size), ("max_batch_delay", max_batch_delay)):
             if v is not None:
                 body[k] = v
-        try:
-            wait = parse_time(timeout) + START_MARGIN_S
-        except ValueError:
-            wait = self.request_timeout_s  # the server names the bad value
-        if not math.isfinite(wait) or wait > MAX_WAIT_S:
-            wait = self.request_timeout_s  # NaN, infinite, absurd: the server answers 400
-        return self._call("start_deployment", body, max(wait, self.request_timeout_s))
+        return self._call("start_deployment", body, start_wait_s(timeout, self.request_timeout_s))
 
     def update_deployment(self, deployment_id: str, number_of_allocations: int | None = None,
                           adaptive_allocations: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def model_config_for(d: Path, task: str, max_sequence_length: Optional[int] = No
     model_cfg = json.loads((d / "config.json").read_text())
     labels = labels_of(model_cfg)
     if task == "ner":
-        from mlfleet.agent.tasks import iob_labels
+        from mlfleet.common.iob import iob_labels
         iob_labels(labels)  # ValueError naming the label that is not an IOB tag
     elif len(labels) < 2:
         raise ValueError(f"[text_classification] requires at least 2 [classification_labels]; "

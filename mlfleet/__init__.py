@@ -11,7 +11,7 @@ The one installed import package. Its subpackages are the repository's folders:
 
 from typing import Any
 
-__all__ = ["ApiError", "Client", "NoAnswer", "TooManyRequests"]
+__all__ = ["ApiError", "AsyncClient", "Client", "NoAnswer", "TooManyRequests"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,6 +20,9 @@ def __getattr__(name: str) -> Any:
     if name == "Client":
         from mlfleet.common.client import Client
         return Client
+    if name == "AsyncClient":
+        from mlfleet.common.aclient import AsyncClient
+        return AsyncClient
     if name in ("ApiError", "NoAnswer", "TooManyRequests"):
         from mlfleet.common import errors
         return getattr(errors, name)

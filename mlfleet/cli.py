@@ -87,6 +87,25 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
                                  "z85": load_public(public).decode()}) + "\n")
 
 
+@keys_app.command("api-key")
+def keys_api_key(name: str,
+                 role: str = typer.Option(..., "--role", help="admin (everything) or infer (inference and reads)."),
+                 keys_file: Path = typer.Option(..., "--keys-file", help="The gateway's --api-keys file (created, mode 600)."),
+                 ) -> None:
+    """Create an API key for the HTTP gateway; prints it once, as Elasticsearch's create-API-key
+    answer (send it as 'Authorization: ApiKey <encoded>'). The file keeps only its hash.
+
+    Example: mlfleet keys api-key ops --role admin --keys-file /etc/mlfleet/api_keys
+    """
+    from mlfleet.gateway.keys import create_api_key
+    try:
+        out = create_api_key(keys_file, name, role)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"mlfleet: {e}\n")
+        raise typer.Exit(2) from None
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
 class Format(str, Enum):
     json = "json"
     table = "table"
@@ -335,6 +354,44 @@ def agent(
         queue_max_bytes=max_bytes, load_retries=load_retries, require_sandbox=require_sandbox))
 
 
+@app.command()
+def gateway(
+    listen: str = typer.Option("http://127.0.0.1:9200", help="http://HOST:PORT (loopback) or https://HOST:PORT (port 0: the OS picks)."),
+    coordinator: str = typer.Option(DEFAULT_COORDINATOR, help="Coordinator address."),
+    api_keys: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Keys file ('mlfleet keys api-key'): every request then needs 'Authorization: ApiKey ...'."),
+    tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS certificate (PEM; required off loopback)."),
+    tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TLS private key (PEM)."),
+    request_timeout: str = typer.Option("30s", help="How long an admin call waits for the coordinator."),
+    ready_file: Optional[Path] = typer.Option(None, help="Written as JSON {endpoint, pid} once serving."),
+) -> None:
+    """Run the HTTP gateway: Elasticsearch's trained-model REST API for the cluster.
+
+    Example: mlfleet gateway --listen http://127.0.0.1:9200 --coordinator tcp://127.0.0.1:7600
+    """
+    from mlfleet.gateway.server import GatewayConfig, check_security, run
+    _setup_logging()
+    config = GatewayConfig(listen=listen, coordinator=coordinator,
+                           api_keys=str(api_keys) if api_keys else None,
+                           tls_cert=str(tls_cert) if tls_cert else None,
+                           tls_key=str(tls_key) if tls_key else None,
+                           ready_file=str(ready_file) if ready_file else None,
+                           request_timeout_s=_duration(request_timeout, "request_timeout"))
+    try:
+        check_security(config)
+    except ValueError as e:
+        sys.stderr.write(f"mlfleet: {e}\n")
+        raise typer.Exit(2) from None
+    if _DRY_RUN["on"]:  # mlfleet config show gateway
+        import dataclasses
+        sys.stdout.write(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        return
+    try:
+        run(config)  # binds inside its own event loop: start-up problems surface here
+    except (OSError, ValueError) as e:  # a port in use, a bad certificate or keys file
+        sys.stderr.write(f"mlfleet: cannot start: {e}\n")
+        raise typer.Exit(2) from None
+
+
 def _wait_ready(path: Path, proc: subprocess.Popen, timeout_s: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -353,8 +410,10 @@ def up(
     node_id: str = typer.Option("local", help="The local agent's node id."),
     allocated_processors: Optional[int] = typer.Option(None, min=1, max=4096, help="Processors for allocations."),
     ready_file: Optional[Path] = typer.Option(None, help="Written as JSON once both daemons serve."),
+    gateway_listen: str = typer.Option("http://127.0.0.1:9200", help="The HTTP gateway's address (loopback); 'none': no gateway."),
 ) -> None:
-    """The embedded default: a coordinator and one agent on loopback. Ctrl-C stops both.
+    """The embedded default: a coordinator, one agent and the HTTP gateway on loopback. Ctrl-C
+    stops them all.
 
     Example: mlfleet up --data-dir /tmp/mlfleet
     """
@@ -387,9 +446,22 @@ def up(
         procs.append(ag)
         a = _wait_ready(run / "a.json", ag)
         log.info("mlfleet is up: coordinator %s, agent [%s] %s", c["endpoint"], node_id, a["endpoint"])
+        extra = {"agent": a["endpoint"]}
+        if gateway_listen != "none":
+            gw = subprocess.Popen(exe + ["gateway", "--listen", gateway_listen, "--coordinator", c["endpoint"],
+                                         "--ready-file", str(run / "g.json")], start_new_session=True)
+            try:
+                extra["gateway"] = _wait_ready(run / "g.json", gw)["endpoint"]
+                procs.append(gw)
+                log.info("HTTP gateway (Elasticsearch's trained-model API) on %s", extra["gateway"])
+            except RuntimeError as e:  # e.g. its port is taken (an Elasticsearch on 9200)
+                from mlfleet.common.proc import stop_process
+                stop_process(gw, grace_s=5.0)
+                log.warning("running without the HTTP gateway: %s (see its error above; choose "
+                            "another address with --gateway-listen, or --gateway-listen none)", e)
         if ready_file:
             from mlfleet.common.proc import write_ready_file
-            write_ready_file(str(ready_file), c["endpoint"], agent=a["endpoint"])
+            write_ready_file(str(ready_file), c["endpoint"], **extra)
         while not stopping:
             if any(p.poll() is not None for p in procs):
                 log.error("a daemon exited on its own; stopping the other")
@@ -681,14 +753,14 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coordinator or agent")) -> None:
+def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coordinator, agent or gateway")) -> None:
     """Print the configuration a daemon would run with: flags (given after the daemon's name),
     MLFLEET_* variables and the --config file, each in its place.
 
     Example: mlfleet --config /etc/mlfleet/mlfleet.toml config show agent --node-id host-1
     """
-    if daemon not in ("coordinator", "agent"):
-        raise typer.BadParameter("must be coordinator or agent", param_hint="DAEMON")
+    if daemon not in ("coordinator", "agent", "gateway"):
+        raise typer.BadParameter("must be coordinator, agent or gateway", param_hint="DAEMON")
     _DRY_RUN["on"] = True
     try:
         typer.main.get_command(app).main(args=[daemon, *ctx.args], prog_name="mlfleet",
