@@ -24,7 +24,9 @@ several requests) and returns one result or one error per document, in order:
     new entity; an entity's probability is its words' mean). The result: ``predicted_value`` as
     annotated text (``[Elastic](ORG&Elastic) is ...``) and ``entities`` of ``{entity, class_name,
     class_probability, start_pos, end_pos}`` (character offsets into the text; ``entity`` is
-    lower-cased when the tokenizer lower-cases, as in Elasticsearch).
+    lower-cased when the tokenizer lower-cases, as in Elasticsearch). Without
+    ``classification_labels`` the tags are Elasticsearch's default: ``O, B_MISC, I_MISC, B_PER,
+    I_PER, B_ORG, I_ORG, B_LOC, I_LOC``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from mlfleet.common.errors import ApiError, BadRequest
+from mlfleet.common.hf import DEFAULT_IOB_TAGS, iob_labels
 from mlfleet.common.protocol import decode_array, encode_array, is_array
 
 DEFAULT_RESULTS_FIELD = "predicted_value"
@@ -426,31 +429,6 @@ class TextClassification(_TextTask):
         return self._truncated(enc, result)
 
 
-def iob_labels(labels: Any) -> list[tuple[str, str, bool]]:
-    """(tag, entity class, starts an entity) per label, as Elasticsearch reads IOB tags: ``O``,
-    ``B-X``/``B_X`` and ``I-X``/``I_X`` (any case); raises ValueError naming a bad label."""
-    if not isinstance(labels, list) or not labels:
-        raise ValueError("[ner] requires [classification_labels]: the model's IOB tags in output order")
-    out, seen, bad = [], set(), []
-    for tag in labels:
-        if not isinstance(tag, str):
-            bad.append(f"classification label [{tag!r:.40}] is not a string")
-            continue
-        up = tag.upper()
-        if up[:2] in ("B-", "I-", "B_", "I_") and len(up) > 2:
-            out.append((tag, up[2:], up.startswith("B")))
-        elif up == "O":
-            out.append((tag, "O", False))
-        else:
-            bad.append(f"classification label [{tag}] is not an entity I-O-B tag.")
-        if tag in seen:
-            bad.append(f"the classification label [{tag}] is duplicated in the list {labels}")
-        seen.add(tag)
-    if bad:
-        raise ValueError("; ".join(bad))
-    return out
-
-
 def annotate(text: str, entities: list[dict[str, Any]]) -> str:
     """Elasticsearch's annotated text: each entity ``[text](CLASS&text+with+pluses)``."""
     parts, pos = [], 0
@@ -469,7 +447,7 @@ class Ner(_TextTask):
 
     def __init__(self, model: Any, config: Optional[dict], tokenizer_path: str) -> None:
         super().__init__(model, config, tokenizer_path)
-        self.iob = iob_labels(self.config.get("classification_labels"))
+        self.iob = iob_labels(self.config.get("classification_labels") or list(DEFAULT_IOB_TAGS))
 
     def _result(self, text: str, enc: Any, row: torch.Tensor, opts: dict[str, Any]) -> dict[str, Any]:
         n = len(enc.ids)

@@ -170,6 +170,10 @@ def test_ner_rejects_labels_that_are_not_iob_tags(traced):
     imp = traced["ner"]
     with pytest.raises(ValueError, match=r"classification label \[PERSON\] is not an entity I-O-B tag"):
         make_task("ner", None, {**imp.config, "classification_labels": ["O", "PERSON"]}, str(imp.tokenizer))
+    # without labels: Elasticsearch's default tags (the test model has 9 outputs, as they are)
+    task = make_task("ner", _task(imp).model, {"max_sequence_length": 64}, str(imp.tokenizer))
+    classes = {e["class_name"] for r in task.run([{"text_field": t} for t in TEXTS]) for e in r["entities"]}
+    assert classes and classes <= {"MISC", "PER", "ORG", "LOC"}
 
 
 # ---- text_classification ---------------------------------------------------------------------
@@ -247,7 +251,7 @@ def test_overrides_must_match_the_documents(traced):
         task.run([{"text_field": "a"}], overrides=[None, None])
     out = task.run([{"text_field": "Zoë Müller"}], overrides=[{"results_field": "tagged"}])[0]
     assert "tagged" in out and "entities" in out
-    task.config["results_field"] = "from_config"  # the model config's own results_field
+    task.config = {**task.config, "results_field": "from_config"}  # the model config's own
     assert "from_config" in task.run([{"text_field": "Zoë"}])[0]
     assert "tagged" in task.run([{"text_field": "Zoë"}], overrides=[{"results_field": "tagged"}])[0]
 
@@ -364,6 +368,19 @@ def test_import_rejects_a_bad_format_and_a_bad_task(dirs, tmp_path):
 def cluster(tmp_path_factory):
     with running_cluster(tmp_path_factory.mktemp("nlp")) as c:
         yield c
+
+
+def test_put_checks_the_labels_of_the_task(cluster, traced):
+    with cluster.client() as client:
+        imp = traced["text_classification"]
+        with pytest.raises(BadRequest, match=r"requires at least 2 \[classification_labels\]"):
+            client.put_model("no-labels", imp.path, task="text_classification", tokenizer=imp.tokenizer,
+                             model_config={"classification_labels": ["one"]})
+        with pytest.raises(BadRequest, match=r"classification label \[PERSON\] is not an entity I-O-B tag"):
+            client.put_model("bad-tags", traced["ner"].path, task="ner", tokenizer=imp.tokenizer,
+                             model_config={"classification_labels": ["O", "PERSON"]})
+        with pytest.raises(BadRequest, match=r"\[tokenizer\] is required for task \[ner\]"):
+            client.put_model("no-tok", traced["ner"].path, task="ner")
 
 
 def test_ner_and_text_classification_through_real_daemons(cluster, dirs):
