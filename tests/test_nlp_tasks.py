@@ -91,6 +91,11 @@ def traced(dirs, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    return trace_hf_model(minilm_dir(), tmp_path_factory.mktemp("minilm"), max_sequence_length=128)
+
+
 def _task(imp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -273,12 +278,8 @@ def test_plan_batches_sorts_by_length_keeps_the_budget_and_covers_every_document
 
 
 @pytest.mark.parametrize("kind", ["ner", "text_classification", "text_embedding"])
-def test_length_aware_batches_give_the_unbatched_results(kind, traced, tmp_path):
-    if kind == "text_embedding":
-        imp = trace_hf_model(minilm_dir(), tmp_path, max_sequence_length=128)
-    else:
-        imp = traced[kind]
-    task = _task(imp)
+def test_length_aware_batches_give_the_unbatched_results(kind, traced, minilm):
+    task = _task(minilm if kind == "text_embedding" else traced[kind])
     texts = [" ".join(["word"] * (1 + (i * 7) % 40)) + f" number {i} Zürich" for i in range(24)]
     opts = {"num_top_classes": -1} if kind == "text_classification" else None
     batched = task.run([{"text_field": t} for t in texts], overrides=[opts] * len(texts))
@@ -329,11 +330,10 @@ def test_pass_through_warmup_docs_come_from_an_example_input():
     assert isinstance(out[0], dict) and out[0]["predicted_value"]["shape"] == [1, 2]
 
 
-def test_text_embedding_keeps_its_contract(tmp_path):
-    imp = trace_hf_model(minilm_dir(), tmp_path, max_sequence_length=16)
-    task = _task(imp)
-    assert isinstance(task, TextEmbedding)
-    out = task.run([{"text_field": "short"}, {"text_field": "a much longer text " * 10}])
+def test_text_embedding_keeps_its_contract(minilm):
+    task = _task(minilm)
+    assert isinstance(task, TextEmbedding) and minilm.task == "text_embedding"
+    out = task.run([{"text_field": "short"}, {"text_field": "a much longer text " * 40}])
     assert len(out[0]["predicted_value"]) == 384 and "is_truncated" not in out[0]
     assert out[1]["is_truncated"] is True
 
