@@ -24,7 +24,9 @@ several requests) and returns one result or one error per document, in order:
     new entity; an entity's probability is its words' mean). The result: ``predicted_value`` as
     annotated text (``[Elastic](ORG&Elastic) is ...``) and ``entities`` of ``{entity, class_name,
     class_probability, start_pos, end_pos}`` (character offsets into the text; ``entity`` is
-    lower-cased when the tokenizer lower-cases, as in Elasticsearch).
+    lower-cased when the tokenizer lower-cases, as in Elasticsearch). Without
+    ``classification_labels`` the tags are Elasticsearch's default: ``O, B_MISC, I_MISC, B_PER,
+    I_PER, B_ORG, I_ORG, B_LOC, I_LOC``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from mlfleet.common.errors import ApiError, BadRequest
-from mlfleet.common.iob import iob_labels
+from mlfleet.common.hf import DEFAULT_IOB_TAGS, iob_labels
 from mlfleet.common.protocol import INLINE_ARRAY_MAX, decode_array, encode_array, is_array
 
 DEFAULT_RESULTS_FIELD = "predicted_value"
@@ -453,7 +455,7 @@ class Ner(_TextTask):
 
     def __init__(self, model: Any, config: Optional[dict], tokenizer_path: str) -> None:
         super().__init__(model, config, tokenizer_path)
-        self.iob = iob_labels(self.config.get("classification_labels"))
+        self.iob = iob_labels(self.config.get("classification_labels") or list(DEFAULT_IOB_TAGS))
 
     def _result(self, text: str, enc: Any, row: torch.Tensor, opts: dict[str, Any]) -> dict[str, Any]:
         n = len(enc.ids)

@@ -430,16 +430,14 @@ class Client:
             body["model_config"] = model_config
         return self._call("put_model", body)
 
-    def import_hf_model(self, model_id: str, path: str | os.PathLike[str], task: str = "text_embedding",
-                        max_sequence_length: int | None = None) -> dict[str, Any]:
-        """Trace a local Hugging Face model directory to TorchScript and put it (needs the hf extra)."""
-        import tempfile
-
-        from mlfleet.common.hf import trace_hf_model
-        with tempfile.TemporaryDirectory(prefix="mlfleet-hf-") as tmp:
-            imported = trace_hf_model(path, tmp, max_sequence_length)
-            return self.put_model(model_id, imported.torchscript, task=task,
-                                  tokenizer=imported.tokenizer, model_config=imported.config)
+    def import_hf_model(self, model_id: str, path: str | os.PathLike[str], task: str | None = None,
+                        max_sequence_length: int | None = None,
+                        model_format: str = "export") -> dict[str, Any]:
+        """Export (or trace, ``model_format="torchscript"``) a local Hugging Face model directory
+        and put it (needs the hf extra). ``task``: by default the one its config.json names."""
+        from mlfleet.common.hf import import_hf
+        return import_hf(self, model_id, path, task=task, max_sequence_length=max_sequence_length,
+                         format=model_format)
 
     def get_models(self, model_id: str | None = None) -> dict[str, Any]:
         return self._call("get_models", {"model_id": model_id} if model_id else {})

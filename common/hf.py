@@ -34,6 +34,49 @@ class ImportedModel:
         return self.path
 
 
+# Elasticsearch's NER tags when a model config names none
+DEFAULT_IOB_TAGS = ("O", "B_MISC", "I_MISC", "B_PER", "I_PER", "B_ORG", "I_ORG", "B_LOC", "I_LOC")
+
+
+def iob_labels(labels: Any) -> list[tuple[str, str, bool]]:
+    """(tag, entity class, starts an entity) per label, as Elasticsearch reads IOB tags: ``O``,
+    ``B-X``/``B_X`` and ``I-X``/``I_X`` (any case); raises ValueError naming a bad label."""
+    if not isinstance(labels, list) or not labels:
+        raise ValueError("[ner] [classification_labels] must be the model's IOB tags in output order")
+    out, seen, bad = [], set(), []
+    for tag in labels:
+        if not isinstance(tag, str):
+            bad.append(f"classification label [{tag!r:.40}] is not a string")
+            continue
+        up = tag.upper()
+        if up[:2] in ("B-", "I-", "B_", "I_") and len(up) > 2:
+            out.append((tag, up[2:], up.startswith("B")))
+        elif up == "O":
+            out.append((tag, "O", False))
+        else:
+            bad.append(f"classification label [{tag}] is not an entity I-O-B tag.")
+        if tag in seen:
+            bad.append(f"the classification label [{tag}] is duplicated in the list {labels}")
+        seen.add(tag)
+    if bad:
+        raise ValueError("; ".join(bad))
+    return out
+
+
+def model_config_problem(task: str, config: Optional[dict[str, Any]]) -> Optional[str]:
+    """What is wrong with a model config for ``task`` (checked when a model is put), or None."""
+    labels = (config or {}).get("classification_labels")
+    if task == "text_classification" and (not isinstance(labels, list) or len(labels) < 2):
+        return (f"[text_classification] requires at least 2 [classification_labels]; "
+                f"provided {labels!r:.200}")
+    if task == "ner" and labels is not None:
+        try:
+            iob_labels(labels)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def read_sentence_transformers_config(d: Path, max_sequence_length: Optional[int] = None) -> dict[str, Any]:
     """Pooling, normalisation and the maximum sequence length, as sentence-transformers would use them."""
     pooling, normalize = "mean", False
@@ -93,12 +136,9 @@ def model_config_for(d: Path, task: str, max_sequence_length: Optional[int] = No
         return base
     model_cfg = json.loads((d / "config.json").read_text())
     labels = labels_of(model_cfg)
-    if task == "ner":
-        from mlfleet.common.iob import iob_labels
-        iob_labels(labels)  # ValueError naming the label that is not an IOB tag
-    elif len(labels) < 2:
-        raise ValueError(f"[text_classification] requires at least 2 [classification_labels]; "
-                         f"config.json [id2label] gives {labels}")
+    config = {"classification_labels": labels}
+    if (p := model_config_problem(task, config)):
+        raise ValueError(f"{p} (from config.json [id2label])")
     return {"classification_labels": labels, "max_sequence_length": base["max_sequence_length"],
             "source": base["source"]}
 

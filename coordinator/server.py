@@ -27,6 +27,7 @@ from mlfleet.common.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from mlfleet.common.hf import model_config_problem
 from mlfleet.common.offload import Offload
 from mlfleet.common.params import (
     id_problem,
@@ -857,6 +858,8 @@ class Coordinator:
             raise BadRequest(f"invalid [task] [{msg.task}]; must be one of [{','.join(TASKS)}]")
         if msg.task != "pass_through" and not msg.tokenizer:
             raise BadRequest(f"[tokenizer] is required for task [{msg.task}]")
+        if (p := model_config_problem(msg.task, msg.model_config)):
+            raise BadRequest(p)
         if not self.store.upload_path(msg.upload_id).exists():
             raise BadRequest(f"no upload [{msg.upload_id}]: send the model with put_model_chunk first")
 

@@ -513,10 +513,11 @@ def models_import_hf(model_id: str, path: Path = typer.Argument(..., exists=True
                                     "ForSequenceClassification: text_classification, else text_embedding)."),
                      max_sequence_length: Optional[int] = typer.Option(None, help="Default: the model's own."),
                      model_format: ModelFormat = typer.Option(
-                         ModelFormat.torchscript, "--model-format",
-                         help="torchscript (torch.jit.trace) or export (a torch.export program, .pt2)."),
+                         ModelFormat.export, "--model-format",
+                         help="export (a torch.export program, .pt2; the default) or torchscript "
+                              "(torch.jit.trace, deprecated by PyTorch)."),
                      coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
-    """Trace a local Hugging Face model directory and put it (needs the hf extra).
+    """Export a local Hugging Face model directory (torch.export) and put it (needs the hf extra).
 
     Example: mlfleet models import-hf ner-model ./distilbert-base-uncased-finetuned-conll03-english
     """

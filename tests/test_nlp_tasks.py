@@ -91,6 +91,11 @@ def traced(dirs, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    return trace_hf_model(minilm_dir(), tmp_path_factory.mktemp("minilm"), max_sequence_length=128)
+
+
 def _task(imp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -170,6 +175,10 @@ def test_ner_rejects_labels_that_are_not_iob_tags(traced):
     imp = traced["ner"]
     with pytest.raises(ValueError, match=r"classification label \[PERSON\] is not an entity I-O-B tag"):
         make_task("ner", None, {**imp.config, "classification_labels": ["O", "PERSON"]}, str(imp.tokenizer))
+    # without labels: Elasticsearch's default tags (the test model has 9 outputs, as they are)
+    task = make_task("ner", _task(imp).model, {"max_sequence_length": 64}, str(imp.tokenizer))
+    classes = {e["class_name"] for r in task.run([{"text_field": t} for t in TEXTS]) for e in r["entities"]}
+    assert classes and classes <= {"MISC", "PER", "ORG", "LOC"}
 
 
 # ---- text_classification ---------------------------------------------------------------------
@@ -247,7 +256,7 @@ def test_overrides_must_match_the_documents(traced):
         task.run([{"text_field": "a"}], overrides=[None, None])
     out = task.run([{"text_field": "Zoë Müller"}], overrides=[{"results_field": "tagged"}])[0]
     assert "tagged" in out and "entities" in out
-    task.config["results_field"] = "from_config"  # the model config's own results_field
+    task.config = {**task.config, "results_field": "from_config"}  # the model config's own
     assert "from_config" in task.run([{"text_field": "Zoë"}])[0]
     assert "tagged" in task.run([{"text_field": "Zoë"}], overrides=[{"results_field": "tagged"}])[0]
 
@@ -269,12 +278,8 @@ def test_plan_batches_sorts_by_length_keeps_the_budget_and_covers_every_document
 
 
 @pytest.mark.parametrize("kind", ["ner", "text_classification", "text_embedding"])
-def test_length_aware_batches_give_the_unbatched_results(kind, traced, tmp_path):
-    if kind == "text_embedding":
-        imp = trace_hf_model(minilm_dir(), tmp_path, max_sequence_length=128)
-    else:
-        imp = traced[kind]
-    task = _task(imp)
+def test_length_aware_batches_give_the_unbatched_results(kind, traced, minilm):
+    task = _task(minilm if kind == "text_embedding" else traced[kind])
     texts = [" ".join(["word"] * (1 + (i * 7) % 40)) + f" number {i} Zürich" for i in range(24)]
     opts = {"num_top_classes": -1} if kind == "text_classification" else None
     batched = task.run([{"text_field": t} for t in texts], overrides=[opts] * len(texts))
@@ -325,11 +330,10 @@ def test_pass_through_warmup_docs_come_from_an_example_input():
     assert isinstance(out[0], dict) and out[0]["predicted_value"]["shape"] == [1, 2]
 
 
-def test_text_embedding_keeps_its_contract(tmp_path):
-    imp = trace_hf_model(minilm_dir(), tmp_path, max_sequence_length=16)
-    task = _task(imp)
-    assert isinstance(task, TextEmbedding)
-    out = task.run([{"text_field": "short"}, {"text_field": "a much longer text " * 10}])
+def test_text_embedding_keeps_its_contract(minilm):
+    task = _task(minilm)
+    assert isinstance(task, TextEmbedding) and minilm.task == "text_embedding"
+    out = task.run([{"text_field": "short"}, {"text_field": "a much longer text " * 40}])
     assert len(out[0]["predicted_value"]) == 384 and "is_truncated" not in out[0]
     assert out[1]["is_truncated"] is True
 
@@ -364,6 +368,19 @@ def test_import_rejects_a_bad_format_and_a_bad_task(dirs, tmp_path):
 def cluster(tmp_path_factory):
     with running_cluster(tmp_path_factory.mktemp("nlp")) as c:
         yield c
+
+
+def test_put_checks_the_labels_of_the_task(cluster, traced):
+    with cluster.client() as client:
+        imp = traced["text_classification"]
+        with pytest.raises(BadRequest, match=r"requires at least 2 \[classification_labels\]"):
+            client.put_model("no-labels", imp.path, task="text_classification", tokenizer=imp.tokenizer,
+                             model_config={"classification_labels": ["one"]})
+        with pytest.raises(BadRequest, match=r"classification label \[PERSON\] is not an entity I-O-B tag"):
+            client.put_model("bad-tags", traced["ner"].path, task="ner", tokenizer=imp.tokenizer,
+                             model_config={"classification_labels": ["O", "PERSON"]})
+        with pytest.raises(BadRequest, match=r"\[tokenizer\] is required for task \[ner\]"):
+            client.put_model("no-tok", traced["ner"].path, task="ner")
 
 
 def test_ner_and_text_classification_through_real_daemons(cluster, dirs):
