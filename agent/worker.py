@@ -48,7 +48,7 @@ def decode_jobs(header: Any, payload: list[Buffer]) -> list[dict]:
             if len(frames) != j["frames"]:
                 raise BadRequest("malformed message: fewer payload frames than the job declares")
             tree = decode_payload(frames, PAYLOAD_LIMITS)
-            docs = m.decode(m.Docs, {"docs": tree}, "infer").docs
+            docs = m.decode_docs(tree)
             jobs.append({"rid": j["rid"], "docs": docs, "config": j.get("inference_config")})
         except ApiError as e:
             jobs.append({"rid": j["rid"], "error": e})

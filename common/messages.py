@@ -299,7 +299,7 @@ def _content_ok(value: Any, c: Content) -> bool:
             elif t is float:
                 if not isfinite(v):
                     return False
-            elif t is bytes:
+            elif t is bytes or t is memoryview:  # memoryview: an array's bytes, a view of its frame
                 if c.json_only or len(v) > c.max_bytes:
                     return False
             elif t is dict:
@@ -623,6 +623,13 @@ def decode_infer(body: dict[str, Any]) -> Infer:
 class Docs:
     """An inference request's payload tree, as the worker decodes it."""
     docs: list = rule(max_len=MAX_DOCS, content=DOCS_CONTENT)
+
+
+def decode_docs(tree: Any) -> list[Any]:
+    """``decode(Docs, {"docs": tree}).docs`` on the worker's hot path, as ``decode_run_jobs``."""
+    if type(tree) is list and len(tree) <= MAX_DOCS and _content_ok(tree, DOCS_CONTENT):
+        return tree
+    return decode(Docs, {"docs": tree}, "infer").docs
 
 
 # ---- agent <-> allocation worker (ipc; see agent/worker.py) --------------------------------------

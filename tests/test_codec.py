@@ -1158,3 +1158,17 @@ def test_decode_results_agrees_with_decode(body):
                                  st.text(max_size=6), st.none()), max_size=3))
 def test_decode_infer_agrees_with_decode(body):
     assert _outcome(M.decode_infer, body) == _outcome(lambda b: M.decode(M.Infer, b, "infer"), body)
+
+
+_DOCISH = st.recursive(
+    st.one_of(EXTREME_NUMBERS, st.text(max_size=4), st.binary(max_size=4),
+              st.binary(max_size=4).map(memoryview), st.none()),
+    lambda ch: st.lists(ch, max_size=3) | st.dictionaries(st.one_of(st.text(max_size=3), st.integers(0, 3)),
+                                                          ch, max_size=3),
+    max_leaves=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(_DOCISH, max_size=4), _DOCISH))
+def test_decode_docs_agrees_with_decode(tree):
+    assert _outcome(M.decode_docs, tree) == _outcome(lambda t: M.decode(M.Docs, {"docs": t}, "infer").docs, tree)
