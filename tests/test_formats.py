@@ -195,3 +195,15 @@ def test_a_failing_warm_up_fails_the_start_with_the_reason(tmp_path):
         assert e.value.status == 500
         assert "warm-up failed" in e.value.reason, e.value
         assert "the model rejected the input" in e.value.reason, e.value
+
+
+def test_an_aoti_package_for_cpu_features_this_cpu_lacks_is_refused(tmp_path):
+    """AOTI_CPU_ISA (the package's metadata) against /proc/cpuinfo's flags: a library built for
+    AVX-512 would die of SIGILL on a CPU without it; unknown tokens are not held against it."""
+    from mlfleet.agent.formats import missing_cpu_features
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\n")
+    assert missing_cpu_features("AVX2", str(cpuinfo)) == []
+    assert missing_cpu_features("AVX512 AVX512_VNNI", str(cpuinfo)) == ["AVX512", "AVX512_VNNI"]
+    assert missing_cpu_features("SOMETHING_NEW", str(cpuinfo)) == []
+    assert missing_cpu_features("AVX512", str(tmp_path / "absent")) == []  # cannot tell: load it

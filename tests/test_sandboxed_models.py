@@ -16,7 +16,7 @@ from mlfleet.agent import sandbox
 from mlfleet.common.errors import ApiError
 from tests import hostile
 from tests.formats_support import hostile_native
-from tests.helpers import Mlp, running_cluster, save_model
+from tests.helpers import Mlp, running_cluster, save_model, wait_until
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not (sandbox.probe()["landlock_abi"] and sandbox.probe()["seccomp_filter"]),
@@ -100,6 +100,8 @@ def test_exported_programs_cannot_read_or_write_host_files(tmp_path):
                 client.infer(name, [{"input": np.zeros(1, np.float32)}])
             assert "Permission denied" in e.value.reason or "errno 13" in e.value.reason.lower(), e.value
             client.stop_deployment(name)
+            # its processor is free again once its processes are gone (a loaded machine is slow)
+            wait_until(lambda: not c.worker_pids("node-a"), 30, what="the stopped deployment's processes")
     assert not target.exists()
 
 
