@@ -719,10 +719,26 @@ class Coordinator:
         log.info("node [%s] %s at %s with %d allocated processors (%d deployments running)",
                  msg.node_id, "re-registered" if known else "registered", msg.transport_address,
                  msg.allocated_processors, len(node.reports))
-        # Adopt what the node already runs when we planned it there (e.g. after our restart).
-        self._rebalance(f"node [{msg.node_id}] joined")
+        # Adopt what the node already runs when we planned it there (e.g. after our restart), and
+        # place what could not be placed. A plan costs O(nodes + deployments): it is skipped when
+        # it cannot change anything (the planner keeps current placements).
+        if self._join_may_change_plan(msg.node_id, node):
+            self._rebalance(f"node [{msg.node_id}] joined")
         self._push_sync(msg.node_id)
         return self._sync_body(msg.node_id)
+
+    def _join_may_change_plan(self, node_id: str, node: NodeRecord) -> bool:
+        """Whether planning again after ``node`` (re-)registered can change any target: it
+        reports deployments, or is planned for some already (its capacity may differ now), or
+        some deployment is not fully placed, or nodes are still expected back after our restart."""
+        if node.reports or self._expected:
+            return True
+        for d in self.deployments.values():
+            if node_id in d.targets or node_id in d.warm:
+                return True
+            if not d.stopping and sum(d.targets.values()) < d.number_of_allocations:
+                return True
+        return False
 
     def on_heartbeat(self, ctx: Ctx, msg: m.Heartbeat,
                      reports: Optional[ParsedReports] = None) -> Any:
