@@ -693,7 +693,8 @@ class DeploymentCore:
         n = s.inference_count
         computed = n - s.cache_hit_count
         last_minute = s.last_minute(now)
-        return m.encode(m.RouteReport(
+        # a RouteReport, built as the map it travels as (m.encode's asdict would copy it again)
+        return dict(
             deployment_id=self.deployment_id, routing_state=self.routing_state(),
             current_allocations=self.ready_count() if self.phase in (Phase.RUNNING, Phase.STOPPING) else 0,
             target_allocations=self.a.target_allocations, reason=self.reason,
@@ -709,4 +710,4 @@ class DeploymentCore:
                    "peak_throughput_per_minute": s.peak_per_minute,
                    "cache_bytes": self.cache.used,
                    "average_batch_size": s.batched_jobs / s.batches if s.batches else 0.0,
-                   "start_time": s.start_time_ms, "last_access": s.last_access_ms}))
+                   "start_time": s.start_time_ms, "last_access": s.last_access_ms})

@@ -77,6 +77,7 @@ class Agent:
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
         self.runtimes: dict[str, DeploymentRuntime] = {}
+        self._sync_applied: tuple[dict, frozenset[str]] | None = None  # the last sync body applied
         self.routing_versions: dict[str, int] = {}
         self.pending: dict[int, Callable[[int, dict], None]] = {}
         self._ids = itertools.count(1)
@@ -326,6 +327,11 @@ class Agent:
                  "logical": psutil.cpu_count(logical=True) or 1},
             memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_sync_reply)
 
+    def _heartbeat_body(self) -> dict[str, Any]:
+        """A Heartbeat, built as the map it travels as: ``m.encode``'s dataclasses.asdict would
+        deep-copy every deployment's report once more (milliseconds with 100 deployments)."""
+        return {"node_id": self.node_id, "memory": self._memory(), "deployments": self._reports()}
+
     def _maybe_heartbeat(self) -> None:
         """Heartbeats follow the interval the coordinator sets (it may differ from our default)."""
         now = self.clock.monotonic()
@@ -340,9 +346,7 @@ class Agent:
             self._connect_coordinator()
             return
         if self.registered:
-            self._request("heartbeat", m.encode(m.Heartbeat(node_id=self.node_id, memory=self._memory(),
-                                                            deployments=self._reports())),
-                          self._on_sync_reply)
+            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
         else:
             self._register()
 
@@ -386,6 +390,16 @@ class Agent:
         self._apply_sync(body)
 
     def _apply_sync(self, body: dict) -> None:
+        # Most heartbeats are answered with what the node already runs: the same body, applied
+        # to the same deployments, changes nothing (decoding and applying 100 assignments a
+        # second would hold the inference relay up for milliseconds).
+        applied = (body, frozenset(self.runtimes))
+        if applied == self._sync_applied:
+            return
+        self._apply_sync_body(body)
+        self._sync_applied = (body, frozenset(self.runtimes))
+
+    def _apply_sync_body(self, body: dict) -> None:
         self.heartbeat_interval_s = float(body.get("heartbeat_interval_s", self.heartbeat_interval_s))
         self.node_timeout_s = float(body.get("node_timeout_s", self.node_timeout_s))
         if isinstance(body.get("client_keys"), dict):
@@ -498,9 +512,7 @@ class Agent:
 
     def _heartbeat_now(self) -> None:
         if self.registered:
-            self._request("heartbeat", m.encode(m.Heartbeat(node_id=self.node_id, memory=self._memory(),
-                                                            deployments=self._reports())),
-                          self._on_sync_reply)
+            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
 
     def _tick(self) -> None:
         self._hosts_dirty = True  # a backstop: a deployment that stopped without a host is reaped

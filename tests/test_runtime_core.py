@@ -505,3 +505,14 @@ def test_any_sequence_of_events_answers_every_request_once(ops: list[tuple[Any, 
     assert s.core.phase == Phase.STOPPED
     assert sorted(s.answers) == submitted
     assert s.core.held_bytes == 0 and not s.core.queue and not s.core.jobs and not s.core.workers
+
+
+def test_a_report_is_a_valid_route_report() -> None:
+    """The report is built as a map for speed: it must still pass the RouteReport rules the
+    coordinator checks it with."""
+    s = Sim()
+    s.start()
+    s.submit(1)
+    s.answer("w1")
+    report = s.core.report(s.now)
+    assert m.encode(m.decode(m.RouteReport, report, "deployments")) == report
