@@ -56,13 +56,13 @@ FRAME_OVERHEAD = 256  # a kept zmq.Frame beyond its bytes (measured with tracema
 
 class DeploymentRuntime:
     def __init__(self, a: m.NodeAssignment, *, node_id: str, worker_endpoint: str, clock: Any,
-                 reply: ReplyFn, send_worker: Callable[[bytes, dict], None],
+                 reply: ReplyFn, reply_payload: Callable[[bytes, int, tuple], None],
+                 send_worker: Callable[[bytes, list[Buffer]], None],
                  schedule: Callable[[float, Callable[[], None]], None],
                  restart_budget: int = 3, restart_window_s: float = 60.0,
                  overrun_grace_s: float = 5.0, stop_grace_s: float = 5.0,
                  queue_max_bytes: int = 256 << 20, load_retries: int = 2,
-                 require_sandbox: bool = False,
-                 reply_payload: Optional[Callable[[bytes, int, tuple], None]] = None) -> None:
+                 require_sandbox: bool = False) -> None:
         self.core = DeploymentCore(a, node_id=node_id, now=clock.monotonic(), wall_ms=clock.wall_ms(),
                                    limits=Limits(restart_budget=restart_budget,
                                                  restart_window_s=restart_window_s,
@@ -74,7 +74,7 @@ class DeploymentRuntime:
         self.require_sandbox = require_sandbox
         self.clock = clock
         self.reply = reply
-        self.reply_payload = reply_payload or (lambda client, rid, payload: None)
+        self.reply_payload = reply_payload
         self.send_worker = send_worker
         self.schedule = schedule
         self.observe: Optional[Callable[[float, float], None]] = None  # (queue s, compute s) per request

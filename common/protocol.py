@@ -452,11 +452,6 @@ def payload_key(frames: Sequence[Buffer], salt: bytes = b"") -> bytes:
     return h.digest()
 
 
-def split_message(frames: Sequence[Buffer]) -> tuple[Buffer, list[Buffer]]:
-    """``[header, *payload]`` -> (header, payload)."""
-    return frames[0], list(frames[1:])
-
-
 # ---- the model host's pipe ---------------------------------------------------------------------
 
 def encode_pipe(op: str, body: dict[str, Any]) -> bytes:

@@ -15,17 +15,17 @@ import pytest
 from tests.helpers import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+UNITS = ("mlfleet-coordinator.service", "mlfleet-agent.service", "mlfleet-gateway.service")
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_units_verify(tmp_path):
     mlfleet = Path(sys.executable).with_name("mlfleet")
     assert mlfleet.exists()
-    for unit in ("mlfleet-coordinator.service", "mlfleet-agent.service"):
+    for unit in UNITS:
         text = (ROOT / "systemd" / unit).read_text().replace("/usr/local/bin/mlfleet", str(mlfleet))
         (tmp_path / unit).write_text(text)
-    p = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / u) for u in
-                        ("mlfleet-coordinator.service", "mlfleet-agent.service"))],
+    p = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / u) for u in UNITS)],
                        capture_output=True, text=True, timeout=60)
     problems = [ln for ln in (p.stdout + p.stderr).splitlines()
                 if ln.strip() and "mlfleet" in ln and "Failed to" not in ln and "dbus" not in ln.lower()]
@@ -33,15 +33,18 @@ def test_units_verify(tmp_path):
     assert not problems, problems
 
 
-def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path):
+@pytest.mark.parametrize("daemon", [
+    ["coordinator", "--listen", "tcp://127.0.0.1:0", "--data-dir", "{tmp}/data"],
+    ["gateway", "--listen", "http://127.0.0.1:0"],
+], ids=["coordinator", "gateway"])
+def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path, daemon):
     addr = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(addr)
     sock.settimeout(0.2)
     env = dict(os.environ, NOTIFY_SOCKET=addr, WATCHDOG_USEC="400000")
-    proc = subprocess.Popen([sys.executable, "-m", "mlfleet", "coordinator", "--listen", "tcp://127.0.0.1:0",
-                             "--data-dir", str(tmp_path / "data")], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "mlfleet", *(a.format(tmp=tmp_path) for a in daemon)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     got: list[str] = []
 
     def receive():
@@ -61,10 +64,11 @@ def test_daemon_sends_ready_and_feeds_the_watchdog(tmp_path):
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_units_are_hardened(tmp_path):
-    """systemd-analyze security's exposure: 1.1 (coordinator) and 1.5 (agent) at the time of
-    writing; docs/operations.md says what each remaining exposure is for."""
+    """systemd-analyze security's exposure: 1.1 (coordinator, gateway) and 1.5 (agent) at the
+    time of writing; docs/operations.md says what each remaining exposure is for."""
     import re
-    limits = {"mlfleet-coordinator.service": 1.2, "mlfleet-agent.service": 1.6}
+    limits = {"mlfleet-coordinator.service": 1.2, "mlfleet-agent.service": 1.6,
+              "mlfleet-gateway.service": 1.2}
     for unit, limit in limits.items():
         p = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(ROOT / "systemd" / unit)],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
