@@ -37,6 +37,7 @@ from mlfleet.agent.core import (
 from mlfleet.common import messages as m
 from mlfleet.common.errors import ApiError
 from mlfleet.common.protocol import (
+    MAX_MESSAGE_BYTES,
     Buffer,
     PipeReader,
     Request,
@@ -213,10 +214,19 @@ class DeploymentRuntime:
                         raise ApiError("a 200 result comes with its payload frames, an error with none")
                     if n:
                         part = tuple(payload[at:at + n])
+                        if self.core.cache.enabled and len(msg.items) > 1:
+                            # the frames are views of the whole message: a cached entry keeps
+                            # its own bytes, not its batch mates' with them
+                            part = tuple(bytes(f) for f in part)
                         if len(part) != n:
                             raise ApiError(f"[{len(payload)}] payload frames for results that declare more")
                         item["payload"] = part
                         item["nbytes"] = payload_size(part) + FRAME_OVERHEAD * n
+                        big = max(len(f) for f in part)
+                        if big > MAX_MESSAGE_BYTES:  # a client's socket would drop the connection
+                            item = {"rid": it["rid"], "status": 500, "reason": (
+                                f"the results cannot be sent: a frame of [{big}] bytes; at most "
+                                f"[{MAX_MESSAGE_BYTES}] bytes go in one frame")}
                     at += n
                     items.append(item)
                 if at != len(payload):

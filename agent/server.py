@@ -3,7 +3,7 @@
 * a DEALER to the coordinator (register, heartbeats carrying route reports and stats, model
   chunks; the coordinator pushes ``sync`` with the node's wanted assignments),
 * the inference ROUTER clients send to directly,
-* the worker ROUTER (ipc) its allocation workers connect to,
+* the AF_UNIX stream socket its allocation workers connect to (agent/links.py),
 * the stdout pipes of its model hosts.
 """
 
@@ -24,6 +24,7 @@ import psutil
 import zmq
 
 from mlfleet.agent.config import AgentConfig
+from mlfleet.agent.links import WorkerLinks
 from mlfleet.agent.modelcache import ModelCache
 from mlfleet.agent.runtime import DeploymentRuntime, Phase
 from mlfleet.common import messages as m
@@ -46,7 +47,14 @@ from mlfleet.common.protocol import (
     peek_request,
 )
 from mlfleet.common.security import Curve, authorize, load_public, load_secret, start_authenticator
-from mlfleet.common.zmqutil import ROUTING_ID_CHOSEN, Timers, assigned_routing_id, bind, make_socket
+from mlfleet.common.zmqutil import (
+    ROUTING_ID_CHOSEN,
+    Timers,
+    assigned_routing_id,
+    bind,
+    make_socket,
+    send_frames,
+)
 
 log = logging.getLogger(__name__)
 # plain ints: pyzmq's flag enums cost an Enum construction per `|`
@@ -71,10 +79,11 @@ class Agent:
             self.curve = Curve(*load_secret(cfg.curve_secret_key), load_public(cfg.coordinator_public_key))
             self.auth = start_authenticator(self.ctx)
             self.curve.server(self.infer_sock)
-        self.worker_sock = make_socket(self.ctx, zmq.ROUTER)
         self.coord: zmq.Socket | None = None
-        self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")
-        self.worker_endpoint = f"ipc://{self.run_dir}/workers"
+        self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")  # mode 0700: ours alone
+        self.worker_endpoint = f"{self.run_dir}/workers.sock"
+        self.poller = zmq.Poller()
+        self.workers = WorkerLinks(self.worker_endpoint, self.poller, self._on_worker)
         self.endpoint = ""
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
@@ -99,7 +108,6 @@ class Agent:
                                  clock=self.clock.monotonic)
         cpus = psutil.cpu_count(logical=True) or 1
         self.allocated_processors = cfg.allocated_processors or cpus
-        self.poller = zmq.Poller()
         self.metrics = None
         if cfg.metrics_listen:
             from mlfleet.common.metrics import Metrics
@@ -126,7 +134,7 @@ class Agent:
         self.check_sandbox()
         self.endpoint = bind(self.infer_sock, self.cfg.listen)
         self.advertise = self.cfg.advertise or self.endpoint
-        bind(self.worker_sock, self.worker_endpoint)
+        self.workers.bind()
         if self.metrics is not None:
             log.info("agent [%s] metrics on %s", self.node_id, self.metrics.serve(
                 self.cfg.metrics_listen, tls_cert=self.cfg.metrics_tls_cert,
@@ -158,7 +166,6 @@ class Agent:
         if not self.endpoint:
             self.bind()
         self.poller.register(self.infer_sock, zmq.POLLIN)
-        self.poller.register(self.worker_sock, zmq.POLLIN)
         self.poller.register(self.offload.fd, zmq.POLLIN)
         self.timers.every(0.1, self._tick)
         self.timers.every(0.05, self._maybe_heartbeat)
@@ -198,11 +205,14 @@ class Agent:
                     self.poller.register(fd, zmq.POLLIN)
             self._host_fds = host_fds
         host_fds = self._host_fds
-        events = dict(self.poller.poll(self.timers.timeout_ms(100)))
+        polled = self.poller.poll(self.timers.timeout_ms(100))
+        workers = self.workers
+        for fd, ev in polled:  # workers' answers first: they free workers for what comes in
+            if workers.handles(fd):
+                workers.on_event(fd, ev)
+        events = dict(polled)
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
-        if self.worker_sock in events:
-            self._drain(self.worker_sock, self._on_worker, copy=False)
         if self.infer_sock in events:
             self._drain_clients()
         if self.offload.fd in events:
@@ -253,7 +263,8 @@ class Agent:
             rt.kill()
         for rt in self.runtimes.values():
             rt.wait_host(self.cfg.stop_grace_s)
-        for s in (self.infer_sock, self.worker_sock, self.coord):
+        self.workers.close()
+        for s in (self.infer_sock, self.coord):
             if s is not None:
                 s.close(0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -526,30 +537,25 @@ class Agent:
 
     # ---- workers -------------------------------------------------------------------------------
     def _send_worker(self, identity: bytes, frames: list[Buffer]) -> None:
-        try:
-            self.worker_sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:
-            log.debug("worker %r unreachable: %s", identity, e)
+        if not self.workers.send(identity, frames):
+            log.debug("worker %r unreachable", identity)
 
-    def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
-            return
-        ident = frames[0].bytes
+    def _on_worker(self, ident: bytes, frames: list[memoryview]) -> None:
         try:
             dep_id, _node, wid = ident.decode().split("|")
-        except ValueError:
+        except (UnicodeDecodeError, ValueError):
             return
         rt = self.runtimes.get(dep_id)
         if rt is None:
             self._send_worker(ident, [encode_request("stop", 0, {})])
             return
         try:
-            req = decode_request(frames[1].buffer)
+            req = decode_request(frames[0])
             if req.op == "results":  # the hot path
-                rt.on_worker_message(wid, req, frames[2:])
+                rt.on_worker_message(wid, req, frames[1:])
                 return
             before = rt.ready_count()
-            rt.on_worker_message(wid, req, frames[2:])
+            rt.on_worker_message(wid, req, frames[1:])
         except ApiError as e:
             log.warning("deployment [%s]: ignoring a malformed message from worker [%s]: %s",
                         dep_id, wid, e.reason)
@@ -563,7 +569,7 @@ class Agent:
 
     def _send_client(self, ident: bytes, frame: bytes, payload: tuple = ()) -> None:
         try:
-            self.infer_sock.send_multipart([ident, frame, *payload], zmq.NOBLOCK, copy=False)
+            send_frames(self.infer_sock, [ident, frame, *payload])
         except zmq.ZMQError:
             log.debug("client %r went away before its answer", ident)
 

@@ -1,8 +1,9 @@
 """An allocation worker: forked from its model host, it shares the host's weights copy-on-write
 and runs forward passes for the jobs its agent sends it, one message at a time.
 
-Protocol with the agent (DEALER -> the agent's worker ROUTER; common/protocol.py's envelope, the
-bodies common/messages.py types):
+Protocol with the agent (an AF_UNIX stream to the agent's worker socket, messages framed by
+common/stream.py; common/protocol.py's envelope, the bodies common/messages.py types):
+    worker -> agent  its identity (one frame: deployment|node|worker id)   first
     worker -> agent  ready   WorkerReady                                    once connected
     agent  -> worker infer   RunJobs, then each job's payload frames        one job, or a batch
     worker -> agent  results Results, then each 200 result's payload frames
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
 
 import torch
-import zmq
 
 from mlfleet.common import messages as m
+from mlfleet.common import stream
 from mlfleet.common.errors import ApiError, BadRequest
 from mlfleet.common.proc import set_parent_death_signal
 from mlfleet.common.protocol import (
@@ -129,18 +131,20 @@ def worker_main(task: Any, *, endpoint: str, identity: bytes, threads: int,
     from mlfleet.agent.formats import warm_up  # warm allocations: warm-up passes before "ready"
     with torch.inference_mode():  # as requests run; a failure raises and the worker exits
         warm_up(task)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(endpoint)
-    sock.send(encode_request("ready", 0, {"pid": os.getpid()}))
+    reader = stream.Reader(sock)
+    stream.send_blocking(sock, [identity])
+    stream.send_blocking(sock, [encode_request("ready", 0, {"pid": os.getpid()})])
+    inbox: list[list[memoryview]] = []
     try:
         with torch.inference_mode():
             while True:
-                frames = sock.recv_multipart(copy=False)
+                while not inbox:
+                    inbox = reader.read()  # blocking; EOFError when the agent is gone
+                frames = inbox.pop(0)
                 try:
-                    header = decode_request(frames[0].buffer)
+                    header = decode_request(frames[0])
                 except ApiError as e:
                     print(f"worker: ignoring a malformed message: {e.reason}", file=sys.stderr)
                     continue
@@ -155,7 +159,8 @@ def worker_main(task: Any, *, endpoint: str, identity: bytes, threads: int,
                     print(f"worker: ignoring a malformed job list: {e.reason}", file=sys.stderr)
                     continue
                 items = run_jobs(task, jobs)
-                sock.send_multipart(encode_results(items, (time.perf_counter() - t0) * 1000), copy=False)
+                stream.send_blocking(sock, encode_results(items, (time.perf_counter() - t0) * 1000))
+    except (EOFError, ConnectionError):
+        return 0  # the agent closed our stream: nothing to answer to
     finally:
-        sock.close(linger=1000)
-        ctx.term()
+        sock.close()

@@ -1,6 +1,8 @@
 """Overhead of the serving path: a no-op (identity) model through Client.infer, against a raw
 pyzmq DEALER/ROUTER round trip with the same payload to an echo process; then the same for a
-1 MiB tensor (the raw side echoes the same 1 MiB of bytes).
+1 MiB tensor (the raw side echoes the same 1 MiB of bytes). Between them, the floor: the same
+frames through a bare Python relay with the agent's two hops (a ZeroMQ ROUTER, then an AF_UNIX
+stream to an echo process) and no work at all, which is what two Python hops cost here.
 
     .venv/bin/python -m bench.overhead [--requests 3000] [--large-requests 300]
 """
@@ -10,6 +12,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
+import shutil
+import socket
+import tempfile
 import time
 
 import numpy as np
@@ -17,7 +22,9 @@ import torch
 import zmq
 
 from bench._util import cluster, fmt, pct, table
+from mlfleet.common import stream
 from mlfleet.common.protocol import encode_infer
+from mlfleet.common.zmqutil import send_frames
 from tests.helpers import save_model
 
 
@@ -82,6 +89,98 @@ def raw_zmq(payload: bytes, n: int, inflight: int) -> tuple[list[float], float]:
         p.join(10)
 
 
+def _stream_echo(path: str) -> None:
+    """The floor's worker: echoes each message on an AF_UNIX stream (common/stream.py framing)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    reader, inbox = stream.Reader(s), []
+    try:
+        while True:
+            while not inbox:
+                inbox = reader.read()
+            stream.send_blocking(s, inbox.pop(0))
+    except (EOFError, ConnectionError):
+        pass
+
+
+def _bare_relay(endpoint_q: mp.Queue, stop: mp.Event) -> None:
+    """The floor's agent: a ZeroMQ ROUTER for clients and an AF_UNIX stream to one echo process,
+    the agent's two hops with nothing in between (no decoding, no queue, no checks)."""
+    d = tempfile.mkdtemp(prefix="mlfleet-floor-")
+    path = f"{d}/w.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    echo = mp.Process(target=_stream_echo, args=(path,))
+    echo.start()
+    conn, _ = listener.accept()
+    conn.setblocking(False)
+    reader, writer = stream.Reader(conn), stream.Writer(conn)
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.ROUTER)
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_q.put(f"tcp://127.0.0.1:{port}")
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(conn.fileno(), zmq.POLLIN)
+    idents: list[bytes] = []
+    while not stop.is_set():
+        for sock, _ev in poller.poll(100):
+            if sock is front:
+                while front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    ident, *frames = front.recv_multipart(copy=False)
+                    idents.append(ident.bytes)
+                    writer.send(frames)
+            else:
+                for msg in reader.read():
+                    send_frames(front, [idents.pop(0), *msg])
+        writer.flush()
+    conn.close()
+    echo.join(10)
+    front.close(0)
+    ctx.term()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def bare_relay(frames: list, n: int, inflight: int) -> tuple[list[float], float]:
+    """Round trips through ``_bare_relay``: the floor two Python hops set, before any of mlfleet's
+    own work."""
+    q, stop = mp.Queue(), mp.Event()
+    p = mp.Process(target=_bare_relay, args=(q, stop))
+    p.start()
+    try:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(q.get(timeout=10))
+        for _ in range(200):
+            send_frames(s, frames, 0)
+            s.recv_multipart(copy=False)
+        lat = []
+        for _ in range(n):
+            t = time.perf_counter()
+            send_frames(s, frames, 0)
+            s.recv_multipart(copy=False)
+            lat.append((time.perf_counter() - t) * 1000)
+        rps = 0.0
+        if inflight > 1:
+            t0 = time.perf_counter()
+            for _ in range(inflight):
+                send_frames(s, frames, 0)
+            sent = inflight
+            for _ in range(n * 2):
+                s.recv_multipart(copy=False)
+                if sent < n * 2:
+                    send_frames(s, frames, 0)
+                    sent += 1
+            rps = n * 2 / (time.perf_counter() - t0)
+        s.close(0)
+        ctx.term()
+        return lat, rps
+    finally:
+        stop.set()
+        p.join(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=3000)
@@ -94,6 +193,10 @@ def main() -> None:
     raw_lat, raw_rps = raw_zmq(payload, args.requests, args.inflight)
     rows = [["raw pyzmq DEALER/ROUTER echo (another process)", fmt(pct(raw_lat, 50)),
              fmt(pct(raw_lat, 99)), f"{raw_rps:.0f}", "-", "1.0x"]]
+    floor_lat, floor_rps = bare_relay(list(frames), args.requests, args.inflight)
+    rows.append(["floor: bare Python relay, ZeroMQ + stream hop, no work", fmt(pct(floor_lat, 50)),
+                 fmt(pct(floor_lat, 99)), f"{floor_rps:.0f}", "-",
+                 f"{pct(floor_lat, 50) / pct(raw_lat, 50):.1f}x"])
     with cluster(processors=2) as c, c.client() as client:
         client.put_model("noop", save_model(Identity(), c.workdir / "noop.pt"))
         for allocations, batch in ((1, 1), (2, 1), (1, 16), (2, 16)):
@@ -113,8 +216,12 @@ def main() -> None:
         assert np.array_equal(out, big)
         client.stop_deployment(dep)
     big_raw, _ = raw_zmq(big.tobytes(), args.large_requests, 1)
+    big_frames = encode_infer(1, {"deployment_id": "noop-large", "timeout_ms": 10000}, [{"input": big}])
+    big_floor, _ = bare_relay(list(big_frames), args.large_requests, 1)
     large = [["raw pyzmq DEALER/ROUTER echo of the same 1 MiB (another process)", fmt(pct(big_raw, 50)),
               fmt(pct(big_raw, 99)), "1.0x"],
+             ["floor: bare Python relay, ZeroMQ + stream hop, no work", fmt(pct(big_floor, 50)),
+              fmt(pct(big_floor, 99)), f"{pct(big_floor, 50) / pct(big_raw, 50):.1f}x"],
              ["Client.infer, identity model, a 1 MiB float32 tensor in and out", fmt(pct(big_lat, 50)),
               fmt(pct(big_lat, 99)), f"{pct(big_lat, 50) / pct(big_raw, 50):.1f}x"]]
     print(table(f"Overhead: identity model, payload {len(payload)} bytes; {args.requests} sequential "

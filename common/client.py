@@ -39,7 +39,7 @@ from mlfleet.common.protocol import (
 )
 from mlfleet.common.security import Curve, client_curve
 from mlfleet.common.units import parse_time
-from mlfleet.common.zmqutil import make_socket
+from mlfleet.common.zmqutil import make_socket, send_frames
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
 UPLOAD_CHUNK = 4 << 20
@@ -278,6 +278,7 @@ class _ThreadSockets:
         self.curve = curve
         self.keys = keys  # agent address -> its CURVE public key, from routing tables
         self.socks: dict[str, zmq.Socket] = {}
+        self.pollers: dict[zmq.Socket, zmq.Poller] = {}  # Socket.poll builds a Poller per call
 
     def get(self, address: str) -> zmq.Socket:
         s = self.socks.get(address)
@@ -288,11 +289,14 @@ class _ThreadSockets:
                 self.curve.client(s, self.keys.get(address))
             s.connect(address)
             self.socks[address] = s
+            self.pollers[s] = p = zmq.Poller()
+            p.register(s, zmq.POLLIN)
         return s
 
     def drop(self, address: str) -> None:
         s = self.socks.pop(address, None)
         if s is not None:
+            self.pollers.pop(s, None)
             s.close(0)
 
     def close(self) -> None:
@@ -302,6 +306,7 @@ class _ThreadSockets:
             except zmq.ZMQError:
                 pass
         self.socks.clear()
+        self.pollers.clear()
 
     def __del__(self) -> None:
         self.close()
@@ -312,7 +317,7 @@ class _ThreadSockets:
         connect_by = time.monotonic() + min(wait_s, INFER_CONNECT_TIMEOUT_S)
         while True:
             try:
-                s.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(s, frames)
                 break
             except zmq.Again:
                 if time.monotonic() >= connect_by:
@@ -321,9 +326,10 @@ class _ThreadSockets:
                     raise NoAnswer(f"no answer from {address}: could not connect within "
                                    f"{INFER_CONNECT_TIMEOUT_S:g}s", retryable=True) from None
                 s.poll(20, zmq.POLLOUT)
+        poller = self.pollers[s]
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not s.poll(int(left * 1000) + 1, zmq.POLLIN):
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
                 if time.monotonic() < deadline:
                     continue
                 self.drop(address)  # a fresh socket next time (lazy pirate)
@@ -575,7 +581,7 @@ class Client:
                     poller.register(s, zmq.POLLIN)
                     registered.add(address)
                 try:
-                    s.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    send_frames(s, frames)
                 except zmq.Again:  # no connection to that node: the one-by-one path retries elsewhere
                     try:
                         out[nxt] = self.infer(deployment_id, requests[nxt], timeout, inference_config)

@@ -33,6 +33,21 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None,
     return s
 
 
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: list, flags: int = _NOBLOCK) -> None:
+    """``sock.send_multipart(frames, flags, copy=False)`` without its per-frame cost: pyzmq's
+    flags are enums, and each ``SNDMORE | flags`` it computes builds one (about a microsecond
+    each on the hot path). The same semantics: large frames go without a copy, and with
+    NOBLOCK a full queue raises zmq.Again before any frame is taken."""
+    send = sock.send
+    more = flags | _SNDMORE
+    for f in frames[:-1]:
+        send(f, more, copy=False)
+    send(frames[-1], flags, copy=False)
+
+
 ROUTING_ID_CHOSEN = "peers may not choose their own routing id (ZMQ_ROUTING_ID): connect without one"
 
 

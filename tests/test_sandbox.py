@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import zmq
 
 from mlfleet.agent import sandbox
 from tests import hostile
@@ -222,49 +221,52 @@ def test_torch_python_and_fork_keep_working(sandboxed):
 
 @needs_kernel
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("context", ["after", "before"])
-def test_zmq_ipc_to_the_parent_still_works(tmp_path, context):
-    """A worker's DEALER connects to its agent's ROUTER over ipc:// in a directory the sandbox
-    does not allow (a pathname unix socket: not a Landlock-handled access on ABI <= 7)."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{tmp_path}/workers"
-    router.bind(endpoint)
+def test_a_sandboxed_worker_still_reaches_its_agent(tmp_path):
+    """A worker's stream to its agent (a pathname AF_UNIX socket, agent/links.py) connects from
+    inside the sandbox, in a directory the sandbox does not allow (connecting to a pathname unix
+    socket is not a Landlock-handled access on ABI <= 7)."""
+    import socket as pysocket
+
+    from mlfleet.common import stream
+    path = str(tmp_path / "workers.sock")
+    listener = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(30)
     code = """
-    import zmq
-    before = sys.argv[2] == "before"
-    if before:
-        ctx = zmq.Context()  # I/O threads exist: Landlock confines only this thread
-    attempt("apply", lambda: sandbox.apply(read_paths=sandbox.default_read_paths(),
-                                           allow_threads=before).summary())
-    if not before:
-        ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
+    import socket
+    from mlfleet.common import stream
+    attempt("apply", lambda: sandbox.apply(read_paths=sandbox.default_read_paths()).summary())
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sys.argv[1])
-    s.send(b"ready")
-    out["reply"] = s.recv().decode() if s.poll(30000) else None
+    stream.send_blocking(s, [b"ready"])
+    r = stream.Reader(s)
+    msgs = []
+    while not msgs:
+        msgs = r.read()
+    out["reply"] = bytes(msgs[0][0]).decode()
     attempt("read /etc/hostname", lambda: open("/etc/hostname").read())
     s.close()
-    ctx.term()
     done()
     """
-    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), endpoint, context],
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=REPO)
     try:
-        assert router.poll(30000), "the sandboxed child never connected"
-        ident, msg = router.recv_multipart()
-        assert msg == b"ready"
-        router.send_multipart([ident, b"welcome"])
+        conn, _ = listener.accept()
+        r = stream.Reader(conn)
+        msgs = []
+        while not msgs:
+            msgs = r.read()
+        assert bytes(msgs[0][0]) == b"ready"
+        stream.send_blocking(conn, [b"welcome"])
         stdout, stderr = proc.communicate(timeout=30)
+        conn.close()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        router.close()
-        ctx.term()
+        listener.close()
     res = json.loads([ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
     assert res["apply"]["ok"], (res, stderr)
     assert res["reply"] == "welcome"

@@ -71,6 +71,8 @@ def test_models_cannot_read_or_write_host_files(tmp_path):
                 client.infer(model, x)
             assert set(c.worker_pids("node-a")) == pids
             client.stop_deployment(model)
+            # its processor is free again once its processes are gone (a loaded machine is slow)
+            wait_until(lambda: not c.worker_pids("node-a"), 30, what="the stopped deployment's processes")
         assert not target.exists()
         client.start_deployment("mlp", wait_for="started")
         assert client.infer("mlp", [{"input": np.ones((1, 8), np.float32)}])["inference_results"]

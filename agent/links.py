@@ -1,0 +1,149 @@
+"""The agent's end of its allocation workers' channels: one listening AF_UNIX stream socket in
+the agent's private run directory (mode 0700: only this user can connect), one stream per worker,
+messages framed by common/stream.py.
+
+A worker connects and sends its identity (``<deployment>|<node>|<worker id>``) as its first
+message; every later message is a protocol envelope and payload frames, handed to
+``on_message(identity, frames)``. A stream that breaks the framing, or whose first message is
+not an identity, is closed; a second stream with an identity already connected replaces the
+first (a worker that reconnects). Writes never block the agent's loop: what a worker's socket
+does not take waits in the stream's writer, and its fd is polled for POLLOUT until it drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from mlfleet.common import stream
+
+log = logging.getLogger(__name__)
+_POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+MAX_IDENTITY = 512
+
+
+class _Link:
+    __slots__ = ("sock", "fd", "reader", "writer", "identity")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = stream.Reader(sock)
+        self.writer = stream.Writer(sock)
+        self.identity: bytes | None = None
+
+
+class WorkerLinks:
+    def __init__(self, path: str, poller: zmq.Poller,
+                 on_message: Callable[[bytes, list[memoryview]], None]) -> None:
+        self.path = path
+        self.poller = poller
+        self.on_message = on_message
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.setblocking(False)
+        self.fd = -1
+        self.by_fd: dict[int, _Link] = {}
+        self.by_identity: dict[bytes, _Link] = {}
+
+    def bind(self) -> None:
+        self.listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.listener.listen(1024)
+        self.fd = self.listener.fileno()
+        self.poller.register(self.fd, _POLLIN)
+
+    def handles(self, fd: Any) -> bool:
+        return fd == self.fd or fd in self.by_fd
+
+    def on_event(self, fd: int, ev: int) -> None:
+        if fd == self.fd:
+            self._accept()
+            return
+        link = self.by_fd.get(fd)
+        if link is None:
+            return
+        if ev & _POLLOUT and link.writer.flush():
+            self.poller.modify(fd, _POLLIN)
+        if ev & _POLLIN or not ev & _POLLOUT:  # POLLERR/POLLHUP: the read finds out
+            self._read(link)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of fds, say: the worker retries its connect
+                log.warning("agent: accepting a worker's connection failed: %s", e)
+                return
+            sock.setblocking(False)
+            link = _Link(sock)
+            self.by_fd[link.fd] = link
+            self.poller.register(link.fd, _POLLIN)
+
+    def _read(self, link: _Link) -> None:
+        try:
+            msgs = link.reader.read()
+        except EOFError:
+            self._drop(link, None)
+            return
+        except (stream.StreamError, OSError) as e:
+            self._drop(link, str(e))
+            return
+        for frames in msgs:
+            if link.identity is None:
+                ident = bytes(frames[0])
+                if len(frames) != 1 or not 0 < len(ident) <= MAX_IDENTITY or ident.count(b"|") != 2:
+                    self._drop(link, "its first message is not a worker identity")
+                    return
+                old = self.by_identity.get(ident)
+                if old is not None:
+                    self._drop(old, "the same worker connected again")
+                link.identity = ident
+                self.by_identity[ident] = link
+                continue
+            if self.by_fd.get(link.fd) is not link:  # dropped while handling an earlier message
+                return
+            self.on_message(link.identity, frames)
+
+    def send(self, identity: bytes, frames: Sequence[Any]) -> bool:
+        """Send a message to a connected worker; False (and nothing sent) when it is not."""
+        link = self.by_identity.get(identity)
+        if link is None:
+            return False
+        try:
+            if not link.writer.send(frames):
+                self.poller.modify(link.fd, _POLLIN | _POLLOUT)
+        except OSError as e:  # EPIPE, ECONNRESET: the worker is gone; its host reports the exit
+            self._drop(link, str(e))
+            return False
+        return True
+
+    def _drop(self, link: _Link, why: str | None) -> None:
+        if self.by_fd.pop(link.fd, None) is None:
+            return
+        if link.identity is not None and self.by_identity.get(link.identity) is link:
+            del self.by_identity[link.identity]
+        if why:
+            log.warning("agent: closing worker [%s]'s stream: %s",
+                        (link.identity or b"?").decode(errors="replace"), why)
+        try:
+            self.poller.unregister(link.fd)
+        except KeyError:
+            pass
+        link.sock.close()
+
+    def close(self) -> None:
+        for link in list(self.by_fd.values()):
+            self._drop(link, None)
+        if self.fd >= 0:
+            try:
+                self.poller.unregister(self.fd)
+            except KeyError:
+                pass
+        self.listener.close()

@@ -1,0 +1,185 @@
+"""The agent <-> worker streams (agent/links.py): a worker says who it is, then its messages reach
+the agent's handler; a stream that breaks the framing or does not say who it is is closed and
+nothing else is disturbed; writes never block the agent's loop. Then the same against a real
+agent: a peer on its worker socket that sends garbage does not stop it serving."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import zmq
+
+from mlfleet.agent.links import WorkerLinks
+from mlfleet.common import stream
+from mlfleet.common.errors import ServerError
+from mlfleet.common.protocol import MAX_MESSAGE_BYTES
+from tests.helpers import Mlp, running_cluster, save_model, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Huge(torch.nn.Module):
+    """An output larger than one frame may be (64 MiB): 68 MB of float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(17_000_000) + x.sum()
+
+
+class Harness:
+    def __init__(self, path: str) -> None:
+        self.poller = zmq.Poller()
+        self.got: list[tuple[bytes, list[bytes]]] = []
+        self.links = WorkerLinks(path, self.poller,
+                                 lambda ident, frames: self.got.append((ident, [bytes(f) for f in frames])))
+        self.links.bind()
+
+    def turn(self, timeout_ms: int = 1000) -> None:
+        for fd, ev in self.poller.poll(timeout_ms):
+            assert self.links.handles(fd)
+            self.links.on_event(fd, ev)
+
+    def until(self, cond, turns: int = 200) -> None:
+        for _ in range(turns):
+            if cond():
+                return
+            self.turn(50)
+        raise AssertionError("condition not reached")
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(str(tmp_path / "w.sock"))
+    yield h
+    h.links.close()
+
+
+def connect(h: Harness) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(h.links.path)
+    return s
+
+
+def test_a_worker_says_who_it_is_then_talks_both_ways(harness):
+    s = connect(harness)
+    stream.send_blocking(s, [b"dep|node|w1"])
+    stream.send_blocking(s, [b"header", b"payload"])
+    harness.until(lambda: harness.got)
+    assert harness.got == [(b"dep|node|w1", [b"header", b"payload"])]
+    assert harness.links.send(b"dep|node|w1", [b"run", b"docs"])
+    r = stream.Reader(s)
+    msgs = []
+    while not msgs:
+        msgs = r.read()
+    assert [bytes(f) for f in msgs[0]] == [b"run", b"docs"]
+    assert not harness.links.send(b"dep|node|nobody", [b"x"])  # not connected: nothing sent
+    s.close()
+
+
+@pytest.mark.parametrize("first", [
+    [struct.pack("<I", 0)],                                     # zero frames
+    [struct.pack("<3I", 2, 1 << 31, 0)],                        # past the byte limit
+    [b"".join(bytes(v) for v in stream.encode([b"no-pipes"]))],  # not an identity
+    [b"".join(bytes(v) for v in stream.encode([b"a|b|c", b"two frames"]))],
+])
+def test_a_stream_that_breaks_the_rules_is_closed_and_others_go_on(harness, first):
+    good = connect(harness)
+    stream.send_blocking(good, [b"dep|node|good"])
+    bad = connect(harness)
+    for chunk in first:
+        bad.sendall(chunk)
+    bad.settimeout(10)
+    harness.until(lambda: len(harness.links.by_fd) == 1)  # the bad one is gone
+    assert bad.recv(1) == b""                             # closed on it
+    stream.send_blocking(good, [b"still", b"here"])
+    harness.until(lambda: harness.got)
+    assert harness.got == [(b"dep|node|good", [b"still", b"here"])]
+    good.close()
+    bad.close()
+
+
+def test_a_reconnecting_worker_replaces_its_old_stream(harness):
+    old = connect(harness)
+    stream.send_blocking(old, [b"dep|node|w"])
+    harness.until(lambda: b"dep|node|w" in harness.links.by_identity)
+    first = harness.links.by_identity[b"dep|node|w"]
+    new = connect(harness)
+    stream.send_blocking(new, [b"dep|node|w"])
+    harness.until(lambda: harness.links.by_identity[b"dep|node|w"] is not first)
+    assert len(harness.links.by_fd) == 1
+    old.settimeout(10)
+    assert old.recv(1) == b""
+    assert harness.links.send(b"dep|node|w", [b"to the new one"])
+    r = stream.Reader(new)
+    msgs = []
+    while not msgs:
+        msgs = r.read()
+    assert [bytes(f) for f in msgs[0]] == [b"to the new one"]
+    old.close()
+    new.close()
+
+
+def test_writes_to_a_slow_worker_wait_without_blocking(harness):
+    s = connect(harness)
+    stream.send_blocking(s, [b"dep|node|slow"])
+    harness.until(lambda: b"dep|node|slow" in harness.links.by_identity)
+    big = bytes(4 << 20)
+    for _ in range(3):  # 12 MB: far more than the socket buffers take
+        assert harness.links.send(b"dep|node|slow", [b"h", big])
+    assert harness.links.by_identity[b"dep|node|slow"].writer.pending
+    r = stream.Reader(s)
+    s.setblocking(False)
+    got = []
+    for _ in range(10_000):
+        harness.turn(0)  # POLLOUT drains what waits
+        got += r.read()
+        if len(got) == 3:
+            break
+    assert [len(bytes(m[1])) for m in got] == [4 << 20] * 3
+    assert not harness.links.by_identity[b"dep|node|slow"].writer.pending
+    s.close()
+
+
+def test_garbage_on_a_real_agents_worker_socket_does_not_stop_it(tmp_path):
+    with running_cluster(tmp_path, {"node-a": 1}) as c, c.client() as client:
+        client.put_model("mlp", save_model(Mlp(), c.workdir / "mlp.pt"))
+        client.start_deployment("mlp", wait_for="started", timeout="60s")
+        x = np.ones((1, 8), np.float32)
+        before = client.infer("mlp", [{"input": x}])
+        agent = psutil.Process(c.agents["node-a"].pid)
+        paths = [u.laddr for u in agent.net_connections(kind="unix") if str(u.laddr).endswith("workers.sock")]
+        assert paths, agent.net_connections(kind="unix")
+        for garbage in (struct.pack("<I", 0), struct.pack("<3I", 2, 1 << 31, 0), b"\xff" * 64):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(paths[0])
+            s.sendall(garbage)
+            s.settimeout(10)
+            assert s.recv(1) == b""  # the agent closed it
+            s.close()
+        impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # says it is a worker, then lies
+        impostor.connect(paths[0])
+        stream.send_blocking(impostor, [b"mlp|node-a|nope"])
+        stream.send_blocking(impostor, [b"\x93not an envelope"])
+        impostor.close()
+        after = client.infer("mlp", [{"input": x}])
+        np.testing.assert_array_equal(before["inference_results"][0]["predicted_value"],
+                                      after["inference_results"][0]["predicted_value"])
+        wait_until(lambda: agent.is_running(), 1)
+
+
+def test_a_result_larger_than_a_frame_fails_its_request_and_nothing_else(tmp_path):
+    """A client's socket drops a connection that sends a frame past 64 MiB: the agent answers 500
+    instead of relaying it, and the deployment keeps serving."""
+    with running_cluster(tmp_path, {"node-a": 1}) as c, c.client() as client:
+        client.put_model("huge", save_model(Huge(), c.workdir / "huge.pt"))
+        client.start_deployment("huge", wait_for="started", timeout="60s")
+        with pytest.raises(ServerError) as e:
+            client.infer("huge", [{"input": np.ones(2, np.float32)}], timeout="60s")
+        assert e.value.status == 500
+        assert f"at most [{MAX_MESSAGE_BYTES}] bytes go in one frame" in e.value.reason
+        with pytest.raises(ServerError):  # again: the worker and the agent are still there
+            client.infer("huge", [{"input": np.ones(2, np.float32)}], timeout="60s")
