@@ -124,17 +124,21 @@ def _bare_relay(endpoint_q: mp.Queue, stop: mp.Event) -> None:
     poller.register(front, zmq.POLLIN)
     poller.register(conn.fileno(), zmq.POLLIN)
     idents: list[bytes] = []
+    fd = conn.fileno()
     while not stop.is_set():
-        for sock, _ev in poller.poll(100):
+        for sock, ev in poller.poll(100):
             if sock is front:
                 while front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     ident, *frames = front.recv_multipart(copy=False)
                     idents.append(ident.bytes)
-                    writer.send(frames)
-            else:
+                    if not writer.send(frames):
+                        poller.modify(fd, zmq.POLLIN | zmq.POLLOUT)
+                continue
+            if ev & zmq.POLLOUT and writer.flush():
+                poller.modify(fd, zmq.POLLIN)
+            if ev & zmq.POLLIN:
                 for msg in reader.read():
                     send_frames(front, [idents.pop(0), *msg])
-        writer.flush()
     conn.close()
     echo.join(10)
     front.close(0)
