@@ -4,9 +4,13 @@ messages framed by common/stream.py.
 
 A worker connects and sends its identity (``<deployment>|<node>|<worker id>``) as its first
 message; every later message is a protocol envelope and payload frames, handed to
-``on_message(identity, frames)``. A stream that breaks the framing, or whose first message is
-not an identity, is closed; a second stream with an identity already connected replaces the
-first (a worker that reconnects). Writes never block the agent's loop: what a worker's socket
+``on_message(identity, frames)``. Who connected is known from the kernel (SO_PEERCRED), not
+from what it says: a process of another user is refused at once, and ``authorize(identity,
+pid)`` decides whether that process may speak as that identity (the agent: a child of that
+deployment's model host, so a model of one deployment cannot answer for another's). A stream
+that breaks the framing, whose first message is not an identity, or that is not authorized, is
+closed; a second stream with an identity already connected replaces the first (a worker that
+reconnects). Writes never block the agent's loop: what a worker's socket
 does not take waits in the stream's writer, and its fd is polled for POLLOUT until it drains.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,23 +32,29 @@ _POLLIN, _POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 MAX_IDENTITY = 512
 
 
-class _Link:
-    __slots__ = ("sock", "fd", "reader", "writer", "identity")
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class _Link:
+    __slots__ = ("sock", "fd", "reader", "writer", "identity", "pid")
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = stream.Reader(sock)
         self.writer = stream.Writer(sock)
         self.identity: bytes | None = None
+        self.pid = pid
 
 
 class WorkerLinks:
     def __init__(self, path: str, poller: zmq.Poller,
-                 on_message: Callable[[bytes, list[memoryview]], None]) -> None:
+                 on_message: Callable[[bytes, list[memoryview]], None],
+                 authorize: Callable[[bytes, int], str | None] = lambda identity, pid: None) -> None:
         self.path = path
         self.poller = poller
         self.on_message = on_message
+        self.authorize = authorize
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.setblocking(False)
         self.fd = -1
@@ -81,8 +92,15 @@ class WorkerLinks:
             except OSError as e:  # out of fds, say: the worker retries its connect
                 log.warning("agent: accepting a worker's connection failed: %s", e)
                 return
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, _gid = _UCRED.unpack(cred)
+            if uid != os.getuid():
+                log.warning("agent: refused a connection to the worker socket from pid %d (uid %d, "
+                            "not ours)", pid, uid)
+                sock.close()
+                continue
             sock.setblocking(False)
-            link = _Link(sock)
+            link = _Link(sock, pid)
             self.by_fd[link.fd] = link
             self.poller.register(link.fd, _POLLIN)
 
@@ -100,6 +118,10 @@ class WorkerLinks:
                 ident = bytes(frames[0])
                 if len(frames) != 1 or not 0 < len(ident) <= MAX_IDENTITY or ident.count(b"|") != 2:
                     self._drop(link, "its first message is not a worker identity")
+                    return
+                why = self.authorize(ident, link.pid)
+                if why is not None:
+                    self._drop(link, f"pid {link.pid} may not speak as this worker: {why}")
                     return
                 old = self.by_identity.get(ident)
                 if old is not None:

@@ -279,6 +279,11 @@ class DeploymentRuntime:
                         "killing it", self.deployment_id, self.core.node_id, h.pid)
             h.kill()
 
+    def host_pid(self) -> Optional[int]:
+        """The running model host's pid (its workers are its children), or None."""
+        h = self._host
+        return h.pid if h is not None and h.poll() is None else None
+
     def host_fd(self) -> Optional[int]:
         h = self._host
         return h.stdout.fileno() if h and h.stdout and not h.stdout.closed else None

@@ -31,7 +31,7 @@ zmq.Context starts I/O threads; a forked child has a single thread. Hence the ca
   confined too), reading beneath default_read_paths() + the model file (+ the tokenizer);
 - an allocation worker inherits it across fork; it may apply a second, narrower layer right
   after fork, before torch.set_num_threads and before creating its zmq.Context.
-A worker's ipc:// connect (a pathname AF_UNIX socket) is not a Landlock-handled access on ABI
+A worker's connect to its agent (a pathname AF_UNIX socket) is not a Landlock-handled access on ABI
 <= 7 (only creating the socket file, MAKE_SOCK, is): its directory needs no rule.
 """
 

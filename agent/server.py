@@ -83,7 +83,7 @@ class Agent:
         self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")  # mode 0700: ours alone
         self.worker_endpoint = f"{self.run_dir}/workers.sock"
         self.poller = zmq.Poller()
-        self.workers = WorkerLinks(self.worker_endpoint, self.poller, self._on_worker)
+        self.workers = WorkerLinks(self.worker_endpoint, self.poller, self._on_worker, self._authorize_worker)
         self.endpoint = ""
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
@@ -536,6 +536,23 @@ class Agent:
                 self._heartbeat_now()
 
     # ---- workers -------------------------------------------------------------------------------
+    def _authorize_worker(self, identity: bytes, pid: int) -> str | None:
+        """Whether the process ``pid`` (from the kernel) may speak as worker ``identity``: it must
+        be a child of that deployment's model host (workers are forked from it). A model runs in
+        its worker, so without this one deployment's model could answer another's requests."""
+        dep_id = identity.split(b"|", 1)[0].decode(errors="replace")
+        rt = self.runtimes.get(dep_id)
+        host = rt.host_pid() if rt is not None else None
+        if host is None:
+            return f"deployment [{dep_id[:100]}] has no model host on this node"
+        try:
+            parent = psutil.Process(pid).ppid()
+        except psutil.Error:
+            return "the process is gone"
+        if parent != host:
+            return f"it is not a child of deployment [{dep_id[:100]}]'s model host"
+        return None
+
     def _send_worker(self, identity: bytes, frames: list[Buffer]) -> None:
         if not self.workers.send(identity, frames):
             log.debug("worker %r unreachable", identity)

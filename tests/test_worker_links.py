@@ -5,6 +5,7 @@ agent: a peer on its worker socket that sends garbage does not stop it serving."
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -102,6 +103,40 @@ def test_a_stream_that_breaks_the_rules_is_closed_and_others_go_on(harness, firs
     bad.close()
 
 
+def test_who_may_speak_as_a_worker_is_decided_by_the_kernels_pid(tmp_path):
+    asked: list[tuple[bytes, int]] = []
+
+    def authorize(identity: bytes, pid: int) -> str | None:
+        asked.append((identity, pid))
+        return None if identity.startswith(b"ok|") else "not this one"
+
+    poller = zmq.Poller()
+    got: list = []
+    links = WorkerLinks(str(tmp_path / "w.sock"), poller, lambda i, f: got.append(i), authorize)
+    links.bind()
+    try:
+        socks = []
+        for ident in (b"ok|node|w1", b"no|node|w1"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(links.path)
+            stream.send_blocking(s, [ident])
+            stream.send_blocking(s, [b"hello"])
+            socks.append(s)
+        for _ in range(200):
+            if len(asked) == 2 and got:
+                break
+            for fd, ev in poller.poll(50):
+                links.on_event(fd, ev)
+        assert asked == [(b"ok|node|w1", os.getpid()), (b"no|node|w1", os.getpid())]
+        assert got == [b"ok|node|w1"] and list(links.by_identity) == [b"ok|node|w1"]
+        socks[1].settimeout(10)
+        assert socks[1].recv(1) == b""
+        for s in socks:
+            s.close()
+    finally:
+        links.close()
+
+
 def test_a_reconnecting_worker_replaces_its_old_stream(harness):
     old = connect(harness)
     stream.send_blocking(old, [b"dep|node|w"])
@@ -160,10 +195,12 @@ def test_garbage_on_a_real_agents_worker_socket_does_not_stop_it(tmp_path):
             s.settimeout(10)
             assert s.recv(1) == b""  # the agent closed it
             s.close()
-        impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # says it is a worker, then lies
+        # says it is one of the deployment's workers: it is not a child of that model host
+        impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         impostor.connect(paths[0])
-        stream.send_blocking(impostor, [b"mlp|node-a|nope"])
-        stream.send_blocking(impostor, [b"\x93not an envelope"])
+        stream.send_blocking(impostor, [b"mlp|node-a|w1"])
+        impostor.settimeout(10)
+        assert impostor.recv(1) == b""  # refused
         impostor.close()
         after = client.infer("mlp", [{"input": x}])
         np.testing.assert_array_equal(before["inference_results"][0]["predicted_value"],
