@@ -500,10 +500,30 @@ class ModelFormat(str, Enum):
 def models_put(model_id: str, file: Path = typer.Option(..., "--file", exists=True, dir_okay=False),
                task: Task = typer.Option(Task.pass_through),
                tokenizer: Optional[Path] = typer.Option(None, exists=True, dir_okay=False),
+               example_input: Optional[Path] = typer.Option(
+                   None, exists=True, dir_okay=False,
+                   help="A .npy array (at most 64 KiB): the warm-up input a new allocation runs "
+                        "before it takes requests (TorchScript pass_through models; exported "
+                        "programs carry their own)."),
                coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
-    """Store a TorchScript model. Example: mlfleet models put my-model --file model.pt"""
+    """Store a model (TorchScript, a torch.export program or an AOTInductor package).
+
+    Example: mlfleet models put my-model --file model.pt --example-input example.npy
+    """
+    model_config = None
+    if example_input is not None:
+        import numpy as np
+
+        from mlfleet.common.protocol import encode_array
+        try:
+            arr = np.load(example_input, allow_pickle=False)  # a file is input: no pickles
+        except (ValueError, OSError) as e:
+            sys.stderr.write(f"mlfleet: --example-input [{example_input}] is not a .npy array: {e}\n")
+            raise typer.Exit(2) from None
+        model_config = {"example_input": encode_array(arr)}
     with _client(coordinator) as c:
-        _run(format, lambda: c.put_model(model_id, file, task=task.value, tokenizer=tokenizer))
+        _run(format, lambda: c.put_model(model_id, file, task=task.value, tokenizer=tokenizer,
+                                         model_config=model_config))
 
 
 @models_app.command("import-hf")

@@ -82,3 +82,23 @@ def test_cli_without_coordinator_fails_fast_with_a_clear_error(tmp_path):
     assert p.returncode == 3 and p.stdout == ""
     error = json.loads(p.stderr.strip().splitlines()[-1])["error"]
     assert "no answer from tcp://127.0.0.1:1" in error["reason"]
+
+
+def test_models_put_takes_a_warm_up_input_from_a_npy_file(cluster2, mlp_path, tmp_path):
+    import numpy as np
+    ex = tmp_path / "example.npy"
+    np.save(ex, np.full((1, 8), 0.5, np.float32))
+    mlfleet(cluster2, "models", "put", "cli-warm", "--file", str(mlp_path), "--example-input", str(ex))
+    got = json.loads(mlfleet(cluster2, "models", "get", "cli-warm").stdout)
+    stored = got["trained_model_configs"][0]["inference_config"]["pass_through"]
+    assert stored["example_input"]["shape"] == [1, 8] and stored["example_input"]["dtype"] == "<f4"
+    bad = tmp_path / "not-an-array.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    p = mlfleet(cluster2, "models", "put", "cli-bad", "--file", str(mlp_path), "--example-input", str(bad),
+                ok=False)
+    assert p.returncode == 2 and "--example-input" in p.stderr and "is not a .npy array" in p.stderr
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    p = mlfleet(cluster2, "models", "put", "cli-bad", "--file", str(mlp_path),
+                "--example-input", str(pickled), ok=False)
+    assert p.returncode == 2 and "is not a .npy array" in p.stderr
