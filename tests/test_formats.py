@@ -5,6 +5,7 @@ and warm allocations (warm-up passes before a worker reports ready)."""
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 import zipfile
 
@@ -17,7 +18,7 @@ from mlfleet.common.errors import ApiError, BadRequest, ServerError
 from mlfleet.common.messages import PutModel, decode
 from mlfleet.common.protocol import encode_array
 from tests.formats_support import N_IN, big, big_in_three_formats
-from tests.helpers import Mlp, running_cluster, save_model
+from tests.helpers import Mlp, running_cluster, save_model, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -121,6 +122,17 @@ def test_the_same_model_in_three_formats_gives_the_same_answers(three, tmp_path)
             np.testing.assert_allclose(single, want[:1], rtol=1e-5, atol=1e-6, err_msg=fmt)
         log = (tmp_path / "node-a.log").read_text()
         assert "warm-up: 1 documents" in log  # the exported program's stored example input
+        # the exported program's and the package's hosts loaded in scratch directories of their
+        # own; the agent removes them once those hosts have ended (a sandboxed host cannot)
+        hosts = c.worker_pids("node-a")
+        scratch = [d for d in os.listdir(tempfile.gettempdir())
+                   if any(d.startswith(f"mlfleet-host-{pid}-") for pid in hosts)]
+        assert len(scratch) == 2, (hosts, scratch)
+        for fmt in three:
+            client.stop_deployment(f"big-{fmt}")
+        wait_until(lambda: not c.worker_pids("node-a"), 60, what="the model hosts to end")
+        wait_until(lambda: not any(os.path.exists(os.path.join(tempfile.gettempdir(), d)) for d in scratch),
+                   30, what="their scratch directories removed")
 
 
 def test_upload_refuses_a_file_that_is_no_model_and_a_wrong_format_claim(three, tmp_path):
