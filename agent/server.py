@@ -53,6 +53,7 @@ from mlfleet.common.zmqutil import (
     assigned_routing_id,
     bind,
     make_socket,
+    recv_frames,
     send_frames,
 )
 
@@ -287,7 +288,7 @@ class Agent:
         for _ in range(256):
             if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again per burst
                 return
-            raw = sock.recv_multipart(_NOBLOCK, copy=False)
+            raw = recv_frames(sock)
             user = None
             if self.curve is not None:
                 try:

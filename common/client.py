@@ -39,7 +39,7 @@ from mlfleet.common.protocol import (
 )
 from mlfleet.common.security import Curve, client_curve
 from mlfleet.common.units import parse_time
-from mlfleet.common.zmqutil import make_socket, send_frames
+from mlfleet.common.zmqutil import make_socket, recv_frames, send_frames
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
 UPLOAD_CHUNK = 4 << 20
@@ -70,7 +70,7 @@ def _encode_payload(docs: Any) -> list[Buffer]:
 def _recv_reply(s: zmq.Socket, flags: int = 0) -> Reply:
     """``[header, *payload]`` from an agent: the header decoded, the payload frames kept as they
     came (no copy) for ``_results``."""
-    frames = s.recv_multipart(flags, copy=False)
+    frames = recv_frames(s, flags)
     rep = decode_reply(frames[0].buffer)
     rep.payload.extend(frames[1:])
     return rep
