@@ -1,7 +1,9 @@
 """The agent daemon. One thread, one poll loop over:
 
-* a DEALER to the coordinator (register, heartbeats carrying route reports and stats, model
-  chunks; the coordinator pushes ``sync`` with the node's wanted assignments),
+* a DEALER to the coordinator (register, heartbeats carrying route reports and stats; the
+  coordinator pushes ``sync`` with the node's wanted assignments),
+* a second DEALER to the coordinator for bulk transfer only (model chunks), so that heartbeat
+  and registration replies never wait behind megabytes of model on one connection,
 * the inference ROUTER clients send to directly,
 * the worker ROUTER (ipc) its allocation workers connect to,
 * the stdout pipes of its model hosts.
@@ -73,6 +75,8 @@ class Agent:
             self.curve.server(self.infer_sock)
         self.worker_sock = make_socket(self.ctx, zmq.ROUTER)
         self.coord: zmq.Socket | None = None
+        self.bulk: zmq.Socket | None = None  # model chunks only (docs/protocol.md §9.3)
+        self.bulk_token: str | None = None    # from the register reply; None: chunks go on coord
         self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")
         self.worker_endpoint = f"ipc://{self.run_dir}/workers"
         self.endpoint = ""
@@ -138,16 +142,21 @@ class Agent:
         return self.endpoint
 
     def _connect_coordinator(self) -> None:
-        if self.coord is not None:
-            self.poller.unregister(self.coord)
-            self.coord.close(0)
+        for old in (self.coord, self.bulk):
+            if old is not None:
+                self.poller.unregister(old)
+                old.close(0)
         # no routing id of our own: the coordinator's ROUTER picks one, and our registration
-        # (with our key) binds it to our node id; a peer cannot squat a name we use
-        self.coord = make_socket(self.ctx, zmq.DEALER)
-        if self.curve is not None:
-            self.curve.client(self.coord)
-        self.coord.connect(self.cfg.coordinator)
-        self.poller.register(self.coord, zmq.POLLIN)
+        # (with our key) binds it to our node id; a peer cannot squat a name we use. The bulk
+        # connection is authenticated the same way (same keys) and its requests carry the token
+        # our registration was given.
+        self.coord, self.bulk = (make_socket(self.ctx, zmq.DEALER) for _ in range(2))
+        for sock in (self.coord, self.bulk):
+            if self.curve is not None:
+                self.curve.client(sock)
+            sock.connect(self.cfg.coordinator)
+            self.poller.register(sock, zmq.POLLIN)
+        self.bulk_token = None
         self.pending.clear()
         self._refetch = True  # once registered, fetches in flight ask again for what they await
         self.registered = False
@@ -201,6 +210,8 @@ class Agent:
         events = dict(self.poller.poll(self.timers.timeout_ms(100)))
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
+        if self.bulk in events:
+            self._drain(self.bulk, self._on_bulk)
         if self.worker_sock in events:
             self._drain(self.worker_sock, self._on_worker, copy=False)
         if self.infer_sock in events:
@@ -253,7 +264,7 @@ class Agent:
             rt.kill()
         for rt in self.runtimes.values():
             rt.wait_host(self.cfg.stop_grace_s)
-        for s in (self.infer_sock, self.worker_sock, self.coord):
+        for s in (self.infer_sock, self.worker_sock, self.coord, self.bulk):
             if s is not None:
                 s.close(0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -300,18 +311,29 @@ class Agent:
                 log.exception("failed to handle a message")
 
     # ---- coordinator ---------------------------------------------------------------------------
-    def _request(self, op: str, body: dict, on_reply: Callable[[int, dict], None] | None = None) -> None:
+    def _request(self, op: str, body: dict, on_reply: Callable[[int, dict], None] | None = None,
+                 sock: zmq.Socket | None = None) -> None:
         rid = next(self._ids)
         if on_reply is not None:
             self.pending[rid] = on_reply
         try:
-            self.coord.send(encode_request(op, rid, body), zmq.NOBLOCK)
+            (sock or self.coord).send(encode_request(op, rid, body), zmq.NOBLOCK)
         except zmq.Again:
             self.pending.pop(rid, None)
             log.warning("coordinator queue full; dropped [%s]", op)
 
     def _request_chunk(self, sha256: str, offset: int, length: int, cb: Callable) -> None:
-        self._request("model_chunk", {"sha256": sha256, "offset": offset, "length": length}, cb)
+        """Model bytes on the bulk connection, naming our node and our registration's token. Not
+        registered: not sent (the model cache asks again once we are, ``on_reconnect``). A
+        coordinator that gave no token takes them on the main connection."""
+        if not self.registered:
+            return
+        body = {"sha256": sha256, "offset": offset, "length": length}
+        if self.bulk_token is None:
+            self._request("model_chunk", body, cb)
+        else:
+            self._request("model_chunk", {**body, "node_id": self.node_id, "bulk_token": self.bulk_token},
+                          cb, self.bulk)
 
     def _reports(self) -> list[dict]:
         return [rt.report() for rt in self.runtimes.values()]
@@ -326,7 +348,7 @@ class Agent:
             allocated_processors=self.allocated_processors,
             cpu={"physical": psutil.cpu_count(logical=False) or 1,
                  "logical": psutil.cpu_count(logical=True) or 1},
-            memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_sync_reply)
+            memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_register_reply)
 
     def _heartbeat_body(self) -> dict[str, Any]:
         """A Heartbeat, built as the map it travels as: ``m.encode``'s dataclasses.asdict would
@@ -371,6 +393,30 @@ class Agent:
             rt = self.runtimes.get(msg.body.get("deployment_id", ""))
             if rt:
                 rt.clear_cache()
+
+    def _on_bulk(self, frames: list[bytes]) -> None:
+        """Replies on the bulk connection (chunks). They say nothing of our liveness with the
+        coordinator: that is the main connection's (heartbeats)."""
+        if len(frames) != 1:
+            return
+        try:
+            msg = decode_message(frames[0])
+        except ApiError as e:
+            log.warning("ignoring a malformed message on the bulk connection: %s", e.reason)
+            return
+        if isinstance(msg, Reply):
+            cb = self.pending.pop(msg.id, None)
+            if cb is not None:
+                cb(msg.status, msg.body)
+
+    def _on_register_reply(self, status: int, body: dict) -> None:
+        if status == 200 and isinstance(body, dict) and "bulk_token" in body:
+            body = dict(body)
+            token = body.pop("bulk_token")
+            self.bulk_token = token if isinstance(token, str) and m.BULK_TOKEN_RE.match(token) else None
+        elif status == 200:
+            self.bulk_token = None  # a coordinator without bulk connections: chunks on coord
+        self._on_sync_reply(status, body)
 
     def _on_sync_reply(self, status: int, body: dict) -> None:
         if status != 200:
