@@ -26,6 +26,7 @@ import psutil
 import zmq
 
 from mlfleet.agent.config import AgentConfig
+from mlfleet.agent.heartbeat import ReportCache
 from mlfleet.agent.modelcache import ModelCache
 from mlfleet.agent.runtime import DeploymentRuntime, Phase
 from mlfleet.common import messages as m
@@ -83,6 +84,15 @@ class Agent:
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
         self.runtimes: dict[str, DeploymentRuntime] = {}
+        # Work per turn follows what changed, not the number of deployments: only deployments
+        # with an event since their core last needed no tick are ticked (and, once stopped,
+        # reaped); host pipes are (un)registered as their hosts start and end; each report is
+        # kept encoded until it changes (agent/heartbeat.py).
+        self._active: dict[DeploymentRuntime, None] = {}
+        self._host_changes: dict[DeploymentRuntime, None] = {}
+        self._fd_of: dict[DeploymentRuntime, int] = {}
+        self._host_fds: dict[int, DeploymentRuntime] = {}
+        self.report_cache = ReportCache()
         self._sync_applied: tuple[dict, frozenset[str]] | None = None  # the last sync body applied
         self.routing_versions: dict[str, int] = {}
         self.pending: dict[int, Callable[[int, dict], None]] = {}
@@ -180,32 +190,41 @@ class Agent:
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
-        self._host_fds: dict[int, DeploymentRuntime] = {}
-        self._hosts_dirty = True
         try:
             while self._running:
                 self._guarded("poll", self._loop_once)
         finally:
             self.close()
 
-    def _hosts_changed(self) -> None:
-        """A model host started or its pipe closed: the poller's set and reaping are due."""
-        self._hosts_dirty = True
+    def _on_event(self, rt: DeploymentRuntime) -> None:
+        """An event reached ``rt``: it is ticked until its core needs no tick."""
+        self._active[rt] = None
+
+    def _hosts_changed(self, rt: DeploymentRuntime) -> None:
+        """``rt``'s model host started or its pipe closed: its fd and reaping are due."""
+        self._host_changes[rt] = None
+
+    def _update_host_fds(self) -> None:
+        """The poller follows the host pipes that changed (all removals before additions: a
+        closed pipe's fd number may already be a new host's)."""
+        changed, self._host_changes = self._host_changes, {}
+        for rt in changed:
+            fd = self._fd_of.pop(rt, None)
+            if fd is not None and self._host_fds.get(fd) is rt:
+                del self._host_fds[fd]
+                self.poller.unregister(fd)
+        for rt in changed:
+            fd = rt.host_fd() if self.runtimes.get(rt.deployment_id) is rt else None
+            if fd is not None:
+                self._fd_of[rt] = fd
+                self._host_fds[fd] = rt
+                self.poller.register(fd, zmq.POLLIN)
 
     def _loop_once(self) -> None:
-        # Work per turn does not grow with the deployments on the node: the host pipes are
-        # re-listed, and stopped deployments reaped, only after a host started or ended (and on
-        # the periodic tick).
-        if self._hosts_dirty:
-            self._hosts_dirty = False
+        # Work per turn does not grow with the deployments on the node (see __init__).
+        if self._host_changes:
             self._guarded("reaping stopped deployments", self._reap_stopped)
-            host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
-            if host_fds.keys() != self._host_fds.keys():
-                for fd in self._host_fds.keys() - host_fds.keys():
-                    self.poller.unregister(fd)
-                for fd in host_fds.keys() - self._host_fds.keys():
-                    self.poller.register(fd, zmq.POLLIN)
-            self._host_fds = host_fds
+            self._update_host_fds()
         host_fds = self._host_fds
         events = dict(self.poller.poll(self.timers.timeout_ms(100)))
         if self.coord in events:
@@ -218,8 +237,9 @@ class Agent:
             self._drain_clients()
         if self.offload.fd in events:
             self.offload.run_done()
-        for fd, rt in host_fds.items():
-            if fd in events:
+        for fd in events:  # the few that are ready, not every host
+            rt = host_fds.get(fd) if isinstance(fd, int) else None
+            if rt is not None:
                 self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         self.timers.run_due()
         if self._leave_requested:
@@ -350,10 +370,18 @@ class Agent:
                  "logical": psutil.cpu_count(logical=True) or 1},
             memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_register_reply)
 
-    def _heartbeat_body(self) -> dict[str, Any]:
-        """A Heartbeat, built as the map it travels as: ``m.encode``'s dataclasses.asdict would
-        deep-copy every deployment's report once more (milliseconds with 100 deployments)."""
-        return {"node_id": self.node_id, "memory": self._memory(), "deployments": self._reports()}
+    def _send_heartbeat(self) -> None:
+        """A Heartbeat, written around each deployment's report kept encoded until it changes
+        (agent/heartbeat.py; ``m.encode``'s dataclasses.asdict would deep-copy every report)."""
+        rid = next(self._ids)
+        self.pending[rid] = self._on_sync_reply
+        frame = self.report_cache.heartbeat(rid, self.node_id, self._memory(), self.runtimes.values(),
+                                            self.clock.monotonic())
+        try:
+            self.coord.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.pending.pop(rid, None)
+            log.warning("coordinator queue full; dropped [heartbeat]")
 
     def _maybe_heartbeat(self) -> None:
         """Heartbeats follow the interval the coordinator sets (it may differ from our default)."""
@@ -369,7 +397,7 @@ class Agent:
             self._connect_coordinator()
             return
         if self.registered:
-            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
+            self._send_heartbeat()
         else:
             self._register()
 
@@ -499,7 +527,9 @@ class Agent:
                                queue_max_bytes=self.cfg.queue_max_bytes,
                                load_retries=self.cfg.load_retries,
                                require_sandbox=self.cfg.require_sandbox)
-        rt.on_host_change = self._hosts_changed
+        rt.on_host_change = lambda rt=rt: self._hosts_changed(rt)
+        rt.on_event = self._on_event
+        self._active[rt] = None
         self.runtimes[a.deployment_id] = rt
         if self.metrics is not None:
             qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)
@@ -551,24 +581,33 @@ class Agent:
         self.metrics.publish([*fams.values(), depth, allocs, up])
 
     def _reap_stopped(self) -> None:
-        for dep_id, rt in list(self.runtimes.items()):
-            if rt.reapable():  # its host's pipe closed too, so its workers are accounted
-                del self.runtimes[dep_id]
-                log.info("deployment [%s] stopped on node [%s]", dep_id, self.node_id)
+        """Stopped deployments leave: a stopped runtime stays active (ticked) until reaped."""
+        for rt in [rt for rt in self._active if rt.phase == Phase.STOPPED]:
+            if self.runtimes.get(rt.deployment_id) is not rt:
+                self._active.pop(rt, None)  # replaced or gone already
+            elif rt.reapable():  # its host's pipe closed too, so its workers are accounted
+                del self.runtimes[rt.deployment_id]
+                self._active.pop(rt, None)
+                log.info("deployment [%s] stopped on node [%s]", rt.deployment_id, self.node_id)
                 self._heartbeat_now()
 
     def _heartbeat_now(self) -> None:
         if self.registered:
-            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
+            self._send_heartbeat()
 
     def _tick(self) -> None:
-        self._hosts_dirty = True  # a backstop: a deployment that stopped without a host is reaped
         self.models.tick(self.clock.monotonic())
-        for rt in list(self.runtimes.values()):
+        for rt in list(self._active):
+            if self.runtimes.get(rt.deployment_id) is not rt:
+                self._active.pop(rt, None)
+                continue
             before = (rt.routing_state(), rt.ready_count())
             rt.tick()
             if (rt.routing_state(), rt.ready_count()) != before:
                 self._heartbeat_now()
+            if rt.phase != Phase.STOPPED and not rt.needs_tick():
+                self._active.pop(rt, None)  # nothing to do until its next event
+        self._reap_stopped()  # also those that stopped without a host
 
     # ---- workers -------------------------------------------------------------------------------
     def _send_worker(self, identity: bytes, frames: list[Buffer]) -> None:
