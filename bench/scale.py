@@ -109,9 +109,10 @@ class SimProcess:
                 self.proc.wait()
 
 
-def in_window(samples: list[list[float]], t0: float, t1: float, fetching_only: bool = False) -> list[float]:
-    """Round trips sent in [t0, t1); ``fetching_only``: those a node sent while fetching a model."""
-    return [x[1] for x in samples if t0 <= x[0] < t1 and (not fetching_only or x[2:] == [1])] \
+def in_window(samples: list[list[float]], t0: float, t1: float, fetching: int | None = None) -> list[float]:
+    """Round trips sent in [t0, t1); ``fetching`` 1 (0): only those a node sent while it was
+    (was not) fetching a model."""
+    return [x[1] for x in samples if t0 <= x[0] < t1 and (fetching is None or x[2:] == [fetching])] \
         or [float("nan")]
 
 
@@ -256,8 +257,10 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
             r[f"hb_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
             h = in_window(whb, a, b)
             r[f"wit_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
-        h = in_window(hb, p1, f1, fetching_only=True)
+        h = in_window(hb, p1, f1, fetching=1)
         r["fetchers_fetch"] = (pct(h, 50), pct(h, 99), max(h), len(h))
+        h = in_window(hb, p1, f1, fetching=0)  # the other nodes of the fetchers' process
+        r["others_fetch"] = (pct(h, 50), pct(h, 99), max(h), len(h))
         return r
     finally:
         if c.coordinator is not None:
@@ -338,6 +341,7 @@ def main() -> None:
                       f"{ms(r['wit_put'][1])} / {ms(r['wit_fetch'][1])} / {ms(r['wit_fetch'][2])}",
                       f"{ms(r['fetchers_fetch'][0])} / {ms(r['fetchers_fetch'][1])} / "
                       f"{ms(r['fetchers_fetch'][2])} ({r['fetchers_fetch'][3]})",
+                      f"{ms(r['others_fetch'][0])} / {ms(r['others_fetch'][1])}",
                       r["lost_fetch"]])
     print(table("The coordinator at scale (heartbeat every 1 s, node timeout 10 s; steady window "
                 f"{args.window:.0f} s)",
@@ -353,7 +357,8 @@ def main() -> None:
                     ["nodes", "fetchers x size", "put s", "hb p99 ms (put)", "fetch s",
                      "hb p50 ms (fetch)", "hb p99 ms (fetch)", "hb max ms (fetch)",
                      "hb p99 ms (steady)", "witness hb p99 put / p99 fetch / max fetch ms",
-                     "fetchers' own hb p50 / p99 / max ms (n)", "nodes lost (fetch)"], frows))
+                     "fetchers' own hb p50 / p99 / max ms (n)",
+                     "same process, not fetching: hb p50 / p99 ms", "nodes lost (fetch)"], frows))
 
 
 if __name__ == "__main__":
