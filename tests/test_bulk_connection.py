@@ -11,8 +11,10 @@ connection with the chunks.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
+import zipfile
 
 import pytest
 import zmq
@@ -130,11 +132,18 @@ def test_heartbeats_are_answered_while_the_agent_fetches_a_model(tmp_path, mlp_p
 
 
 def _ask(sock: zmq.Socket, op: str, body: dict, rid: int) -> tuple[int, dict]:
+    """Send a request; its reply (pushes that come first are passed over)."""
     sock.send(encode_request(op, rid, body))
-    assert sock.poll(10_000), f"no answer to [{op}] within 10 s"
-    rep = decode_reply(sock.recv())
-    assert rep.id == rid
-    return rep.status, rep.body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert sock.poll(10_000), f"no answer to [{op}] within 10 s"
+        frame = sock.recv()
+        if "op" in unpack(frame):
+            continue
+        rep = decode_reply(frame)
+        assert rep.id == rid
+        return rep.status, rep.body
+    raise AssertionError(f"no answer to [{op}] within 10 s")
 
 
 def test_a_bulk_request_without_a_registration_is_refused_and_the_daemons_go_on(fresh_cluster, mlp_path):
@@ -179,4 +188,70 @@ def test_a_bulk_request_without_a_registration_is_refused_and_the_daemons_go_on(
         assert c.coordinator.proc.poll() is None and c.agents["node-a"].proc.poll() is None
     finally:
         stranger.close(0)
+        ctx.term()
+
+
+def _register(ctx: zmq.Context, endpoint: str, node_id: str) -> tuple[zmq.Socket, str]:
+    """A hand-made agent: registers over a DEALER of its own; its socket and bulk token."""
+    main = ctx.socket(zmq.DEALER)
+    main.setsockopt(zmq.LINGER, 0)
+    main.connect(endpoint)
+    main.send(encode_request("register", 1, {
+        "node_id": node_id, "hostname": "h", "transport_address": "tcp://127.0.0.1:1",
+        "allocated_processors": 4, "cpu": {"physical": 4, "logical": 4},
+        "memory": {"total_bytes": 8 << 30, "available_bytes": 4 << 30}, "pid": 1}))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a sync push comes before the reply
+        assert main.poll(10_000), "no answer to [register]"
+        msg = unpack(main.recv())
+        if "status" in msg:
+            assert msg["status"] == 200, msg
+            return main, msg["body"]["bulk_token"]
+    raise AssertionError("no reply to [register] within 10 s")
+
+
+def _archive(path, size: int):
+    """A TorchScript-shaped zip of ``size`` random bytes (it passes the upload check)."""
+    block = os.urandom(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("big/code/__torch__.py", "pass")
+        z.writestr("big/constants.pkl", b"")
+        with z.open("big/data.pkl", "w", force_zip64=True) as f:
+            for _ in range(size >> 20):
+                f.write(block)
+    return path
+
+
+def test_a_lost_bulk_connection_costs_only_its_replies(fresh_cluster, tmp_path):
+    """Nothing is kept per bulk connection: one that goes away with chunk replies owed leaves
+    the coordinator serving (the replies are dropped), and a new one (another routing id) is
+    served with the same token, no handshake."""
+    c = fresh_cluster
+    c.start_coordinator()
+    ctx = zmq.Context()
+    main, token = _register(ctx, c.coordinator.endpoint, "hand-node")
+    try:
+        with c.client() as client:
+            sha = client.put_model("big", _archive(tmp_path / "big.pt", 16 << 20))["sha256"]
+            client.start_deployment("big", deployment_id="d", wait_for="starting", timeout="30s")
+        ask = {"sha256": sha, "offset": 0, "length": 4 << 20, "node_id": "hand-node", "bulk_token": token}
+        gone = ctx.socket(zmq.DEALER)
+        gone.setsockopt(zmq.LINGER, 0)
+        gone.connect(c.coordinator.endpoint)
+        for rid in range(1, 41):  # 160 MiB asked for, served one chunk at a time
+            gone.send(encode_request("model_chunk", rid, {**ask, "offset": (rid % 4) << 22}))
+        assert gone.poll(10_000), "no chunk reply within 10 s"
+        gone.close(0)  # with replies owed: the coordinator's sends find no peer
+        bulk = ctx.socket(zmq.DEALER)
+        bulk.setsockopt(zmq.LINGER, 0)
+        bulk.connect(c.coordinator.endpoint)
+        try:
+            status, body = _ask(bulk, "model_chunk", ask, 100)
+            assert status == 200 and len(body["data"]) == 4 << 20, status
+            status, _ = _ask(main, "ping", {}, 101)
+            assert status == 200 and c.coordinator.proc.poll() is None
+        finally:
+            bulk.close(0)
+    finally:
+        main.close(0)
         ctx.term()
