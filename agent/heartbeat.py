@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from mlfleet.common.protocol import PROTOCOL_VERSION, pack
+from mlfleet.common.protocol import PROTOCOL_VERSION, encode_reply_raw, pack, unpack
 
 
 class Reporting(Protocol):
@@ -74,3 +74,43 @@ class ReportCache:
                 + pack("deployments") + array_header(len(rts)) + reports)
         return (map_header(4) + pack("v") + pack(PROTOCOL_VERSION) + pack("op") + pack("heartbeat")
                 + pack("id") + pack(rid) + pack("body") + body)
+
+
+class SyncMemo:
+    """The sync body that last answered a heartbeat, as the coordinator's bytes and as the map
+    the agent applied. Most heartbeats are answered with the same body (the node runs what it
+    should): such a reply is recognised by its bytes and not decoded again (decoding 100
+    assignments costs about 0.3 ms, once a second, on the loop that relays inference)."""
+
+    def __init__(self) -> None:
+        self.body_bytes = b""
+        self.body: dict[str, Any] | None = None
+        self.hits = 0  # replies recognised (for tests and profiles)
+
+    def remember(self, frame: bytes, rid: int, body: dict[str, Any]) -> None:
+        """After a 200 reply to a heartbeat was decoded: keep its body's bytes, when the frame is
+        the envelope written around them (as the coordinator writes it)."""
+        head = encode_reply_raw(rid, 200, b"")
+        if "assignments" in body and len(frame) > len(head) and frame[:len(head)] == head:
+            self.body_bytes, self.body = bytes(frame[len(head):]), body
+        else:
+            self.body_bytes, self.body = b"", None
+
+    def same(self, frame: bytes) -> int | None:
+        """The id of a 200 reply whose body is the remembered one, byte for byte; else None (the
+        frame is decoded as usual)."""
+        n = len(self.body_bytes)
+        if not n or len(frame) <= n:
+            return None
+        view = memoryview(frame)
+        if view[len(frame) - n:] != self.body_bytes:
+            return None
+        try:  # the envelope, with the body's place taken by a nil
+            head = unpack(bytes(view[:len(frame) - n]) + b"\xc0")
+        except Exception:  # noqa: BLE001 - not an envelope around these bytes: decoded as usual
+            return None
+        if (not isinstance(head, dict) or list(head) != ["v", "id", "status", "body"]
+                or head["v"] != PROTOCOL_VERSION or head["status"] != 200 or head["body"] is not None
+                or type(head["id"]) is not int):
+            return None
+        return int(head["id"])

@@ -8,10 +8,17 @@ from typing import Any
 
 import pytest
 
-from mlfleet.agent.heartbeat import ReportCache
+from mlfleet.agent.heartbeat import ReportCache, SyncMemo
 from mlfleet.agent.runtime import DeploymentRuntime
 from mlfleet.common import messages as m
-from mlfleet.common.protocol import decode_request, encode_request
+from mlfleet.common.protocol import (
+    decode_message,
+    decode_request,
+    encode_reply,
+    encode_reply_raw,
+    encode_request,
+    pack,
+)
 
 pytestmark = pytest.mark.timeout(60)
 MEMORY = {"total_bytes": 64 << 30, "available_bytes": 60 << 30}
@@ -99,3 +106,24 @@ def test_a_deployment_started_again_is_not_answered_with_the_old_report() -> Non
     assert cache.heartbeat(2, "n1", MEMORY, [new], clock.t) == plain(2, [new], clock.t)
     cache.heartbeat(3, "n1", MEMORY, [], clock.t)
     assert cache.heartbeat(4, "n1", MEMORY, [new], clock.t) == plain(4, [new], clock.t)
+
+
+def test_a_sync_reply_with_the_body_applied_last_is_recognised_by_its_bytes() -> None:
+    memo = SyncMemo()
+    body = {"assignments": [{"deployment_id": f"dep-{i}", "target_allocations": 1} for i in range(100)],
+            "heartbeat_interval_s": 1.0, "node_timeout_s": 10.0}
+    first = encode_reply_raw(7, 200, pack(body))  # as the coordinator answers a heartbeat
+    assert memo.same(first) is None  # nothing remembered yet
+    memo.remember(first, 7, decode_message(first).body)
+    for rid in (8, 300, 1 << 40):
+        assert memo.same(encode_reply_raw(rid, 200, pack(body))) == rid
+        assert memo.same(encode_reply(rid, 200, body)) == rid  # the same bytes, encoded whole
+    changed = {**body, "heartbeat_interval_s": 2.0}
+    assert memo.same(encode_reply_raw(9, 200, pack(changed))) is None
+    assert memo.same(encode_reply_raw(9, 500, pack(body))) is None
+    assert memo.same(encode_reply(9, 200, body, rv=3)) is None  # another envelope field
+    assert memo.same(encode_request("sync", 0, body)) is None  # a push is decoded as usual
+    assert memo.same(pack(body)) is None and memo.same(b"") is None
+    assert memo.same(b"\xff" + pack(body)) is None
+    memo.remember(encode_reply(10, 200, {"reregister": True}), 10, {"reregister": True})
+    assert memo.same(first) is None  # only sync bodies are remembered
