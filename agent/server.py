@@ -76,13 +76,13 @@ class Agent:
             self.curve.server(self.infer_sock)
         self.worker_sock = make_socket(self.ctx, zmq.ROUTER)
         self.coord: zmq.Socket | None = None
-        self.bulk: zmq.Socket | None = None  # model chunks only (docs/protocol.md §9.3)
-        self.bulk_token: str | None = None    # from the register reply; None: chunks go on coord
         self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")
         self.worker_endpoint = f"ipc://{self.run_dir}/workers"
         self.endpoint = ""
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
+        self.bulk: zmq.Socket | None = None  # model chunks only (docs/protocol.md §9.3)
+        self.bulk_token: str | None = None    # from the register reply; None: chunks go on coord
         self.runtimes: dict[str, DeploymentRuntime] = {}
         # Work per turn follows what changed, not the number of deployments: only deployments
         # with an event since their core last needed no tick are ticked (and, once stopped,
@@ -230,14 +230,14 @@ class Agent:
         events = dict(self.poller.poll(self.timers.timeout_ms(100)))
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
-        if self.bulk in events:
-            self._drain(self.bulk, self._on_bulk)
         if self.worker_sock in events:
             self._drain(self.worker_sock, self._on_worker, copy=False)
         if self.infer_sock in events:
             self._drain_clients()
         if self.offload.fd in events:
             self.offload.run_done()
+        if self.bulk in events:  # model chunks: after what is waiting for us
+            self._drain(self.bulk, self._on_bulk)
         for fd in events:  # the few that are ready, not every host
             rt = host_fds.get(fd) if isinstance(fd, int) else None
             if rt is not None:
@@ -281,11 +281,13 @@ class Agent:
     def close(self) -> None:
         self.models.abort_all("the agent is stopping")
         self.offload.close()
+        if self.bulk is not None:
+            self.bulk.close(0)
         for rt in self.runtimes.values():
             rt.kill()
         for rt in self.runtimes.values():
             rt.wait_host(self.cfg.stop_grace_s)
-        for s in (self.infer_sock, self.worker_sock, self.coord, self.bulk):
+        for s in (self.infer_sock, self.worker_sock, self.coord):
             if s is not None:
                 s.close(0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
