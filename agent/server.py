@@ -25,8 +25,8 @@ from typing import Any
 import psutil
 import zmq
 
+from mlfleet.agent import heartbeat
 from mlfleet.agent.config import AgentConfig
-from mlfleet.agent.heartbeat import ReportCache, SyncMemo
 from mlfleet.agent.modelcache import ModelCache
 from mlfleet.agent.runtime import DeploymentRuntime, Phase
 from mlfleet.common import messages as m
@@ -92,8 +92,8 @@ class Agent:
         self._host_changes: dict[DeploymentRuntime, None] = {}
         self._fd_of: dict[DeploymentRuntime, int] = {}
         self._host_fds: dict[int, DeploymentRuntime] = {}
-        self.report_cache = ReportCache()
-        self.sync_memo = SyncMemo()
+        self.report_cache = heartbeat.ReportCache()
+        self.sync_memo = heartbeat.SyncMemo()
         self._sync_applied: tuple[dict, frozenset[str]] | None = None  # the last sync body applied
         self.routing_versions: dict[str, int] = {}
         self.pending: dict[int, Callable[[int, dict], None]] = {}
