@@ -591,6 +591,18 @@ class DeploymentCore:
         self._tick(now)
         return self._take()
 
+    def needs_tick(self) -> bool:
+        """Whether a periodic tick may do anything, now or later, before the next event: a
+        deadline to watch (requests queued or running), workers to spawn, drain or retire, a stop
+        in progress, a host to kill. When False, ``tick`` at any later time changes nothing and
+        returns nothing, so the agent ticks only the deployments for which this holds."""
+        if self.queue or self.jobs or self.phase == Phase.STOPPING or self.host_kill_at is not None:
+            return True
+        for w in self.workers.values():
+            if w.jobs or w.state == WorkerState.DRAINING:
+                return True
+        return self.phase == Phase.RUNNING and len(self.live_workers()) != self.a.target_allocations
+
     def _tick(self, now: float) -> None:
         self._expire(now)
         self._cut_overruns(now)

@@ -98,6 +98,10 @@ class DeploymentRuntime:
         self.observe: Optional[Callable[[float, float], None]] = None  # (queue s, compute s) per request
         self._host: Optional[subprocess.Popen] = None
         self.on_host_change: Callable[[], None] = lambda: None  # a host started, or its pipe closed
+        # Every event in: the agent ticks this deployment until its core needs no tick, and its
+        # report may have changed (``version`` counts the events; see ``report_key``).
+        self.on_event: Callable[[DeploymentRuntime], None] = lambda rt: None
+        self.version = 0
         self._pipe = PipeReader()
         self._run_cmd: dict[type, Callable[[Any], None]] = {
             ReplyPayload: lambda c: self.reply_payload(c.client, c.rid, c.payload),
@@ -120,6 +124,8 @@ class DeploymentRuntime:
         }
 
     def _run(self, cmds: list[Command]) -> None:
+        self.version += 1
+        self.on_event(self)
         for c in cmds:
             self._run_cmd[type(c)](c)
 
@@ -149,8 +155,16 @@ class DeploymentRuntime:
     def ready_count(self) -> int:
         return self.core.ready_count()
 
-    def report(self) -> dict[str, Any]:
-        return self.core.report(self._now())
+    def report(self, now: Optional[float] = None) -> dict[str, Any]:
+        return self.core.report(self._now() if now is None else now)
+
+    def report_key(self, now: float) -> tuple[int, int]:
+        """Equal keys, equal reports: every change of the core comes with an event (``version``),
+        but for the last minute's throughput, which moves with the clock."""
+        return self.version, self.core.stats.last_minute(now)
+
+    def needs_tick(self) -> bool:
+        return self.core.needs_tick()
 
     def reapable(self) -> bool:
         """Stopped, its host gone and its pipe read to the end (its workers accounted)."""
@@ -206,6 +220,7 @@ class DeploymentRuntime:
                config: Optional[dict] = None) -> None:
         """Queue a request (or answer it from the cache); a rejection raises its ApiError. The
         payload (the documents' frames) is relayed to a worker as it came, never decoded here."""
+        self.version += 1  # a rejection raises before _run, and counts in the report
         self._run(self.core.submit(client, rid, payload, timeout_s, self._now(), key=key,
                                    dispatch=dispatch, nbytes=nbytes, config=config))
 

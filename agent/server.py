@@ -1,7 +1,9 @@
 """The agent daemon. One thread, one poll loop over:
 
-* a DEALER to the coordinator (register, heartbeats carrying route reports and stats, model
-  chunks; the coordinator pushes ``sync`` with the node's wanted assignments),
+* a DEALER to the coordinator (register, heartbeats carrying route reports and stats; the
+  coordinator pushes ``sync`` with the node's wanted assignments),
+* a second DEALER to the coordinator for bulk transfer only (model chunks), so that heartbeat
+  and registration replies never wait behind megabytes of model on one connection,
 * the inference ROUTER clients send to directly,
 * the AF_UNIX stream socket its allocation workers connect to (agent/links.py),
 * the stdout pipes of its model hosts.
@@ -23,6 +25,7 @@ from typing import Any
 import psutil
 import zmq
 
+from mlfleet.agent import heartbeat
 from mlfleet.agent.config import AgentConfig
 from mlfleet.agent.links import WorkerLinks
 from mlfleet.agent.modelcache import ModelCache
@@ -88,7 +91,19 @@ class Agent:
         self.endpoint = ""
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
+        self.bulk: zmq.Socket | None = None  # model chunks only (docs/protocol.md §9.3)
+        self.bulk_token: str | None = None    # from the register reply; None: chunks go on coord
         self.runtimes: dict[str, DeploymentRuntime] = {}
+        # Work per turn follows what changed, not the number of deployments: only deployments
+        # with an event since their core last needed no tick are ticked (and, once stopped,
+        # reaped); host pipes are (un)registered as their hosts start and end; each report is
+        # kept encoded until it changes (agent/heartbeat.py).
+        self._active: dict[DeploymentRuntime, None] = {}
+        self._host_changes: dict[DeploymentRuntime, None] = {}
+        self._fd_of: dict[DeploymentRuntime, int] = {}
+        self._host_fds: dict[int, DeploymentRuntime] = {}
+        self.report_cache = heartbeat.ReportCache()
+        self.sync_memo = heartbeat.SyncMemo()
         self._sync_applied: tuple[dict, frozenset[str]] | None = None  # the last sync body applied
         self.routing_versions: dict[str, int] = {}
         self.pending: dict[int, Callable[[int, dict], None]] = {}
@@ -147,16 +162,21 @@ class Agent:
         return self.endpoint
 
     def _connect_coordinator(self) -> None:
-        if self.coord is not None:
-            self.poller.unregister(self.coord)
-            self.coord.close(0)
+        for old in (self.coord, self.bulk):
+            if old is not None:
+                self.poller.unregister(old)
+                old.close(0)
         # no routing id of our own: the coordinator's ROUTER picks one, and our registration
-        # (with our key) binds it to our node id; a peer cannot squat a name we use
-        self.coord = make_socket(self.ctx, zmq.DEALER)
-        if self.curve is not None:
-            self.curve.client(self.coord)
-        self.coord.connect(self.cfg.coordinator)
-        self.poller.register(self.coord, zmq.POLLIN)
+        # (with our key) binds it to our node id; a peer cannot squat a name we use. The bulk
+        # connection is authenticated the same way (same keys) and its requests carry the token
+        # our registration was given.
+        self.coord, self.bulk = (make_socket(self.ctx, zmq.DEALER) for _ in range(2))
+        for sock in (self.coord, self.bulk):
+            if self.curve is not None:
+                self.curve.client(sock)
+            sock.connect(self.cfg.coordinator)
+            self.poller.register(sock, zmq.POLLIN)
+        self.bulk_token = None
         self.pending.clear()
         self._refetch = True  # once registered, fetches in flight ask again for what they await
         self.registered = False
@@ -179,32 +199,41 @@ class Agent:
         sd_notify("READY=1")
         if (wd := watchdog_interval_s()) is not None:  # fed from the loop: a stuck loop stops feeding
             self.timers.every(wd, lambda: sd_notify("WATCHDOG=1"))
-        self._host_fds: dict[int, DeploymentRuntime] = {}
-        self._hosts_dirty = True
         try:
             while self._running:
                 self._guarded("poll", self._loop_once)
         finally:
             self.close()
 
-    def _hosts_changed(self) -> None:
-        """A model host started or its pipe closed: the poller's set and reaping are due."""
-        self._hosts_dirty = True
+    def _on_event(self, rt: DeploymentRuntime) -> None:
+        """An event reached ``rt``: it is ticked until its core needs no tick."""
+        self._active[rt] = None
+
+    def _hosts_changed(self, rt: DeploymentRuntime) -> None:
+        """``rt``'s model host started or its pipe closed: its fd and reaping are due."""
+        self._host_changes[rt] = None
+
+    def _update_host_fds(self) -> None:
+        """The poller follows the host pipes that changed (all removals before additions: a
+        closed pipe's fd number may already be a new host's)."""
+        changed, self._host_changes = self._host_changes, {}
+        for rt in changed:
+            fd = self._fd_of.pop(rt, None)
+            if fd is not None and self._host_fds.get(fd) is rt:
+                del self._host_fds[fd]
+                self.poller.unregister(fd)
+        for rt in changed:
+            fd = rt.host_fd() if self.runtimes.get(rt.deployment_id) is rt else None
+            if fd is not None:
+                self._fd_of[rt] = fd
+                self._host_fds[fd] = rt
+                self.poller.register(fd, zmq.POLLIN)
 
     def _loop_once(self) -> None:
-        # Work per turn does not grow with the deployments on the node: the host pipes are
-        # re-listed, and stopped deployments reaped, only after a host started or ended (and on
-        # the periodic tick).
-        if self._hosts_dirty:
-            self._hosts_dirty = False
+        # Work per turn does not grow with the deployments on the node (see __init__).
+        if self._host_changes:
             self._guarded("reaping stopped deployments", self._reap_stopped)
-            host_fds = {fd: rt for rt in self.runtimes.values() if (fd := rt.host_fd()) is not None}
-            if host_fds.keys() != self._host_fds.keys():
-                for fd in self._host_fds.keys() - host_fds.keys():
-                    self.poller.unregister(fd)
-                for fd in host_fds.keys() - self._host_fds.keys():
-                    self.poller.register(fd, zmq.POLLIN)
-            self._host_fds = host_fds
+            self._update_host_fds()
         host_fds = self._host_fds
         polled = self.poller.poll(self.timers.timeout_ms(100))
         workers = self.workers
@@ -218,8 +247,11 @@ class Agent:
             self._drain_clients()
         if self.offload.fd in events:
             self.offload.run_done()
-        for fd, rt in host_fds.items():
-            if fd in events:
+        if self.bulk in events:  # model chunks: after what is waiting for us
+            self._drain(self.bulk, self._on_bulk)
+        for fd in events:  # the few that are ready, not every host
+            rt = host_fds.get(fd) if isinstance(fd, int) else None
+            if rt is not None:
                 self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         self.timers.run_due()
         if self._leave_requested:
@@ -260,6 +292,8 @@ class Agent:
     def close(self) -> None:
         self.models.abort_all("the agent is stopping")
         self.offload.close()
+        if self.bulk is not None:
+            self.bulk.close(0)
         for rt in self.runtimes.values():
             rt.kill()
         for rt in self.runtimes.values():
@@ -312,18 +346,29 @@ class Agent:
                 log.exception("failed to handle a message")
 
     # ---- coordinator ---------------------------------------------------------------------------
-    def _request(self, op: str, body: dict, on_reply: Callable[[int, dict], None] | None = None) -> None:
+    def _request(self, op: str, body: dict, on_reply: Callable[[int, dict], None] | None = None,
+                 sock: zmq.Socket | None = None) -> None:
         rid = next(self._ids)
         if on_reply is not None:
             self.pending[rid] = on_reply
         try:
-            self.coord.send(encode_request(op, rid, body), zmq.NOBLOCK)
+            (sock or self.coord).send(encode_request(op, rid, body), zmq.NOBLOCK)
         except zmq.Again:
             self.pending.pop(rid, None)
             log.warning("coordinator queue full; dropped [%s]", op)
 
     def _request_chunk(self, sha256: str, offset: int, length: int, cb: Callable) -> None:
-        self._request("model_chunk", {"sha256": sha256, "offset": offset, "length": length}, cb)
+        """Model bytes on the bulk connection, naming our node and our registration's token. Not
+        registered: not sent (the model cache asks again once we are, ``on_reconnect``). A
+        coordinator that gave no token takes them on the main connection."""
+        if not self.registered:
+            return
+        body = {"sha256": sha256, "offset": offset, "length": length}
+        if self.bulk_token is None:
+            self._request("model_chunk", body, cb)
+        else:
+            self._request("model_chunk", {**body, "node_id": self.node_id, "bulk_token": self.bulk_token},
+                          cb, self.bulk)
 
     def _reports(self) -> list[dict]:
         return [rt.report() for rt in self.runtimes.values()]
@@ -338,12 +383,20 @@ class Agent:
             allocated_processors=self.allocated_processors,
             cpu={"physical": psutil.cpu_count(logical=False) or 1,
                  "logical": psutil.cpu_count(logical=True) or 1},
-            memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_sync_reply)
+            memory=self._memory(), pid=os.getpid(), deployments=self._reports())), self._on_register_reply)
 
-    def _heartbeat_body(self) -> dict[str, Any]:
-        """A Heartbeat, built as the map it travels as: ``m.encode``'s dataclasses.asdict would
-        deep-copy every deployment's report once more (milliseconds with 100 deployments)."""
-        return {"node_id": self.node_id, "memory": self._memory(), "deployments": self._reports()}
+    def _send_heartbeat(self) -> None:
+        """A Heartbeat, written around each deployment's report kept encoded until it changes
+        (agent/heartbeat.py; ``m.encode``'s dataclasses.asdict would deep-copy every report)."""
+        rid = next(self._ids)
+        self.pending[rid] = self._on_sync_reply
+        frame = self.report_cache.heartbeat(rid, self.node_id, self._memory(), self.runtimes.values(),
+                                            self.clock.monotonic())
+        try:
+            self.coord.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.pending.pop(rid, None)
+            log.warning("coordinator queue full; dropped [heartbeat]")
 
     def _maybe_heartbeat(self) -> None:
         """Heartbeats follow the interval the coordinator sets (it may differ from our default)."""
@@ -359,12 +412,19 @@ class Agent:
             self._connect_coordinator()
             return
         if self.registered:
-            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
+            self._send_heartbeat()
         else:
             self._register()
 
     def _on_coordinator(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
+            return
+        rid = self.sync_memo.same(frames[0])  # the same sync body as last time: not decoded again
+        if rid is not None and self.pending.get(rid) == self._on_sync_reply:
+            self.last_heard = self.clock.monotonic()
+            del self.pending[rid]
+            self.sync_memo.hits += 1
+            self._on_sync_reply(200, self.sync_memo.body or {})
             return
         try:
             msg = decode_message(frames[0])
@@ -375,6 +435,8 @@ class Agent:
         if isinstance(msg, Reply):
             cb = self.pending.pop(msg.id, None)
             if cb is not None:
+                if cb == self._on_sync_reply and msg.status == 200:
+                    self.sync_memo.remember(frames[0], msg.id, msg.body)
                 cb(msg.status, msg.body)
             return
         if msg.op == "sync":  # a push
@@ -383,6 +445,30 @@ class Agent:
             rt = self.runtimes.get(msg.body.get("deployment_id", ""))
             if rt:
                 rt.clear_cache()
+
+    def _on_bulk(self, frames: list[bytes]) -> None:
+        """Replies on the bulk connection (chunks). They say nothing of our liveness with the
+        coordinator: that is the main connection's (heartbeats)."""
+        if len(frames) != 1:
+            return
+        try:
+            msg = decode_message(frames[0])
+        except ApiError as e:
+            log.warning("ignoring a malformed message on the bulk connection: %s", e.reason)
+            return
+        if isinstance(msg, Reply):
+            cb = self.pending.pop(msg.id, None)
+            if cb is not None:
+                cb(msg.status, msg.body)
+
+    def _on_register_reply(self, status: int, body: dict) -> None:
+        if status == 200 and isinstance(body, dict) and "bulk_token" in body:
+            body = dict(body)
+            token = body.pop("bulk_token")
+            self.bulk_token = token if isinstance(token, str) and m.BULK_TOKEN_RE.match(token) else None
+        elif status == 200:
+            self.bulk_token = None  # a coordinator without bulk connections: chunks on coord
+        self._on_sync_reply(status, body)
 
     def _on_sync_reply(self, status: int, body: dict) -> None:
         if status != 200:
@@ -465,7 +551,9 @@ class Agent:
                                queue_max_bytes=self.cfg.queue_max_bytes,
                                load_retries=self.cfg.load_retries,
                                require_sandbox=self.cfg.require_sandbox)
-        rt.on_host_change = self._hosts_changed
+        rt.on_host_change = lambda rt=rt: self._hosts_changed(rt)
+        rt.on_event = self._on_event
+        self._active[rt] = None
         self.runtimes[a.deployment_id] = rt
         if self.metrics is not None:
             qh = self.metrics.queue_seconds.labels(dep_id, self.node_id)
@@ -517,24 +605,33 @@ class Agent:
         self.metrics.publish([*fams.values(), depth, allocs, up])
 
     def _reap_stopped(self) -> None:
-        for dep_id, rt in list(self.runtimes.items()):
-            if rt.reapable():  # its host's pipe closed too, so its workers are accounted
-                del self.runtimes[dep_id]
-                log.info("deployment [%s] stopped on node [%s]", dep_id, self.node_id)
+        """Stopped deployments leave: a stopped runtime stays active (ticked) until reaped."""
+        for rt in [rt for rt in self._active if rt.phase == Phase.STOPPED]:
+            if self.runtimes.get(rt.deployment_id) is not rt:
+                self._active.pop(rt, None)  # replaced or gone already
+            elif rt.reapable():  # its host's pipe closed too, so its workers are accounted
+                del self.runtimes[rt.deployment_id]
+                self._active.pop(rt, None)
+                log.info("deployment [%s] stopped on node [%s]", rt.deployment_id, self.node_id)
                 self._heartbeat_now()
 
     def _heartbeat_now(self) -> None:
         if self.registered:
-            self._request("heartbeat", self._heartbeat_body(), self._on_sync_reply)
+            self._send_heartbeat()
 
     def _tick(self) -> None:
-        self._hosts_dirty = True  # a backstop: a deployment that stopped without a host is reaped
         self.models.tick(self.clock.monotonic())
-        for rt in list(self.runtimes.values()):
+        for rt in list(self._active):
+            if self.runtimes.get(rt.deployment_id) is not rt:
+                self._active.pop(rt, None)
+                continue
             before = (rt.routing_state(), rt.ready_count())
             rt.tick()
             if (rt.routing_state(), rt.ready_count()) != before:
                 self._heartbeat_now()
+            if rt.phase != Phase.STOPPED and not rt.needs_tick():
+                self._active.pop(rt, None)  # nothing to do until its next event
+        self._reap_stopped()  # also those that stopped without a host
 
     # ---- workers -------------------------------------------------------------------------------
     def _authorize_worker(self, identity: bytes, pid: int) -> str | None:

@@ -9,16 +9,25 @@ interval. Its ``deployments`` mirror what the last sync assigned to it: a deploy
 it has fetched is ``started`` with ``current_allocations = target``, one whose model is still
 being fetched is ``starting``, one no longer assigned (or ``stopping``) is reported ``stopping``
 once and then dropped. Like the real agent it fetches each assigned model once (``model_chunk``,
-4 MiB chunks, 4 in flight after the first; the bytes are counted, not kept) and heartbeats at once
-when a deployment's state changes. Nothing else is answered.
+4 MiB chunks, 4 in flight after the first; the bytes are counted, not kept) on a second DEALER of
+its own, the bulk connection, with the ``bulk_token`` of its register reply (opened at its first
+fetch; ``--chunks-on-main`` sends them on the main connection instead, as agents did before), and
+heartbeats at once when a deployment's state changes. Nothing else is answered.
 
 Events come from one epoll over every socket's ``ZMQ_FD`` (a zmq.Poller over thousands of
-sockets costs a scan of all of them per call); a socket is drained while its ``ZMQ_EVENTS`` says
-POLLIN, and again after each send, since a send may consume the fd's edge.
+sockets costs a scan of all of them per call); a main socket is drained while its ``ZMQ_EVENTS``
+says POLLIN, and again after each send, since a send may consume the fd's edge. Like the agent,
+which reads its main connection before its bulk one at each turn, the simulator (whose bulk
+sockets have a ZeroMQ context, so an I/O thread, of their own) reads every
+ready main socket first and then at most ``BULK_SLICE`` chunk replies per turn (bulk sockets
+with more waiting are kept in a backlog and visited again): one process stands in for up to 50
+fetching hosts here, and a fetcher's heartbeat reply would otherwise wait for the receiving of
+other nodes' chunks, a cost of the simulator that no single agent has.
 
 Control: JSON lines on stdin (``{"cmd": "status"}``, ``{"cmd": "dump"}``, ``{"cmd": "stop"}``),
 one JSON line answered on stdout for each. ``dump`` writes ``DIR/PREFIX-samples.json``: every heartbeat
-round trip as ``[sent at (time.monotonic), round trip ms]``, the same for registrations. Every
+round trip as ``[sent at (time.monotonic), round trip ms, 1 if the node was fetching a model
+when it sent it else 0]``, and registrations as ``[sent at, round trip ms]``. Every
 loop is bounded: the process exits by itself after ``--max-seconds``.
 """
 
@@ -42,6 +51,7 @@ from mlfleet.common.protocol import MAX_MESSAGE_BYTES, Reply, encode_request, un
 
 CHUNK = 4 << 20
 WINDOW = 4
+BULK_SLICE = 4  # chunk replies read per loop turn, between two reads of the main sockets
 GIB = 1 << 30
 STATS = {"inference_count": 0, "error_count": 0, "timeout_count": 0, "rejected_execution_count": 0,
          "number_of_pending_requests": 0, "average_inference_time_ms": 0.0}
@@ -61,6 +71,8 @@ class Sim:
     index: int
     node_id: str
     sock: zmq.Socket
+    bulk: Any = None        # the bulk connection (a DEALER), opened at the first fetch
+    bulk_token: str = ""    # from the register reply
     registered: bool = False
     registering: bool = False
     gen: int = 0  # bumped at each registration: older heartbeat timers are dropped
@@ -73,35 +85,33 @@ class Sim:
 
 class Sims:
     def __init__(self, endpoint: str, nodes: int, processors: int, register_window: int,
-                 out: Path, max_seconds: float, prefix: str = "sim") -> None:
+                 out: Path, max_seconds: float, prefix: str = "sim", chunks_on_main: bool = False) -> None:
         self.endpoint, self.out, self.prefix = endpoint, out, prefix
+        self.chunks_on_main = chunks_on_main
         self.deadline = time.monotonic() + max_seconds
         self.processors = processors
         self.register_window = register_window
         self.interval = 1.0
         self.ctx = zmq.Context(io_threads=1)
         self.ctx.set(zmq.MAX_SOCKETS, nodes + 64)  # a context option (the default is 1023)
+        # bulk sockets in a context of their own: its I/O thread reads the chunks (megabytes at a
+        # time) while the main one reads heartbeat replies, as two hosts' would not wait for each other
+        self.bulk_ctx = zmq.Context(io_threads=1)
+        self.bulk_ctx.set(zmq.MAX_SOCKETS, nodes + 64)
         self.sel = selectors.DefaultSelector()
         self.sims: list[Sim] = []
-        self.by_fd: dict[int, Sim] = {}
+        self.by_fd: dict[int, tuple[Sim, bool]] = {}  # fd -> (node, its bulk socket?)
+        self.backlog: dict[int, Sim] = {}  # nodes whose bulk socket may hold replies (in order)
         for i in range(nodes):
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-            s.setsockopt(zmq.SNDHWM, 1000)
-            s.setsockopt(zmq.RCVHWM, 1000)
-            s.connect(endpoint)
-            sim = Sim(i, f"{prefix}-{i:04d}", s)
+            sim = Sim(i, f"{prefix}-{i:04d}", self.dealer())
             self.sims.append(sim)
-            fd = s.getsockopt(zmq.FD)
-            self.by_fd[fd] = sim
-            self.sel.register(fd, selectors.EVENT_READ)
+            self.watch(sim, sim.sock)
         self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ)
         self.timers: list[tuple[float, int, int, int]] = []  # (due, seq, sim index, gen)
         self.seq = 0
         self.rid = 0
         self.to_register: list[int] = list(range(nodes))[::-1]
-        self.hb: list[tuple[float, float]] = []
+        self.hb: list[tuple[float, float, int]] = []
         self.reg: list[tuple[float, float]] = []
         self.counts = {"reregister": 0, "errors": 0, "send_again": 0, "chunks": 0,
                        "chunk_bytes": 0, "stale_dropped": 0, "fetched": 0, "no_reply": 0}
@@ -111,16 +121,32 @@ class Sims:
         self.next_sweep = time.monotonic() + 5
         self.running = True
 
+    def dealer(self, bulk: bool = False) -> zmq.Socket:
+        s = (self.bulk_ctx if bulk else self.ctx).socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        s.connect(self.endpoint)
+        return s
+
+    def watch(self, sim: Sim, sock: zmq.Socket) -> None:
+        fd = sock.getsockopt(zmq.FD)
+        self.by_fd[fd] = (sim, sock is sim.bulk)
+        self.sel.register(fd, selectors.EVENT_READ)
+
     # ---- sending --------------------------------------------------------------------------
-    def send(self, sim: Sim, op: str, body: dict[str, Any], info: Any = None) -> None:
+    def send(self, sim: Sim, op: str, body: dict[str, Any], info: Any = None, bulk: bool = False) -> None:
         self.rid += 1
         try:
-            sim.sock.send(encode_request(op, self.rid, body), zmq.NOBLOCK)
+            (sim.bulk if bulk else sim.sock).send(encode_request(op, self.rid, body), zmq.NOBLOCK)
         except zmq.Again:
             self.counts["send_again"] += 1
             return
         sim.pending[self.rid] = (op, time.monotonic(), info)
         self.drain(sim)  # a send may have consumed the fd's edge
+        if bulk:
+            self.backlog[sim.index] = sim
 
     def register(self, sim: Sim) -> None:
         sim.registering = True
@@ -147,7 +173,7 @@ class Sims:
         self.dirty.discard(sim.index)
         self.send(sim, "heartbeat", {"node_id": sim.node_id,
                                      "memory": {"total_bytes": 64 * GIB, "available_bytes": 60 * GIB},
-                                     "deployments": self.report_list(sim)})
+                                     "deployments": self.report_list(sim)}, int(bool(sim.fetches)))
         # reported "stopping" once: drop it now (the node has stopped it)
         for dep in [d for d, s in sim.reports.items() if s == "stopping"]:
             del sim.reports[dep]
@@ -163,6 +189,20 @@ class Sims:
             if not sim.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
             self.on_frame(sim, sim.sock.recv(zmq.NOBLOCK, copy=False))
+
+    def read_bulk(self) -> None:
+        """At most BULK_SLICE chunk replies, one per node in turn; nodes with none left leave
+        the backlog."""
+        n = 0
+        for i, sim in list(self.backlog.items()):
+            if n >= BULK_SLICE:
+                return
+            del self.backlog[i]
+            if sim.bulk is None or not sim.bulk.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                continue
+            self.on_frame(sim, sim.bulk.recv(zmq.NOBLOCK, copy=False))
+            n += 1
+            self.backlog[i] = sim  # maybe more: visited again after the others
 
     def sweep(self, now: float) -> None:
         """Forget requests unanswered for 30 s (counted); a lost registration is sent again."""
@@ -206,12 +246,13 @@ class Sims:
         if op == "register":
             self.reg.append((t0, (now - t0) * 1000))
             sim.registering, sim.registered = False, True
+            sim.bulk_token = str(rep.body.get("bulk_token") or "")
             self.reg_inflight.discard(sim.index)
             sim.gen += 1
             self.apply_sync(sim, rep.body)
             self.schedule(sim, time.monotonic() + self.interval * ((sim.index * 0.618034) % 1.0))
         elif op == "heartbeat":
-            self.hb.append((t0, (now - t0) * 1000))
+            self.hb.append((t0, (now - t0) * 1000, info))
             if rep.body.get("reregister"):
                 self.counts["reregister"] += 1
                 sim.registered = False
@@ -254,7 +295,15 @@ class Sims:
         f.inflight += 1
         offset = f.next_offset
         f.next_offset += CHUNK
-        self.send(sim, "model_chunk", {"sha256": f.sha, "offset": offset, "length": CHUNK}, f)
+        body = {"sha256": f.sha, "offset": offset, "length": CHUNK}
+        if self.chunks_on_main or not sim.bulk_token:
+            self.send(sim, "model_chunk", body, f)
+            return
+        if sim.bulk is None:
+            sim.bulk = self.dealer(bulk=True)
+            self.watch(sim, sim.bulk)
+        self.send(sim, "model_chunk", {**body, "node_id": sim.node_id, "bulk_token": sim.bulk_token}, f,
+                  bulk=True)
 
     def on_chunk(self, sim: Sim, rep: Any, f: Fetch) -> None:
         f.inflight -= 1
@@ -321,14 +370,22 @@ class Sims:
             if now >= self.next_sweep:
                 self.sweep(now)
             wait = min(0.2, max(0.0, self.timers[0][0] - time.monotonic())) if self.timers else 0.05
-            for key, _ in self.sel.select(wait):
+            for key, _ in self.sel.select(0 if self.backlog else wait):
                 if key.fd == sys.stdin.fileno():
                     self.on_stdin()
+                    continue
+                sim, bulk = self.by_fd[key.fd]
+                if bulk:
+                    self.backlog[sim.index] = sim
                 else:
-                    self.drain(self.by_fd[key.fd])
+                    self.drain(sim)
+            self.read_bulk()
         for s in self.sims:
             s.sock.close(0)
+            if s.bulk is not None:
+                s.bulk.close(0)
         self.ctx.term()
+        self.bulk_ctx.term()
 
 
 def main() -> None:
@@ -340,12 +397,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-seconds", type=float, default=3600)
     ap.add_argument("--prefix", default="sim", help="node ids are PREFIX-0000, PREFIX-0001, ...")
+    ap.add_argument("--chunks-on-main", action="store_true",
+                    help="ask for model chunks on the main connection (no bulk connection)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.nodes + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     Sims(args.endpoint, args.nodes, args.processors, args.register_window, args.out,
-         args.max_seconds, args.prefix).run()
+         args.max_seconds, args.prefix, args.chunks_on_main).run()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ A real coordinator and one real agent (``--allocated-processors`` = deployments)
 TorchScript model (an 8 -> 8 MLP) deployed ``--deployments`` times (1 allocation, 1 thread
 each: one model host and one worker process per deployment). Between the agent and the
 coordinator sits a ZeroMQ proxy in this process (a ROUTER for the agent, a DEALER to the
-coordinator, frames passed on unchanged) that times each ``heartbeat`` from the agent to its
-reply: the round trip as the agent's side sees it, and the interval between heartbeats (the agent
-sends one a second; a loop that falls behind shows as longer intervals). The relay probe is
+coordinator for each of the agent's connections, frames passed on unchanged) that times each
+``heartbeat`` from the agent to its reply: the round trip as the agent's side sees it, and the
+interval between heartbeats (the agent sends one a second; a loop that falls behind shows as
+longer intervals). The relay probe is
 ``Client.infer`` every 20 ms on one deployment picked at random each time.
 
 Phases, in one run: the agent with 1 deployment (the baseline), then with all of them, each for
@@ -40,7 +41,8 @@ from tests.helpers import Cluster, Mlp, save_model
 
 
 class HeartbeatProxy(threading.Thread):
-    """agent DEALER -> our ROUTER -> our DEALER -> the coordinator's ROUTER, and back. One agent."""
+    """agent DEALERs -> our ROUTER -> one DEALER each -> the coordinator's ROUTER, and back. One
+    agent, whose connections (main and bulk) stay apart on the way to the coordinator."""
 
     def __init__(self, coordinator: str) -> None:
         super().__init__(daemon=True)
@@ -49,10 +51,9 @@ class HeartbeatProxy(threading.Thread):
         self.front.setsockopt(zmq.LINGER, 0)
         port = self.front.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.back = self.ctx.socket(zmq.DEALER)
-        self.back.setsockopt(zmq.LINGER, 0)
-        self.back.connect(coordinator)
-        self.agent: bytes | None = None
+        self.coordinator = coordinator
+        self.backs: dict[bytes, zmq.Socket] = {}  # the agent's connection -> ours to the coordinator
+        self.conn_of: dict[zmq.Socket, bytes] = {}
         self.sent: dict[int, float] = {}                 # heartbeat id -> when it passed
         self.samples: list[tuple[float, float]] = []     # (sent at, round trip ms)
         self.intervals: list[tuple[float, float]] = []   # (sent at, seconds since the last one)
@@ -62,12 +63,17 @@ class HeartbeatProxy(threading.Thread):
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
         while not self.stop.is_set():
             for sock, _ in poller.poll(100):
                 if sock is self.front:
                     ident, frame = self.front.recv_multipart()
-                    self.agent = ident
+                    back = self.backs.get(ident)
+                    if back is None:
+                        back = self.backs[ident] = self.ctx.socket(zmq.DEALER)
+                        back.setsockopt(zmq.LINGER, 0)
+                        back.connect(self.coordinator)
+                        self.conn_of[back] = ident
+                        poller.register(back, zmq.POLLIN)
                     now = time.perf_counter()
                     try:
                         op, rid = peek_request(frame)
@@ -78,9 +84,9 @@ class HeartbeatProxy(threading.Thread):
                         if self.last:
                             self.intervals.append((now, now - self.last))
                         self.last = now
-                    self.back.send(frame)
+                    back.send(frame)
                 else:
-                    frame = self.back.recv()
+                    frame = sock.recv()
                     now = time.perf_counter()
                     try:
                         msg = unpack(frame)
@@ -90,10 +96,10 @@ class HeartbeatProxy(threading.Thread):
                     t0 = self.sent.pop(rid, None) if isinstance(rid, int) else None
                     if t0 is not None:
                         self.samples.append((t0, (now - t0) * 1000))
-                    if self.agent is not None:
-                        self.front.send_multipart([self.agent, frame])
+                    self.front.send_multipart([self.conn_of[sock], frame])
         self.front.close(0)
-        self.back.close(0)
+        for back in self.backs.values():
+            back.close(0)
         self.ctx.term()
 
 

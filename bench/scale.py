@@ -15,8 +15,10 @@ TorchScript model with ``mlfleet.Client``, starts the deployments (1 allocation 
 * ``get_routing``, ``get_stats`` of one deployment and of all: latency;
 * nodes falsely declared lost (``lost:`` lines in the coordinator's log; every node is alive);
 * liveness under bulk work: a model of ``--fetch-size`` is put, then fetched by ``--fetchers``
-  nodes at once (4 MiB chunks, 4 in flight each) while every node heartbeats; heartbeat p99
-  during the upload and during the fetch.
+  nodes at once (4 MiB chunks, 4 in flight each, on each fetcher's bulk connection unless
+  ``--chunks-on-main``) while every node heartbeats; heartbeat p99 during the upload and during
+  the fetch: of every simulated node, of the fetchers themselves (heartbeats sent while their
+  fetch was under way), and of witness nodes in a process of their own.
 
 Every wait has a deadline, each size a budget (``--size-budget``); a size that does not finish
 is reported with the reason and larger sizes are skipped. Only loopback.
@@ -72,12 +74,12 @@ class SimProcess:
     """The simulated agents, in their own process (its CPU is not the benchmark's)."""
 
     def __init__(self, endpoint: str, nodes: int, processors: int, out: Path, max_s: float,
-                 prefix: str = "sim") -> None:
+                 prefix: str = "sim", chunks_on_main: bool = False) -> None:
         self.out, self.prefix = out, prefix
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench._scale_agents", "--endpoint", endpoint, "--nodes", str(nodes),
              "--processors", str(processors), "--out", str(out), "--max-seconds", str(max_s),
-             "--prefix", prefix],
+             "--prefix", prefix, *(["--chunks-on-main"] if chunks_on_main else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
         self.ps = psutil.Process(self.proc.pid)
 
@@ -107,8 +109,11 @@ class SimProcess:
                 self.proc.wait()
 
 
-def in_window(samples: list[list[float]], t0: float, t1: float) -> list[float]:
-    return [ms for t, ms in samples if t0 <= t < t1] or [float("nan")]
+def in_window(samples: list[list[float]], t0: float, t1: float, fetching: int | None = None) -> list[float]:
+    """Round trips sent in [t0, t1); ``fetching`` 1 (0): only those a node sent while it was
+    (was not) fetching a model."""
+    return [x[1] for x in samples if t0 <= x[0] < t1 and (fetching is None or x[2:] == [fetching])] \
+        or [float("nan")]
 
 
 def timed(fn: Any, n: int) -> list[float]:
@@ -153,7 +158,8 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
         cp = psutil.Process(coord.pid)
         log = coord.log
         t0 = time.monotonic()
-        sim = SimProcess(coord.endpoint, nodes, args.processors, work, args.size_budget + 60)
+        sim = SimProcess(coord.endpoint, nodes, args.processors, work, args.size_budget + 60,
+                         chunks_on_main=args.chunks_on_main)
         # a few more nodes in a process of their own, with 1 processor (never given the big
         # model): their heartbeat round trips are the coordinator's, not the fetchers' receiving
         wit = SimProcess(coord.endpoint, args.witnesses, 1, work, args.size_budget + 60, "witness") \
@@ -251,6 +257,10 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
             r[f"hb_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
             h = in_window(whb, a, b)
             r[f"wit_{name}"] = (pct(h, 50), pct(h, 99), max(h), len(h))
+        h = in_window(hb, p1, f1, fetching=1)
+        r["fetchers_fetch"] = (pct(h, 50), pct(h, 99), max(h), len(h))
+        h = in_window(hb, p1, f1, fetching=0)  # the other nodes of the fetchers' process
+        r["others_fetch"] = (pct(h, 50), pct(h, 99), max(h), len(h))
         return r
     finally:
         if c.coordinator is not None:
@@ -284,6 +294,9 @@ def main() -> None:
     ap.add_argument("--witnesses", type=int, default=10,
                     help="nodes in a process of their own whose heartbeats measure the coordinator alone")
     ap.add_argument("--size-budget", type=float, default=900.0, help="seconds for one size")
+    ap.add_argument("--chunks-on-main", action="store_true",
+                    help="simulated agents ask for model chunks on their main connection (as before "
+                         "agents had a bulk connection): for comparison")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -326,6 +339,9 @@ def main() -> None:
                       ms(r["hb_put"][1]), fmt(r["fetch_s"], 1), ms(r["hb_fetch"][0]),
                       ms(r["hb_fetch"][1]), ms(r["hb_fetch"][2]), ms(r["hb_steady"][1]),
                       f"{ms(r['wit_put'][1])} / {ms(r['wit_fetch'][1])} / {ms(r['wit_fetch'][2])}",
+                      f"{ms(r['fetchers_fetch'][0])} / {ms(r['fetchers_fetch'][1])} / "
+                      f"{ms(r['fetchers_fetch'][2])} ({r['fetchers_fetch'][3]})",
+                      f"{ms(r['others_fetch'][0])} / {ms(r['others_fetch'][1])}",
                       r["lost_fetch"]])
     print(table("The coordinator at scale (heartbeat every 1 s, node timeout 10 s; steady window "
                 f"{args.window:.0f} s)",
@@ -335,11 +351,14 @@ def main() -> None:
                  "get_stats(one) p50/p99 ms", "get_stats(all) ms", "nodes lost", "simulator CPU %"],
                 rows))
     if frows:
-        print(table("Liveness while many nodes fetch one model at once (4 MiB chunks, 4 in flight each)",
+        where = "the main connection" if args.chunks_on_main else "a bulk connection of their own"
+        print(table("Liveness while many nodes fetch one model at once (4 MiB chunks, 4 in flight each, "
+                    f"on {where})",
                     ["nodes", "fetchers x size", "put s", "hb p99 ms (put)", "fetch s",
                      "hb p50 ms (fetch)", "hb p99 ms (fetch)", "hb max ms (fetch)",
                      "hb p99 ms (steady)", "witness hb p99 put / p99 fetch / max fetch ms",
-                     "nodes lost (fetch)"], frows))
+                     "fetchers' own hb p50 / p99 / max ms (n)",
+                     "same process, not fetching: hb p50 / p99 ms", "nodes lost (fetch)"], frows))
 
 
 if __name__ == "__main__":

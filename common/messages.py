@@ -62,6 +62,7 @@ ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_\-.]{0,62}[a-z0-9])?\Z")
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}\Z")
 UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+BULK_TOKEN_RE = re.compile(r"^[0-9a-f]{32}\Z")
 HOSTNAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,255}\Z")
 ADDRESS_RE = re.compile(r"^(?:tcp|ipc|inproc|ws|wss|udp|pgm|epgm|vmci)://[^\s\x00-\x1f\x7f]{1,500}\Z")
 
@@ -805,9 +806,14 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class ModelChunk:
+    """Model bytes. From the registered connection without ``node_id`` and ``bulk_token``; from
+    the agent's bulk connection with both: the node and the token its registration was given."""
     sha256: str = rule(**_SHA256)
     offset: int = rule(min=0, max=MAX_MEMORY_BYTES)
     length: int = rule(min=1, max=MAX_CHUNK_REQUEST)
+    node_id: Optional[str] = rule(None, **_NODE_ID)
+    bulk_token: Optional[str] = rule(None, pattern=BULK_TOKEN_RE,
+                                     pattern_msg="[{name}] must be 32 lowercase hex characters")
 
 
 # ---- coordinator -> agent ------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class BulkJob:
     sha256: str
     offset: int
     length: int
+    bulk_token: Optional[str] = None  # asked on the node's bulk connection (else its registered one)
 
 
 class Coordinator:
@@ -697,7 +699,7 @@ class Coordinator:
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
-                          public_key=user, ident=ctx.ident)
+                          public_key=user, ident=ctx.ident, bulk_token=secrets.token_hex(16))
         if known is not None and known.alive:
             node.reports = known.reports  # continuity: what it ran before counts while it drains
         self._ingest_reports(node, parse_reports(msg.deployments))
@@ -725,7 +727,8 @@ class Coordinator:
         if self._join_may_change_plan(msg.node_id, node):
             self._rebalance(f"node [{msg.node_id}] joined")
         self._push_sync(msg.node_id)
-        return self._sync_body(msg.node_id)
+        # the bulk connection's credential goes to this connection only (never in a push)
+        return {**self._sync_body(msg.node_id), "bulk_token": node.bulk_token}
 
     def _join_may_change_plan(self, node_id: str, node: NodeRecord) -> bool:
         """Whether planning again after ``node`` (re-)registered can change any target: it
@@ -765,9 +768,12 @@ class Coordinator:
         return {"left": True}
 
     def on_model_chunk(self, ctx: Ctx, msg: m.ModelChunk) -> dict[str, Any]:
-        """Model bytes go only to a registered node that runs (or is to run) that model."""
-        node_id = self._node_of.get(ctx.ident)
-        node = self._node_for(ctx.ident, node_id) if node_id else None
+        """Model bytes go only to a registered node that runs (or is to run) that model: asked
+        on the connection it registered from, or on its bulk connection (any other connection
+        of the same agent key, naming the node and the token its registration was given), so
+        that its heartbeat replies never wait behind chunk replies on one connection."""
+        node = self._bulk_node(ctx, msg) if msg.node_id is not None or msg.bulk_token is not None \
+            else self._node_for(ctx.ident, self._node_of.get(ctx.ident, ""))
         if node is None:  # e.g. an agent reconnecting: it asks again once it has registered
             raise ServiceUnavailable("[model_chunk] is for registered nodes: register first")
         wanted = {sha for a in self._sync_body(node.node_id)["assignments"]
@@ -780,17 +786,43 @@ class Coordinator:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
         if len(self._bulk) >= MAX_BULK_QUEUED:
             raise ServiceUnavailable("the coordinator has too many model chunks to send; ask again later")
-        self._bulk.append(BulkJob(ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length))
+        self._bulk.append(BulkJob(ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length,
+                                  msg.bulk_token))
         self._pump_bulk()
         return DEFER
+
+    def _bulk_node(self, ctx: Ctx, msg: m.ModelChunk) -> NodeRecord:
+        """The node a request on a bulk connection is for: registered and alive, the token of its
+        current registration, and (with CURVE) the key it registered with."""
+        if msg.node_id is None or msg.bulk_token is None:
+            raise BadRequest("[node_id] and [bulk_token] come together (a request on an agent's bulk "
+                             "connection) or not at all (on the connection it registered from)")
+        node = self.nodes.get(msg.node_id)
+        if node is None or not node.alive:
+            raise ServiceUnavailable(f"[model_chunk] on a bulk connection: node [{msg.node_id}] is not "
+                                     "registered: register first")
+        if self.curve is not None and node.public_key != ctx.user:
+            raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
+        if not secrets.compare_digest(node.bulk_token, msg.bulk_token):
+            raise Forbidden(f"[bulk_token] is not the one the registration of node [{msg.node_id}] was "
+                            "given: a bulk connection is taken only from the agent that registered")
+        return node
+
+    def _job_valid(self, job: BulkJob) -> bool:
+        """A queued chunk is still owed: its node has not been lost, left or registered again."""
+        if job.bulk_token is None:
+            return self._node_for(job.ident, job.node_id) is not None
+        node = self.nodes.get(job.node_id)
+        return node is not None and node.alive and node.bulk_token == job.bulk_token
 
     def _pump_bulk(self) -> None:
         """Start the next queued chunks, BULK_IN_FLIGHT at a time: each is read and its whole
         reply encoded on an Offload thread; the loop only sends the frame. A chunk whose node is
-        gone (lost, left or registered again from another connection) is dropped."""
+        gone (lost, left or registered again) is dropped; one whose connection has gone is read
+        and then dropped by ZeroMQ (ROUTER_MANDATORY: the send fails, logged at debug level)."""
         while self._bulk and self._bulk_in_flight < BULK_IN_FLIGHT:
             job = self._bulk.popleft()
-            if self._node_for(job.ident, job.node_id) is None:
+            if not self._job_valid(job):
                 continue
             self._bulk_in_flight += 1
             self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:

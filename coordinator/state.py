@@ -110,6 +110,7 @@ class NodeRecord:
     reports: dict[str, RouteReport] = field(default_factory=dict)
     public_key: Optional[str] = None  # the agent's CURVE key (z85), for clients to reach it
     ident: bytes = b""                # the connection (ZeroMQ routing id) it registered from
+    bulk_token: str = ""              # given in the register reply: its bulk connection's credential
     ignored: set[str] = field(default_factory=set)  # deployments it reported without being assigned
 
     def body(self, deployments: list[str]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ events in, commands out."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Optional
 
@@ -516,3 +517,57 @@ def test_a_report_is_a_valid_route_report() -> None:
     s.answer("w1")
     report = s.core.report(s.now)
     assert m.encode(m.decode(m.RouteReport, report, "deployments")) == report
+
+
+def _snapshot(core: DeploymentCore) -> tuple[Any, ...]:
+    return (core.phase, core.reason, core.held_bytes, core.host_kill_at, core.stop_deadline,
+            core._respawn_at, core._batch_wake_at, len(core.queue), sorted(core.jobs),
+            sorted((w.worker_id, w.state, tuple(w.jobs)) for w in core.workers.values()),
+            core.stats.timeout_count, core.stats.inference_count)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, max_size=40), st.integers(1, 3), st.integers(0, 30))
+def test_a_core_that_needs_no_tick_is_left_unchanged_by_ticks(ops: list[tuple[Any, ...]], target: int,
+                                                               delay_ms: int) -> None:
+    """The agent ticks only deployments whose core ``needs_tick``: for the others a tick, now or
+    at any later time, must change nothing and ask for nothing."""
+    s = Sim(limits=Limits(queue_max_bytes=100, restart_budget=3), target_allocations=target,
+            queue_capacity=4, max_batch_delay_ms=float(delay_ms))
+    s.start()
+    rids = itertools.count(1)
+    for op in ops:
+        kind = op[0]
+        wids = sorted(s.core.workers)
+        if kind == "submit":
+            s.submit(next(rids), timeout_s=op[1], nbytes=op[2])
+        elif kind == "advance":
+            s.now += op[1]
+        elif kind == "tick":
+            s.tick()
+        elif kind == "batch":
+            s.run(s.core.timer(Timer.BATCH, s.now))
+        elif kind == "answer" and wids:
+            s.answer(wids[op[1] % len(wids)], fail=op[2])
+        elif kind == "ready" and wids:
+            s.run(s.core.worker_ready(wids[op[1] % len(wids)], 1, s.now))
+        elif kind == "exit" and wids:
+            s.run(s.core.worker_exited(wids[op[1] % len(wids)], 1, s.now))
+        elif kind == "scale":
+            s.run(s.core.update(assignment(target_allocations=op[1], queue_capacity=4,
+                                           max_batch_delay_ms=float(delay_ms)), s.now))
+        elif kind == "stop":
+            s.run(s.core.begin_stop(op[1], s.now))
+        if s.core.needs_tick():
+            continue
+        before = _snapshot(s.core)
+        for later in (0.0, 0.05, 1.0, 30.0, 3600.0):
+            twin = copy.deepcopy(s.core)
+            assert twin.tick(s.now + later) == [], (later, before)
+            assert _snapshot(twin) == before
+    # a running deployment with its workers ready and nothing to do needs no tick
+    s2 = Sim(target_allocations=1)
+    s2.start()
+    assert not s2.core.needs_tick()
+    s2.submit(99)
+    assert s2.core.needs_tick()

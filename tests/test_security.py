@@ -162,3 +162,33 @@ def test_a_node_id_stays_with_the_agent_key_that_registered_it(secure):
     assert register("agent-a", "node-x").status == 200
     stolen = register("agent-b", "node-x")
     assert stolen.status == 403 and "registered to another agent key" in stolen.body["error"]["reason"]
+
+
+def test_a_bulk_request_from_another_agent_key_is_refused(secure):
+    """The agent's bulk connection is authenticated like its main one: another agent key, even
+    one that knew the node's token, gets 403; an infer key may not ask for model bytes at all.
+    (The deployment of the fixture was fetched over node-a's CURVE bulk connection.)"""
+    c, client, keys = secure
+    coord_pub = load_public(keys["coordinator"][1])
+    with client("admin") as admin:
+        sha = admin.get_models("mlp")["trained_model_configs"][0]["sha256"]
+
+    def chunk(key: str) -> object:
+        pub, sec = load_secret(keys[key][0])
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, coord_pub
+        s.connect(c.coordinator.endpoint)
+        try:
+            s.send(encode_request("model_chunk", 3, {"sha256": sha, "offset": 0, "length": 1024,
+                                                     "node_id": "node-a", "bulk_token": "0" * 32}))
+            assert s.poll(5000)
+            return decode_reply(s.recv())
+        finally:
+            s.close(0)
+    other = chunk("agent-b")
+    assert other.status == 403 and "registered to another agent key" in other.body["error"]["reason"]
+    reader = chunk("reader")
+    assert reader.status == 403 and "role [infer]" in reader.body["error"]["reason"]
+    with client("admin") as admin:
+        assert admin.get_nodes()["nodes"]["node-a"]["deployments"] == ["mlp"]
