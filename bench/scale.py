@@ -154,7 +154,8 @@ def run_size(r: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
     sim: SimProcess | None = None
     wit: SimProcess | None = None
     try:
-        coord = c.start_coordinator(extra=COORDINATOR_ARGS)
+        coord = c.start_coordinator(extra=[*COORDINATOR_ARGS,
+                                           "--bulk-max-bytes-per-sec", args.bulk_max_bytes_per_sec])
         cp = psutil.Process(coord.pid)
         log = coord.log
         t0 = time.monotonic()
@@ -297,6 +298,8 @@ def main() -> None:
     ap.add_argument("--chunks-on-main", action="store_true",
                     help="simulated agents ask for model chunks on their main connection (as before "
                          "agents had a bulk connection): for comparison")
+    ap.add_argument("--bulk-max-bytes-per-sec", default="0b",
+                    help="the coordinator's cap on model bytes sent per second (0b: none)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]

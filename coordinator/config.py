@@ -20,6 +20,9 @@ class CoordinatorConfig:
     scale_to_zero_after_s: float = 900.0
     stop_timeout_s: float = 30.0
     warm_zero_keep_s: float = 300.0
+    # model bytes sent to agents, all together (0: no cap), as Elasticsearch paces shard
+    # recoveries (indices.recovery.max_bytes_per_sec): liveness before transfer speed
+    bulk_max_bytes_per_sec: int = 0
     curve_secret_key: Optional[str] = None   # CURVE on every address when set
     authorized_keys: Optional[str] = None    # lines "ROLE Z85_PUBLIC_KEY"
     metrics_listen: Optional[str] = None     # [HOST:]PORT for Prometheus (loopback unless a host is given)

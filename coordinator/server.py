@@ -137,6 +137,8 @@ class Coordinator:
         self.hb_memo = HeartbeatMemo()                # what each node last sent that passed the checks
         self._bulk: collections.deque[BulkJob] = collections.deque()  # model chunks to send
         self._bulk_in_flight = 0
+        self._bulk_next = 0.0        # the pacer's clock: when the next chunk may start (monotonic)
+        self._bulk_timer = False     # a timer to pump the queue again is set
         self._stopping: set[str] = set()              # deployments being stopped
         self._max_version = 0
         self.waiters: list[Waiter] = []
@@ -820,13 +822,26 @@ class Coordinator:
         reply encoded on an Offload thread; the loop only sends the frame. A chunk whose node is
         gone (lost, left or registered again) is dropped; one whose connection has gone is read
         and then dropped by ZeroMQ (ROUTER_MANDATORY: the send fails, logged at debug level)."""
+        rate = self.cfg.bulk_max_bytes_per_sec
         while self._bulk and self._bulk_in_flight < BULK_IN_FLIGHT:
+            now = self.clock.monotonic()
+            if rate and now < self._bulk_next:  # paced: start the next chunk when its turn comes
+                if not self._bulk_timer:
+                    self._bulk_timer = True
+                    self.timers.at(self._bulk_next, self._bulk_turn)
+                return
             job = self._bulk.popleft()
             if not self._job_valid(job):
                 continue
+            if rate:
+                self._bulk_next = max(now, self._bulk_next) + job.length / rate
             self._bulk_in_flight += 1
             self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:
                                 self._bulk_done(job, frame, error))
+
+    def _bulk_turn(self) -> None:
+        self._bulk_timer = False
+        self._pump_bulk()
 
     def _chunk_reply(self, job: BulkJob) -> bytes | bytearray:  # on an Offload thread
         paths = (self.store.model_path(job.sha256), self.store.tokenizer_path(job.sha256))

@@ -219,6 +219,9 @@ def coordinator(
     scale_up_cooldown: str = typer.Option("5m", help="No scale-down this long after a scale-up."),
     scale_to_zero_after: str = typer.Option("15m", help="Idle time before scaling to zero (min 0)."),
     warm_zero_keep: str = typer.Option("5m", help="How long a deployment scaled to zero keeps its weights loaded (0s: not at all)."),
+    bulk_max_bytes_per_sec: str = typer.Option(
+        "0b", help="Model bytes sent to agents per second, all fetches together (0b: no cap). Heartbeats "
+                   "go first either way; a cap keeps a wide fetch from taking the coordinator's CPU."),
     curve_secret_key: Optional[Path] = typer.Option(None, exists=True, help="CURVE secret key: enforces CURVE on every address."),
     authorized_keys: Optional[Path] = typer.Option(None, exists=True, help="Lines 'ROLE Z85_PUBLIC_KEY', roles admin, infer, agent."),
     metrics_listen: Optional[str] = typer.Option(None, help="[HOST:]PORT for the Prometheus endpoint (loopback unless a host is given; port 0: the OS picks)."),
@@ -249,6 +252,7 @@ def coordinator(
         scale_up_cooldown_s=parse_time(scale_up_cooldown, "scale_up_cooldown", allow_zero=True),
         scale_to_zero_after_s=parse_time(scale_to_zero_after, "scale_to_zero_after"),
         warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep", allow_zero=True),
+        bulk_max_bytes_per_sec=_bytes_option(bulk_max_bytes_per_sec, "bulk_max_bytes_per_sec"),
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
         authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen,
         **_metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_basic_auth)))
@@ -257,6 +261,15 @@ def coordinator(
 def _metrics_tls(cert: Optional[Path], key: Optional[Path], auth: Optional[Path]) -> dict[str, Optional[str]]:
     return {"metrics_tls_cert": str(cert) if cert else None, "metrics_tls_key": str(key) if key else None,
             "metrics_basic_auth": str(auth) if auth else None}
+
+
+def _bytes_option(value: str, name: str) -> int:
+    """A byte-size option; a bad one is a usage error naming the option."""
+    from mlfleet.common.units import parse_bytes
+    try:
+        return parse_bytes(value, name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"--{name.replace('_', '-')}") from None
 
 
 def _duration(value: str, name: str, allow_zero: bool = False) -> float:

@@ -255,3 +255,27 @@ def test_a_lost_bulk_connection_costs_only_its_replies(fresh_cluster, tmp_path):
     finally:
         main.close(0)
         ctx.term()
+
+
+def test_a_bulk_byte_rate_paces_model_chunks_and_the_fetch_completes(tmp_path):
+    """--bulk-max-bytes-per-sec (Elasticsearch paces shard recoveries the same way): at 1 MiB/s a
+    model of three 4 MiB chunks cannot reach an agent in less than 8 s (the second chunk starts 4
+    s after the first, the third 4 s after that); unpaced it takes a fraction of that. The node
+    stays alive throughout and the deployment starts."""
+    import numpy as np
+    import torch
+
+    from tests.helpers import Mlp, running_cluster, save_model
+    model = save_model(torch.nn.Linear(1500, 1500), tmp_path / "big.pt")  # 9 MB: chunks 4+4+0.6 MiB
+    assert 8 << 20 < model.stat().st_size < 12 << 20
+    with running_cluster(tmp_path, {"node-a": 1},
+                         coordinator_extra=["--bulk-max-bytes-per-sec", "1mb"]) as c, c.client() as client:
+        client.put_model("mlp", save_model(Mlp(), tmp_path / "mlp.pt"))
+        client.put_model("big", model)
+        t0 = time.monotonic()
+        client.start_deployment("big", wait_for="started", timeout="60s")
+        elapsed = time.monotonic() - t0
+        assert elapsed >= 7.5, elapsed
+        out = client.infer("big", [{"input": np.ones((1, 1500), np.float32)}])
+        assert len(out["inference_results"][0]["predicted_value"][0]) == 1500
+        assert list(client.get_nodes()["nodes"]) == ["node-a"]
