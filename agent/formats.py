@@ -237,7 +237,7 @@ def warmup_docs(task: Any) -> Optional[list]:
 
 
 def warm_up(task: Any, passes: int = WARMUP_PASSES, timeout_s: int = WARMUP_TIMEOUT_S) -> int:
-    """Runs the task's warm-up documents ``passes`` times, as requests run (the caller holds
+    """Runs the task's warm-up documents ``passes`` times, each alone, as requests run (the caller holds
     ``torch.inference_mode()`` and has set the thread count). Returns the documents run per
     pass (0: nothing to warm up with). A document that fails raises WarmupFailed naming why; a
     warm-up past ``timeout_s`` ends the process (SIGALRM, default action)."""
@@ -250,8 +250,8 @@ def warm_up(task: Any, passes: int = WARMUP_PASSES, timeout_s: int = WARMUP_TIME
     t0 = time.perf_counter()
     try:
         for _ in range(passes):
-            try:
-                outcomes = task.run(docs)
+            try:  # each alone: one forward pass a length, however the task would batch them
+                outcomes = [o for d in docs for o in task.run([d])]
             except Exception as e:  # noqa: BLE001 - reported as the warm-up's failure
                 raise WarmupFailed(f"warm-up failed: {type(e).__name__}: {e}"[:1000]) from None
             bad = next((o for o in outcomes if isinstance(o, ApiError)), None)
