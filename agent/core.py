@@ -64,9 +64,6 @@ __all__ = [  # the commands and stats are defined beside the core, and read from
 ]
 
 _ids = itertools.count(1)  # worker and job ids, unique in the agent (worker identities must be)
-# A batch waits (up to max_batch_delay) for no more requests than the deployment held at once in the
-# last window or the one before (1 to 2 seconds), shared among its ready workers.
-CONCURRENCY_WINDOW_S = 1.0
 
 
 class Phase(str, enum.Enum):
@@ -173,9 +170,6 @@ class DeploymentCore:
         self._load_error = ""
         self._paths: tuple[str, Optional[str]] = ("", None)
         self._batch_wake_at: Optional[float] = None
-        self._held_peak = 0            # the most requests held at once (queued or running) in this window
-        self._held_peak_before = 0     # ... in the window before
-        self._held_window_end = 0.0
         self._respawn_at = 0.0  # restart backoff after a worker died
         self._out: list[Command] = []
 
@@ -493,7 +487,6 @@ class DeploymentCore:
         self._admit(nbytes)
         self.held_bytes += nbytes
         self.queue.append(Job(client, rid, payload, now + timeout_s, now, key, nbytes=nbytes, config=config))
-        self._note_held(now)
         if dispatch:
             self._dispatch(now)
         return self._take()
@@ -530,36 +523,17 @@ class DeploymentCore:
         self._dispatch(now)
         return self._take()
 
-    def _note_held(self, now: float) -> None:
-        """Keep the most requests held at once (queued or running), per window."""
-        if now >= self._held_window_end:
-            just_ended = now < self._held_window_end + CONCURRENCY_WINDOW_S
-            self._held_peak_before = self._held_peak if just_ended else 0
-            self._held_peak = 0
-            self._held_window_end = now + CONCURRENCY_WINDOW_S
-        self._held_peak = max(self._held_peak, len(self.queue) + len(self.jobs))
-
-    def batch_target(self, max_batch: int) -> int:
-        """The batch a free worker waits for: max_batch_size, or less when the deployment's recent
-        concurrency (the most requests it held at once in the last 1-2 s) shared among its ready
-        workers is less. Requests that were never sent cannot fill a batch: a worker that waited
-        for them would only idle for max_batch_delay (16 requests in flight over 2 workers and a
-        max_batch_size of 16: every pass)."""
-        peak = max(1, self._held_peak, self._held_peak_before)
-        return min(max_batch, -(-peak // max(1, self.ready_count())))
-
     def _dispatch(self, now: float) -> None:
         if self.phase not in (Phase.RUNNING, Phase.STOPPING):
             return
         idle = [w for w in self.workers.values() if w.state == WorkerState.IDLE]
         max_batch, delay = max(1, self.a.max_batch_size), self.a.max_batch_delay_ms / 1000.0
-        target = self.batch_target(max_batch) if delay > 0 and idle and self.queue else max_batch
         for k, w in enumerate(idle):
             if not self.queue:
                 return
             # share what waits among the idle workers rather than giving one worker all of it
             batch = min(max_batch, -(-len(self.queue) // (len(idle) - k)))
-            if delay > 0 and len(self.queue) < target and now < self.queue[0].enqueued + delay:
+            if delay > 0 and len(self.queue) < max_batch and now < self.queue[0].enqueued + delay:
                 due = self.queue[0].enqueued + delay
                 if self._batch_wake_at is None or due < self._batch_wake_at:
                     self._batch_wake_at = due
