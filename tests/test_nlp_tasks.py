@@ -5,6 +5,7 @@ torch.export format of import-hf. The last tests deploy both tasks through real 
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -343,6 +344,19 @@ def test_warmup_docs_are_texts_of_different_lengths_and_run(traced):
     assert warm_up(task, passes=1) == len(docs)
     assert task.batches_run - before == len(docs), "one forward pass a length"
     assert all(isinstance(r, dict) for r in task.run(docs))
+
+
+def test_warm_up_leaves_the_garbage_collector_what_is_made_after_it(traced):
+    """A worker is a fork of its model host: a full collection would walk (and write to) every
+    object it inherited, again and again, for nothing; warm_up freezes what exists (gc.freeze)."""
+    task = _task(traced["ner"])
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        warm_up(task, passes=1)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_pass_through_warmup_docs_come_from_an_example_input():
