@@ -29,7 +29,7 @@ from mlfleet.agent.tasks import (
     plan_batches,
 )
 from mlfleet.common.errors import ApiError, BadRequest
-from mlfleet.common.hf import import_hf, trace_hf_model
+from mlfleet.common.hf import can_unpad, import_hf, trace_hf_model
 from tests.helpers import ROOT, running_cluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -391,6 +391,16 @@ def test_export_format_gives_the_torchscript_outputs(dirs, traced, tmp_path):
         mask[0, seq - 2:] = 0
         with torch.no_grad():
             torch.testing.assert_close(program(ids, mask), ts(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_only_bert_encoders_are_written_unpadded(dirs, tmp_path):
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    assert can_unpad(BertModel(BertConfig(**small)))
+    assert not can_unpad(BertModel(BertConfig(is_decoder=True, **small)))
+    assert not can_unpad(DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)))
+    plain = trace_hf_model(dirs["ner"], tmp_path, unpad=False)
+    assert "unpadded" not in plain.config
 
 
 def test_import_rejects_a_bad_format_and_a_bad_task(dirs, tmp_path):
