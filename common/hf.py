@@ -143,12 +143,30 @@ def model_config_for(d: Path, task: str, max_sequence_length: Optional[int] = No
             "source": base["source"]}
 
 
-def _wrapper(task: str, d: Path):
+# the Hugging Face classes whose forward ``_unpadded`` reproduces
+_UNPADDED_CLASSES = ("BertModel", "BertForTokenClassification", "BertForSequenceClassification")
+
+
+def can_unpad(model: Any) -> bool:
+    """True for a BERT encoder (absolute positions, no decoder, no cross-attention) that
+    ``_unpadded`` computes the same as transformers does."""
+    cfg = getattr(model, "config", None)
+    return (type(model).__name__ in _UNPADDED_CLASSES and getattr(cfg, "model_type", None) == "bert"
+            and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
+            and not getattr(cfg, "is_decoder", False) and not getattr(cfg, "add_cross_attention", False))
+
+
+def _wrapper(task: str, d: Path, unpad: bool = True):
+    """The model of ``d`` for ``task`` as a module ``(input_ids, attention_mask) -> tensor``, and
+    whether it is unpadded (see ``_unpadded``)."""
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
     cls = {"ner": AutoModelForTokenClassification,
            "text_classification": AutoModelForSequenceClassification}.get(task, AutoModel)
     model = cls.from_pretrained(str(d), attn_implementation="eager").eval()
+    field = "last_hidden_state" if task == "text_embedding" else "logits"
+    if unpad and can_unpad(model):
+        return _unpadded(model, task).eval(), True
 
     class Wrapped(torch.nn.Module):
         """input_ids, attention_mask -> last hidden state [batch, seq, hidden] (text_embedding),
@@ -163,7 +181,63 @@ def _wrapper(task: str, d: Path):
             out = self.m(input_ids=input_ids, attention_mask=attention_mask)
             return out.logits if self.field == "logits" else out.last_hidden_state
 
-    return Wrapped(model, "last_hidden_state" if task == "text_embedding" else "logits").eval()
+    return Wrapped(model, field).eval(), False
+
+
+def _unpadded(model: Any, task: str):
+    """A BERT model's forward with the padding taken out of every per-token layer.
+
+    Same inputs and outputs as the model (``input_ids``, ``attention_mask`` ``[batch, seq]``, right
+    padded) and the same weights and arithmetic (transformers' own embedding, linear, LayerNorm
+    and activation modules; its eager attention: ``softmax(q k^T * scale + mask) v``), but the
+    embeddings, the Q/K/V projections, the attention output, the feed-forward layers and the
+    classifier run on the real tokens only, packed ``[tokens, hidden]``: a batch of texts of
+    different lengths costs the tokens it holds, not rows x its longest. Only attention runs per
+    document, padded to the batch's longest (its cost grows with the padding, but it is a small
+    part of the whole at these lengths). Padding positions of a ``[batch, seq, ...]`` output are
+    zeros (transformers computes values there that nothing reads)."""
+    import torch
+
+    bert = model.base_model
+    cfg = bert.config
+    heads, hidden = int(cfg.num_attention_heads), int(cfg.hidden_size)
+    head_size = hidden // heads
+
+    class Unpadded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            b, s = input_ids.shape[0], input_ids.shape[1]
+            where = attention_mask.reshape(-1).nonzero().squeeze(1)  # the real tokens in [b * s]
+            ids = input_ids.reshape(-1).index_select(0, where)
+            pos = torch.arange(s, device=input_ids.device).expand(b, s).reshape(-1).index_select(0, where)
+            x = bert.embeddings(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0),
+                                token_type_ids=torch.zeros_like(ids).unsqueeze(0)).squeeze(0)
+            # transformers' additive mask: the dtype's minimum where a key is padding
+            mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+
+            def padded(t: torch.Tensor) -> torch.Tensor:  # [tokens, hidden] -> [b, heads, s, head]
+                full = t.new_zeros((b * s, hidden)).index_copy(0, where, t)
+                return full.view(b, s, heads, head_size).transpose(1, 2)
+
+            for layer in bert.encoder.layer:
+                att = layer.attention.self
+                q, k, v = padded(att.query(x)), padded(att.key(x)), padded(att.value(x))
+                scores = torch.matmul(q, k.transpose(2, 3)) * att.scaling + mask
+                w = torch.nn.functional.softmax(scores, dim=-1)
+                ctx = torch.matmul(w, v).transpose(1, 2).reshape(b * s, hidden).index_select(0, where)
+                a = layer.attention.output(ctx, x)
+                x = layer.output(layer.intermediate(a), a)
+            if task == "text_classification":  # the pooler reads each text's first token
+                first = x.new_zeros((b * s, hidden)).index_copy(0, where, x).view(b, s, hidden)
+                return self.m.classifier(self.m.dropout(bert.pooler(first)))
+            if task == "ner":
+                x = self.m.classifier(self.m.dropout(x))
+            return x.new_zeros((b * s, x.shape[1])).index_copy(0, where, x).view(b, s, x.shape[1])
+
+    return Unpadded()
 
 
 def _example_inputs():
@@ -174,10 +248,11 @@ def _example_inputs():
 
 def trace_hf_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    max_sequence_length: Optional[int] = None, task: Optional[str] = None,
-                   format: str = "torchscript") -> ImportedModel:
+                   format: str = "torchscript", unpad: bool = True) -> ImportedModel:
     """Write the model of a local Hugging Face directory into ``out_dir``: ``model.pt``
     (TorchScript, ``torch.jit.trace``) or ``model.pt2`` (``torch.export`` with dynamic batch and
-    sequence dimensions, ``torch.export.save``)."""
+    sequence dimensions, ``torch.export.save``). A BERT model is written unpadded (``_unpadded``;
+    its config says ``"unpadded": true``) unless ``unpad`` is False."""
     try:
         import torch
         import transformers  # noqa: F401
@@ -195,7 +270,9 @@ def trace_hf_model(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         raise ValueError(f"invalid [task] [{task}]; must be one of [{','.join(HF_TASKS)}]")
     config = model_config_for(d, task, max_sequence_length)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    wrapped = _wrapper(task, d)
+    wrapped, unpadded = _wrapper(task, d, unpad)
+    if unpadded:
+        config = {**config, "unpadded": True}
     ids, mask = _example_inputs()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ torch.export format of import-hf. The last tests deploy both tasks through real 
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlfleet.agent.formats import warm_up
 from mlfleet.agent.tasks import (
     Ner,
     PassThrough,
@@ -27,7 +29,7 @@ from mlfleet.agent.tasks import (
     plan_batches,
 )
 from mlfleet.common.errors import ApiError, BadRequest
-from mlfleet.common.hf import import_hf, trace_hf_model
+from mlfleet.common.hf import can_unpad, import_hf, trace_hf_model
 from tests.helpers import ROOT, running_cluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -277,14 +279,36 @@ def test_plan_batches_sorts_by_length_keeps_the_budget_and_covers_every_document
     assert plan_batches([10] * 8, 10_000) == [list(range(8))], "equal lengths stay one pass"
 
 
+def test_plan_batches_for_an_unpadded_model_runs_mixed_lengths_together():
+    """An unpadded model computes the tokens a pass holds, not rows x its longest: texts of 10 to
+    53 tokens are one pass (a padded model cuts them), the budget still holds, and a very long
+    text (whose attention would pad the short ones a lot) still goes apart."""
+    lengths = [10 + (i * 13) % 44 for i in range(16)]
+    assert len(plan_batches(lengths, 16384)) > 1
+    assert plan_batches(lengths, 16384, unpadded=True) == [sorted(range(16), key=lambda i: lengths[i])]
+    for g in plan_batches(lengths, 120, unpadded=True):
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 120
+    groups = plan_batches([8] * 20 + [512], 16384, unpadded=True)
+    assert groups == [list(range(20)), [20]], groups
+
+
+@pytest.mark.parametrize("plan", ["unpadded", "padded"])
 @pytest.mark.parametrize("kind", ["ner", "text_classification", "text_embedding"])
-def test_length_aware_batches_give_the_unbatched_results(kind, traced, minilm):
-    task = _task(minilm if kind == "text_embedding" else traced[kind])
+def test_length_aware_batches_give_the_unbatched_results(kind, plan, traced, minilm):
+    """import-hf's BERT models are unpadded: texts of different lengths run as one pass; planned
+    as a padded model's (sub-batches of similar length), the same model gives the same results."""
+    imp = minilm if kind == "text_embedding" else traced[kind]
+    assert imp.config["unpadded"] is True
+    task = _task(imp)
+    task.unpadded = plan == "unpadded"
     texts = [" ".join(["word"] * (1 + (i * 7) % 40)) + f" number {i} Zürich" for i in range(24)]
     opts = {"num_top_classes": -1} if kind == "text_classification" else None
     batched = task.run([{"text_field": t} for t in texts], overrides=[opts] * len(texts))
     passes = task.batches_run
-    assert 1 < passes < len(texts), passes
+    if plan == "unpadded":
+        assert passes == 1
+    else:
+        assert 1 < passes < len(texts), passes
     alone = [task.run([{"text_field": t}], overrides=[opts])[0] for t in texts]
     for b, a in zip(batched, alone, strict=True):
         if kind == "text_embedding":
@@ -317,8 +341,22 @@ def test_warmup_docs_are_texts_of_different_lengths_and_run(traced):
     assert len(docs) >= 3 and len(set(lengths)) == len(lengths), lengths
     assert max(lengths) <= task.max_len
     before = task.batches_run
-    assert all(isinstance(r, dict) for r in task.run(docs))
+    assert warm_up(task, passes=1) == len(docs)
     assert task.batches_run - before == len(docs), "one forward pass a length"
+    assert all(isinstance(r, dict) for r in task.run(docs))
+
+
+def test_warm_up_leaves_the_garbage_collector_what_is_made_after_it(traced):
+    """A worker is a fork of its model host: a full collection would walk (and write to) every
+    object it inherited, again and again, for nothing; warm_up freezes what exists (gc.freeze)."""
+    task = _task(traced["ner"])
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        warm_up(task, passes=1)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_pass_through_warmup_docs_come_from_an_example_input():
@@ -353,6 +391,16 @@ def test_export_format_gives_the_torchscript_outputs(dirs, traced, tmp_path):
         mask[0, seq - 2:] = 0
         with torch.no_grad():
             torch.testing.assert_close(program(ids, mask), ts(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_only_bert_encoders_are_written_unpadded(dirs, tmp_path):
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    assert can_unpad(BertModel(BertConfig(**small)))
+    assert not can_unpad(BertModel(BertConfig(is_decoder=True, **small)))
+    assert not can_unpad(DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)))
+    plain = trace_hf_model(dirs["ner"], tmp_path, unpad=False)
+    assert "unpadded" not in plain.config
 
 
 def test_import_rejects_a_bad_format_and_a_bad_task(dirs, tmp_path):
