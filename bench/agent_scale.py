@@ -10,7 +10,8 @@ coordinator for each of the agent's connections, frames passed on unchanged) tha
 ``heartbeat`` from the agent to its reply: the round trip as the agent's side sees it, and the
 interval between heartbeats (the agent sends one a second; a loop that falls behind shows as
 longer intervals). The relay probe is
-``Client.infer`` every 20 ms on one deployment picked at random each time.
+``Client.infer`` every 20 ms on one deployment picked at random each time. The model is uploaded
+with its warm-up input (``--cold``: without), so each allocation is warm before it is routed to.
 
 Phases, in one run: the agent with 1 deployment (the baseline), then with all of them, each for
 ``--window`` seconds. The proxy's own cost is in both. Before each start the benchmark checks
@@ -35,7 +36,7 @@ import zmq
 
 from bench._util import fmt, pct, table
 from mlfleet.common.errors import ApiError
-from mlfleet.common.protocol import peek_request, unpack
+from mlfleet.common.protocol import encode_array, peek_request, unpack
 from mlfleet.common.units import parse_bytes
 from tests.helpers import Cluster, Mlp, save_model
 
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--min-free", default="2gb", help="stop adding deployments below this much "
                     "available memory")
     ap.add_argument("--budget", type=float, default=900.0, help="seconds for the whole run")
+    ap.add_argument("--cold", action="store_true",
+                    help="upload the model without a warm-up input (each allocation's first request "
+                         "then runs TorchScript's profiling pass)")
     args = ap.parse_args()
     end = time.monotonic() + args.budget
     min_free = parse_bytes(args.min_free)
@@ -160,7 +164,12 @@ def main() -> None:
             c.coordinator.endpoint = real
             c.wait_nodes(1, 60)
             with c.client(request_timeout="300s") as client:
-                client.put_model("tiny", save_model(Mlp(), work / "mlp.pt"))
+                # with its warm-up input, as a TorchScript pass_through model needs for warm
+                # allocations (docs/formats.md): without one, each allocation's first request
+                # runs TorchScript's profiling pass (about 30 ms for this model)
+                warm = {"example_input": encode_array(np.ones((1, 8), np.float32))}
+                client.put_model("tiny", save_model(Mlp(), work / "mlp.pt"),
+                                 model_config=None if args.cold else warm)
                 deps: list[str] = []
 
                 def add(n: int) -> None:
