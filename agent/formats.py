@@ -89,6 +89,19 @@ def make_scratch_dir() -> str:
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base)
 
 
+def remove_scratch_dirs(host_pid: int) -> None:
+    """Remove the scratch directories of a model host that has ended (the agent calls it: a
+    sandboxed host cannot remove its own, and its pid names them)."""
+    base = tempfile.gettempdir()
+    prefix = f"{SCRATCH_PREFIX}{host_pid}-"
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

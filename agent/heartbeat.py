@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from mlfleet.common.protocol import PROTOCOL_VERSION, encode_reply_raw, pack, unpack
+from mlfleet.common.protocol import PROTOCOL_VERSION, array_header, encode_reply_raw, map_header, pack, unpack
 
 
 class Reporting(Protocol):
@@ -25,24 +25,6 @@ class Reporting(Protocol):
     def report_key(self, now: float) -> Any: ...
 
     def report(self, now: float | None = None) -> dict[str, Any]: ...
-
-
-def map_header(n: int) -> bytes:
-    """msgpack's header of a map of ``n`` entries."""
-    if n < 16:
-        return bytes([0x80 | n])
-    if n < 1 << 16:
-        return b"\xde" + n.to_bytes(2, "big")
-    return b"\xdf" + n.to_bytes(4, "big")
-
-
-def array_header(n: int) -> bytes:
-    """msgpack's header of an array of ``n`` items."""
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 1 << 16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
 
 
 class ReportCache:

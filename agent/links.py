@@ -131,7 +131,11 @@ class WorkerLinks:
                 continue
             if self.by_fd.get(link.fd) is not link:  # dropped while handling an earlier message
                 return
-            self.on_message(link.identity, frames)
+            try:  # as the agent's other drains: a fault in one message loses no other
+                self.on_message(link.identity, frames)
+            except Exception:
+                log.exception("agent: handling a message from worker [%s] failed",
+                              link.identity.decode(errors="replace"))
 
     def send(self, identity: bytes, frames: Sequence[Any]) -> bool:
         """Send a message to a connected worker; False (and nothing sent) when it is not."""

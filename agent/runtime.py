@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -36,7 +34,7 @@ from mlfleet.agent.core import (
     Timer,
     WorkerState,
 )
-from mlfleet.agent.formats import SCRATCH_PREFIX
+from mlfleet.agent.formats import remove_scratch_dirs
 from mlfleet.common import messages as m
 from mlfleet.common.errors import ApiError
 from mlfleet.common.protocol import (
@@ -52,20 +50,6 @@ from mlfleet.common.protocol import (
 __all__ = ["DeploymentRuntime", "Phase", "Stats", "WorkerState"]
 
 log = logging.getLogger(__name__)
-
-
-def remove_scratch_dirs(host_pid: int) -> None:
-    """Remove the scratch directories a model host that has ended loaded its model in (exported
-    programs and AOTInductor packages, agent/formats.py): a sandboxed host cannot remove its own,
-    and its pid names them."""
-    base = tempfile.gettempdir()
-    prefix = f"{SCRATCH_PREFIX}{host_pid}-"
-    try:
-        names = [n for n in os.listdir(base) if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 ReplyFn = Callable[[bytes, int, int, dict], None]

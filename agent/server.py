@@ -237,9 +237,11 @@ class Agent:
         host_fds = self._host_fds
         polled = self.poller.poll(self.timers.timeout_ms(100))
         workers = self.workers
-        for fd, ev in polled:  # workers' answers first: they free workers for what comes in
+        for fd, ev in polled:  # workers and hosts first: answers free workers for what comes in
             if workers.handles(fd):
                 workers.on_event(fd, ev)
+            elif (rt := host_fds.get(fd) if isinstance(fd, int) else None) is not None:
+                self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         events = dict(polled)
         if self.coord in events:
             self._drain(self.coord, self._on_coordinator)
@@ -249,10 +251,6 @@ class Agent:
             self.offload.run_done()
         if self.bulk in events:  # model chunks: after what is waiting for us
             self._drain(self.bulk, self._on_bulk)
-        for fd in events:  # the few that are ready, not every host
-            rt = host_fds.get(fd) if isinstance(fd, int) else None
-            if rt is not None:
-                self._guarded(f"model host of [{rt.deployment_id}]", rt.on_host_readable)
         self.timers.run_due()
         if self._leave_requested:
             self._guarded("leaving", self._leave)

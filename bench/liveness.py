@@ -17,7 +17,6 @@ import os
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +26,7 @@ from bench._util import fmt, pct, table
 from mlfleet.common.errors import ApiError
 from mlfleet.common.protocol import decode_reply, encode_request
 from mlfleet.common.units import parse_bytes
-from tests.helpers import Mlp, running_cluster, save_model, wait_until
-
-
-def big_archive(path: Path, size: int) -> Path:
-    """A TorchScript-shaped zip (it passes the upload check) of ``size`` random bytes."""
-    block = os.urandom(1 << 20)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("big/code/__torch__.py", "pass")
-        z.writestr("big/constants.pkl", b"")
-        with z.open("big/data.pkl", "w", force_zip64=True) as f:
-            for _ in range(size >> 20):
-                f.write(block)
-    return path
+from tests.helpers import Mlp, big_archive, running_cluster, save_model, wait_until
 
 
 class HeartbeatProbe(threading.Thread):

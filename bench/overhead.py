@@ -16,6 +16,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,41 +54,50 @@ def _echo(endpoint_q: mp.Queue, stop: mp.Event) -> None:
     ctx.term()
 
 
-def raw_zmq(payload: bytes, n: int, inflight: int) -> tuple[list[float], float]:
+def round_trips(server: Any, send: Callable[[zmq.Socket], Any], recv: Callable[[zmq.Socket], Any],
+                n: int, inflight: int) -> tuple[list[float], float]:
+    """Start ``server(endpoint_q, stop)`` in another process, then from a DEALER: ``n``
+    sequential round trips (ms each, after 200 to warm up) and, with ``inflight`` > 1, req/s with
+    ``inflight`` outstanding over ``2 n`` more."""
     q, stop = mp.Queue(), mp.Event()
-    p = mp.Process(target=_echo, args=(q, stop))
+    p = mp.Process(target=server, args=(q, stop))
     p.start()
     try:
-        endpoint = q.get(timeout=10)
         ctx = zmq.Context()
         s = ctx.socket(zmq.DEALER)
-        s.connect(endpoint)
+        s.connect(q.get(timeout=10))
         for _ in range(200):
-            s.send(payload)
-            s.recv()
+            send(s)
+            recv(s)
         lat = []
         for _ in range(n):
             t = time.perf_counter()
-            s.send(payload)
-            s.recv()
+            send(s)
+            recv(s)
             lat.append((time.perf_counter() - t) * 1000)
-        # throughput with `inflight` requests outstanding
-        t0 = time.perf_counter()
-        for _ in range(inflight):
-            s.send(payload)
-        sent = inflight
-        for _ in range(n * 2):
-            s.recv()
-            if sent < n * 2:
-                s.send(payload)
-                sent += 1
-        rps = n * 2 / (time.perf_counter() - t0)
+        rps = 0.0
+        if inflight > 1:
+            t0 = time.perf_counter()
+            for _ in range(inflight):
+                send(s)
+            sent = inflight
+            for _ in range(n * 2):
+                recv(s)
+                if sent < n * 2:
+                    send(s)
+                    sent += 1
+            rps = n * 2 / (time.perf_counter() - t0)
         s.close(0)
         ctx.term()
         return lat, rps
     finally:
         stop.set()
         p.join(10)
+
+
+def raw_zmq(payload: bytes, n: int, inflight: int) -> tuple[list[float], float]:
+    """Round trips of ``payload`` to a pyzmq echo: the raw baseline."""
+    return round_trips(_echo, lambda s: s.send(payload), lambda s: s.recv(), n, inflight)
 
 
 def _stream_echo(path: str) -> None:
@@ -149,40 +160,8 @@ def _bare_relay(endpoint_q: mp.Queue, stop: mp.Event) -> None:
 def bare_relay(frames: list, n: int, inflight: int) -> tuple[list[float], float]:
     """Round trips through ``_bare_relay``: the floor two Python hops set, before any of mlfleet's
     own work."""
-    q, stop = mp.Queue(), mp.Event()
-    p = mp.Process(target=_bare_relay, args=(q, stop))
-    p.start()
-    try:
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.connect(q.get(timeout=10))
-        for _ in range(200):
-            send_frames(s, frames, 0)
-            s.recv_multipart(copy=False)
-        lat = []
-        for _ in range(n):
-            t = time.perf_counter()
-            send_frames(s, frames, 0)
-            s.recv_multipart(copy=False)
-            lat.append((time.perf_counter() - t) * 1000)
-        rps = 0.0
-        if inflight > 1:
-            t0 = time.perf_counter()
-            for _ in range(inflight):
-                send_frames(s, frames, 0)
-            sent = inflight
-            for _ in range(n * 2):
-                s.recv_multipart(copy=False)
-                if sent < n * 2:
-                    send_frames(s, frames, 0)
-                    sent += 1
-            rps = n * 2 / (time.perf_counter() - t0)
-        s.close(0)
-        ctx.term()
-        return lat, rps
-    finally:
-        stop.set()
-        p.join(10)
+    return round_trips(_bare_relay, lambda s: send_frames(s, frames, 0),
+                       lambda s: s.recv_multipart(copy=False), n, inflight)
 
 
 def main() -> None:

@@ -43,9 +43,8 @@ import psutil
 import torch
 
 from bench._util import fmt, pct, table
-from bench.liveness import big_archive
 from mlfleet.common.units import parse_bytes
-from tests.helpers import ROOT, Cluster, save_model, wait_until
+from tests.helpers import ROOT, Cluster, big_archive, save_model, wait_until
 
 COORDINATOR_ARGS = ["--heartbeat-interval", "1s", "--node-timeout", "10s"]
 LOST = "lost: no heartbeat"

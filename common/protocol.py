@@ -108,13 +108,32 @@ def encode_reply(rid: int, status: int, body: dict[str, Any], **extra: Any) -> b
     return pack({"v": PROTOCOL_VERSION, "id": rid, "status": status, "body": body, **extra})
 
 
+def _container_header(n: int, fix: int, first: int) -> bytes:
+    """msgpack's header of a map or array of ``n`` entries: the fix form (``fix | n``), else the
+    16-bit form (``first``), else the 32-bit one (``first + 1``)."""
+    if n < 16:
+        return bytes([fix | n])
+    if n < 1 << 16:
+        return bytes([first]) + n.to_bytes(2, "big")
+    return bytes([first + 1]) + n.to_bytes(4, "big")
+
+
+def map_header(n: int) -> bytes:
+    """msgpack's header of a map of ``n`` entries (its entries follow, packed)."""
+    return _container_header(n, 0x80, 0xDE)
+
+
+def array_header(n: int) -> bytes:
+    """msgpack's header of an array of ``n`` items (its items follow, packed)."""
+    return _container_header(n, 0x90, 0xDC)
+
+
 def encode_reply_raw(rid: int, status: int, body: bytes, **extra: Any) -> bytes:
     """A reply whose body is already msgpack (a cached or relayed body), without decoding it:
     the envelope map is written around the body's bytes."""
     fields = {"v": PROTOCOL_VERSION, "id": rid, "status": status, **extra}
-    n = len(fields) + 1
-    head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
-    return head + b"".join(pack(k) + pack(v) for k, v in fields.items()) + pack("body") + body
+    return (map_header(len(fields) + 1) + b"".join(pack(k) + pack(v) for k, v in fields.items())
+            + pack("body") + body)
 
 
 def _envelope(frame: bytes, limits: Limits | None = None) -> dict[str, Any]:

@@ -350,11 +350,7 @@ def agent(
     if not NODE_ID_RE.match(node_id):
         raise typer.BadParameter("must be 1 to 128 letters, digits, '_', '.', ':' or '-', starting "
                                  "with a letter or digit", param_hint="--node-id")
-    from mlfleet.common.units import parse_bytes
-    try:
-        max_bytes = parse_bytes(queue_max_bytes, "queue_max_bytes")
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--queue-max-bytes") from None
+    max_bytes = _bytes_option(queue_max_bytes, "queue_max_bytes")
     _serve_or_exit(start, AgentConfig(
         coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,31 @@ class Slow(torch.nn.Module):
         for _ in range(n):
             acc = torch.tanh(acc @ w) + 0.5
         return x + acc.sum() * 0.0
+
+
+class FakeClock:
+    """A clock for pure cores (common/clock.Clock's interface) that moves only when told: ``t``."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def wall_ms(self) -> int:
+        return int(self.t * 1000)
+
+
+def big_archive(path: Path, size: int) -> Path:
+    """A TorchScript-shaped zip (it passes the upload check) of ``size`` random bytes."""
+    block = os.urandom(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("big/code/__torch__.py", "pass")
+        z.writestr("big/constants.pkl", b"")
+        with z.open("big/data.pkl", "w", force_zip64=True) as f:
+            for _ in range(size >> 20):
+                f.write(block)
+    return path
 
 
 def broken_torchscript(path: Path) -> Path:

@@ -8,19 +8,9 @@ import pytest
 from mlfleet.common.params import Adaptive
 from mlfleet.coordinator.adaptive import AdaptiveAllocations
 from mlfleet.coordinator.state import DeploymentRecord, NodeRecord, Route, RouteReport, RoutingState
+from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def wall_ms(self) -> int:
-        return int(self.t * 1000)
 
 
 def _world(allocations: int, adaptive: Adaptive, priority: str = "normal"):

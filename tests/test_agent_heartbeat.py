@@ -19,20 +19,10 @@ from mlfleet.common.protocol import (
     encode_request,
     pack,
 )
+from tests.helpers import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
 MEMORY = {"total_bytes": 64 << 30, "available_bytes": 60 << 30}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def monotonic(self) -> float:
-        return self.t
-
-    def wall_ms(self) -> int:
-        return int(self.t * 1000)
 
 
 def runtime(i: int, clock: FakeClock) -> DeploymentRuntime:

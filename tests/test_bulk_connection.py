@@ -11,16 +11,14 @@ connection with the chunks.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
-import zipfile
 
 import pytest
 import zmq
 
 from mlfleet.common.protocol import MAX_MESSAGE_BYTES, decode_reply, encode_request, peek_request, unpack
-from tests.helpers import Cluster, alloc_status, wait_until
+from tests.helpers import Cluster, alloc_status, big_archive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,18 +208,6 @@ def _register(ctx: zmq.Context, endpoint: str, node_id: str) -> tuple[zmq.Socket
     raise AssertionError("no reply to [register] within 10 s")
 
 
-def _archive(path, size: int):
-    """A TorchScript-shaped zip of ``size`` random bytes (it passes the upload check)."""
-    block = os.urandom(1 << 20)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("big/code/__torch__.py", "pass")
-        z.writestr("big/constants.pkl", b"")
-        with z.open("big/data.pkl", "w", force_zip64=True) as f:
-            for _ in range(size >> 20):
-                f.write(block)
-    return path
-
-
 def test_a_lost_bulk_connection_costs_only_its_replies(fresh_cluster, tmp_path):
     """Nothing is kept per bulk connection: one that goes away with chunk replies owed leaves
     the coordinator serving (the replies are dropped), and a new one (another routing id) is
@@ -232,7 +218,7 @@ def test_a_lost_bulk_connection_costs_only_its_replies(fresh_cluster, tmp_path):
     main, token = _register(ctx, c.coordinator.endpoint, "hand-node")
     try:
         with c.client() as client:
-            sha = client.put_model("big", _archive(tmp_path / "big.pt", 16 << 20))["sha256"]
+            sha = client.put_model("big", big_archive(tmp_path / "big.pt", 16 << 20))["sha256"]
             client.start_deployment("big", deployment_id="d", wait_for="starting", timeout="30s")
         ask = {"sha256": sha, "offset": 0, "length": 4 << 20, "node_id": "hand-node", "bulk_token": token}
         gone = ctx.socket(zmq.DEALER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
@@ -460,6 +461,37 @@ def _check(s: Sim) -> None:
             assert w.jobs, w
 
 
+def _apply(s: Sim, op: tuple[Any, ...], rids: Iterator[int], dispatch: bool,
+           **scale: Any) -> int | None:
+    """One generated event on the simulated core; returns the request id of a ``submit``.
+    ``dispatch``: whether a "dispatch" op runs; ``scale``: the assignment's fields on "scale"."""
+    kind = op[0]
+    wids = sorted(s.core.workers)
+    if kind == "submit":
+        rid = next(rids)
+        s.submit(rid, timeout_s=op[1], nbytes=op[2])
+        return rid
+    if kind == "advance":
+        s.now += op[1]
+    elif kind == "tick":
+        s.tick()
+    elif kind == "dispatch" and dispatch:
+        s.run(s.core.dispatch(s.now))
+    elif kind == "batch":
+        s.run(s.core.timer(Timer.BATCH, s.now))
+    elif kind == "answer" and wids:
+        s.answer(wids[op[1] % len(wids)], fail=op[2])
+    elif kind == "ready" and wids:
+        s.run(s.core.worker_ready(wids[op[1] % len(wids)], 1, s.now))
+    elif kind == "exit" and wids:
+        s.run(s.core.worker_exited(wids[op[1] % len(wids)], 1, s.now))
+    elif kind == "scale":
+        s.run(s.core.update(assignment(target_allocations=op[1], queue_capacity=4, **scale), s.now))
+    elif kind == "stop":
+        s.run(s.core.begin_stop(op[1], s.now))
+    return None
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, max_size=60), st.integers(1, 3), st.integers(1, 4), st.integers(0, 30))
 def test_any_sequence_of_events_answers_every_request_once(ops: list[tuple[Any, ...]], target: int,
@@ -470,32 +502,9 @@ def test_any_sequence_of_events_answers_every_request_once(ops: list[tuple[Any, 
     rids = itertools.count(1)
     submitted = []
     for op in ops:
-        kind = op[0]
-        wids = sorted(s.core.workers)
-        if kind == "submit":
-            rid = next(rids)
+        rid = _apply(s, op, rids, dispatch=True, max_batch_size=batch, max_batch_delay_ms=float(delay_ms))
+        if rid is not None:
             submitted.append(rid)
-            s.submit(rid, timeout_s=op[1], nbytes=op[2])
-        elif kind == "advance":
-            s.now += op[1]
-        elif kind == "tick":
-            s.tick()
-        elif kind == "dispatch":
-            s.run(s.core.dispatch(s.now))
-        elif kind == "batch":
-            s.run(s.core.timer(Timer.BATCH, s.now))
-        elif kind == "answer" and wids:
-            s.answer(wids[op[1] % len(wids)], fail=op[2])
-        elif kind == "ready" and wids:
-            s.run(s.core.worker_ready(wids[op[1] % len(wids)], 1, s.now))
-        elif kind == "exit" and wids:
-            s.run(s.core.worker_exited(wids[op[1] % len(wids)], 1, s.now))
-        elif kind == "scale":
-            s.run(s.core.update(assignment(target_allocations=op[1], queue_capacity=4,
-                                           max_batch_size=batch, max_batch_delay_ms=float(delay_ms)),
-                                s.now))
-        elif kind == "stop":
-            s.run(s.core.begin_stop(op[1], s.now))
         _check(s)
     # eventually: a stop past its grace, the host gone
     s.run(s.core.begin_stop(False, s.now))
@@ -537,27 +546,7 @@ def test_a_core_that_needs_no_tick_is_left_unchanged_by_ticks(ops: list[tuple[An
     s.start()
     rids = itertools.count(1)
     for op in ops:
-        kind = op[0]
-        wids = sorted(s.core.workers)
-        if kind == "submit":
-            s.submit(next(rids), timeout_s=op[1], nbytes=op[2])
-        elif kind == "advance":
-            s.now += op[1]
-        elif kind == "tick":
-            s.tick()
-        elif kind == "batch":
-            s.run(s.core.timer(Timer.BATCH, s.now))
-        elif kind == "answer" and wids:
-            s.answer(wids[op[1] % len(wids)], fail=op[2])
-        elif kind == "ready" and wids:
-            s.run(s.core.worker_ready(wids[op[1] % len(wids)], 1, s.now))
-        elif kind == "exit" and wids:
-            s.run(s.core.worker_exited(wids[op[1] % len(wids)], 1, s.now))
-        elif kind == "scale":
-            s.run(s.core.update(assignment(target_allocations=op[1], queue_capacity=4,
-                                           max_batch_delay_ms=float(delay_ms)), s.now))
-        elif kind == "stop":
-            s.run(s.core.begin_stop(op[1], s.now))
+        _apply(s, op, rids, dispatch=False, max_batch_delay_ms=float(delay_ms))
         if s.core.needs_tick():
             continue
         before = _snapshot(s.core)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -137,17 +138,25 @@ def test_non_loopback_without_keys_is_refused():
     assert "mlfleet keys generate" in p.stderr
 
 
+@contextlib.contextmanager
+def _dealer_with_key(c, keys, key: str):
+    """A DEALER to the coordinator with the CURVE key pair ``keys[key]``, closed on exit."""
+    pub, sec = load_secret(keys[key][0])
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, load_public(keys["coordinator"][1])
+    s.connect(c.coordinator.endpoint)
+    try:
+        yield s
+    finally:
+        s.close(0)
+
+
 def test_a_node_id_stays_with_the_agent_key_that_registered_it(secure):
     c, _, keys = secure
-    coord_pub = load_public(keys["coordinator"][1])
 
     def register(key: str, node_id: str):
-        pub, sec = load_secret(keys[key][0])
-        s = zmq.Context.instance().socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, coord_pub
-        s.connect(c.coordinator.endpoint)
-        try:
+        with _dealer_with_key(c, keys, key) as s:
             s.send(encode_request("register", 1, {
                 "node_id": node_id, "hostname": "h", "transport_address": "tcp://127.0.0.1:1",
                 "allocated_processors": 1, "cpu": {"physical": 1, "logical": 1},
@@ -157,8 +166,6 @@ def test_a_node_id_stays_with_the_agent_key_that_registered_it(secure):
                 msg = msgpack.unpackb(s.recv(), raw=False)
                 if "status" in msg:
                     return decode_reply(msgpack.packb(msg, use_bin_type=True))
-        finally:
-            s.close(0)
     assert register("agent-a", "node-x").status == 200
     stolen = register("agent-b", "node-x")
     assert stolen.status == 403 and "registered to another agent key" in stolen.body["error"]["reason"]
@@ -169,23 +176,15 @@ def test_a_bulk_request_from_another_agent_key_is_refused(secure):
     one that knew the node's token, gets 403; an infer key may not ask for model bytes at all.
     (The deployment of the fixture was fetched over node-a's CURVE bulk connection.)"""
     c, client, keys = secure
-    coord_pub = load_public(keys["coordinator"][1])
     with client("admin") as admin:
         sha = admin.get_models("mlp")["trained_model_configs"][0]["sha256"]
 
     def chunk(key: str) -> object:
-        pub, sec = load_secret(keys[key][0])
-        s = zmq.Context.instance().socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = pub, sec, coord_pub
-        s.connect(c.coordinator.endpoint)
-        try:
+        with _dealer_with_key(c, keys, key) as s:
             s.send(encode_request("model_chunk", 3, {"sha256": sha, "offset": 0, "length": 1024,
                                                      "node_id": "node-a", "bulk_token": "0" * 32}))
             assert s.poll(5000)
             return decode_reply(s.recv())
-        finally:
-            s.close(0)
     other = chunk("agent-b")
     assert other.status == 403 and "registered to another agent key" in other.body["error"]["reason"]
     reader = chunk("reader")
