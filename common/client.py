@@ -114,24 +114,34 @@ class _IO(threading.Thread):
         self.pending: dict[int, cf.Future] = {}
         self.unsent: list[tuple[str, bytes, int, cf.Future, float]] = []
         self.running = True
+        self.closed = False  # the wake-up pipe is closed: its fd numbers may be another file's now
+        self._wake_lock = threading.Lock()
         self.poller = zmq.Poller()
         self.poller.register(self.wake_r, zmq.POLLIN)
 
     def submit(self, address: str, frame: bytes, rid: int) -> cf.Future:
         fut: cf.Future = cf.Future()
-        self.inbox.append(("send", address, frame, rid, fut))
-        self._wake()
+        if not self._enqueue(("send", address, frame, rid, fut)):
+            fut.set_exception(NoAnswer("the client is closed"))
         return fut
 
     def forget(self, rid: int, address: str | None = None) -> None:
-        self.inbox.append(("forget", address, None, rid, None))
-        self._wake()
+        self._enqueue(("forget", address, None, rid, None))
 
-    def _wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:  # full (the thread will drain it) or already closed (it has stopped)
-            pass
+    def _enqueue(self, item: tuple[Any, ...] | None) -> bool:
+        """Hand ``item`` (None: only wake) to the thread; False once it has closed. Under the
+        lock the thread closes its wake-up pipe with: never a write into an fd number it gave
+        back, and nothing enqueued after its last look at the inbox."""
+        with self._wake_lock:
+            if self.closed:
+                return False
+            if item is not None:
+                self.inbox.append(item)
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:  # full: the thread will drain it
+                pass
+            return True
 
     def _sock(self, address: str) -> zmq.Socket:
         s = self.socks.get(address)
@@ -242,15 +252,19 @@ class _IO(threading.Thread):
                             fut.set_result(rep)
         for s in self.socks.values():
             s.close(0)
-        for fut in self.pending.values():
+        with self._wake_lock:
+            self.closed = True
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        unsent = [item[4] for item in self.inbox if item[4] is not None]  # came while we stopped
+        self.inbox.clear()
+        for fut in [*self.pending.values(), *unsent]:
             if not fut.done():
-                fut.set_exception(NoAnswer("client closed"))
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+                fut.set_exception(NoAnswer("the client is closed"))
 
     def stop(self) -> None:
         self.running = False
-        self._wake()
+        self._enqueue(None)
 
 
 def handshake_failure(address: str, event: int, value: int, have_keys: bool) -> str:
@@ -391,6 +405,8 @@ class Client:
     def _infer_sockets(self) -> _ThreadSockets:
         socks = getattr(self._local, "socks", None)
         if socks is None:
+            if self._io.closed or not self._io.running:
+                raise NoAnswer("the client is closed")
             socks = self._local.socks = _ThreadSockets(self._io.ctx, self._curve, self._agent_keys)
         return socks
 
