@@ -87,7 +87,8 @@ class Agent:
         self.run_dir = tempfile.mkdtemp(prefix="mlfleet-agent-")  # mode 0700: ours alone
         self.worker_endpoint = f"{self.run_dir}/workers.sock"
         self.poller = zmq.Poller()
-        self.workers = WorkerLinks(self.worker_endpoint, self.poller, self._on_worker, self._authorize_worker)
+        self.workers = WorkerLinks(self.worker_endpoint, self.poller, self._on_worker, self._authorize_worker,
+                                   clock=self.clock.monotonic)
         self.endpoint = ""
         self.advertise = ""
         self.timers = Timers(self.clock.monotonic)
@@ -190,6 +191,7 @@ class Agent:
         self.poller.register(self.offload.fd, zmq.POLLIN)
         self.timers.every(0.1, self._tick)
         self.timers.every(0.05, self._maybe_heartbeat)
+        self.timers.every(1.0, lambda: self.workers.tick(self.clock.monotonic()))  # silent streams, fds
         self._running = True
         if self.metrics is not None:
             self.timers.every(1.0, self._publish_metrics)

@@ -24,7 +24,8 @@ from typing import Any
 
 MAX_FRAMES = 1 << 16           # frames in one message (a batch of jobs, each a header + payload)
 MAX_BYTES = 1 << 30            # bytes in one message, all frames together
-_SCRATCH = 4 + 4 * MAX_FRAMES + (256 << 10)   # the read buffer: any header, and small messages
+_SMALL = 256 << 10             # messages up to this size are read through the shared read buffer
+AHEAD = 64 << 20               # a large message's buffer grows as its bytes arrive, this far ahead
 _IOV_MAX = 1000                # sendmsg's gather list is at most IOV_MAX (1024) buffers
 _U32 = struct.Struct("<I")
 
@@ -71,21 +72,25 @@ def send_blocking(sock: socket.socket, frames: Sequence[Any]) -> None:
 
 class Writer:
     """The agent's side of a stream: never blocks. What the socket does not take now waits here,
-    in order, until ``flush`` (the caller polls for POLLOUT while ``pending``)."""
+    in order, until ``flush`` (the caller polls for POLLOUT while ``pending``); ``waiting_bytes``
+    says how much (a peer that does not read lets it grow: the caller bounds it)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._queue: collections.deque[memoryview] = collections.deque()
+        self.waiting_bytes = 0
 
     @property
     def pending(self) -> bool:
         return bool(self._queue)
 
     def send(self, frames: Sequence[Any]) -> bool:
-        """Queue a message and write what the socket takes; True when nothing is left waiting."""
+        """Queue a message and write what the socket takes; True when nothing is left waiting.
+        OSError when the peer is gone."""
         bufs = encode(frames)
         if self._queue:
             self._queue.extend(bufs)
+            self.waiting_bytes += sum(b.nbytes for b in bufs)
             return False
         try:
             sent = self.sock.sendmsg(bufs[:_IOV_MAX])
@@ -94,17 +99,20 @@ class Writer:
         rest = _advance(bufs, sent)
         if rest:
             self._queue.extend(rest)
+            self.waiting_bytes += sum(b.nbytes for b in rest)
             return False
         return True
 
     def flush(self) -> bool:
-        """Write what waits, as much as the socket takes; True when nothing is left."""
+        """Write what waits, as much as the socket takes; True when nothing is left. OSError when
+        the peer is gone."""
         while self._queue:
             bufs = [self._queue[i] for i in range(min(len(self._queue), _IOV_MAX))]
             try:
                 sent = self.sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
                 return False
+            self.waiting_bytes -= sent
             while self._queue and sent >= self._queue[0].nbytes:
                 sent -= self._queue.popleft().nbytes
             if sent:
@@ -128,29 +136,57 @@ class Reader:
     with nothing to read it returns none. EOFError when the peer closed; StreamError when it
     broke the framing or the limits."""
 
-    def __init__(self, sock: socket.socket, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, sock: socket.socket, max_frames: int = MAX_FRAMES, max_bytes: int = MAX_BYTES,
+                 *, first_alone: bool = False) -> None:
         self.sock = sock
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self._buf = bytearray(_SCRATCH)
+        self._first_alone = first_alone  # stop after the first message, until set_limits
+        self._buf = bytearray(self._scratch_size())
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self._big: tuple[bytearray, int, tuple[int, ...]] | None = None
+        self._big: tuple[bytearray, int, int, tuple[int, ...]] | None = None  # body, got, total, lens
+
+    def _scratch_size(self) -> int:
+        """The read buffer: any header within the limits, and small messages."""
+        return 4 + 4 * self.max_frames + min(_SMALL, self.max_bytes)
+
+    def set_limits(self, max_frames: int, max_bytes: int) -> list[list[memoryview]]:
+        """New limits for the messages not read yet (a peer that proved who it is may send more
+        than one that has not); the read buffer grows to fit them. Returns the messages already
+        received behind the first (``first_alone``), read within the new limits."""
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self._first_alone = False
+        size = self._scratch_size()
+        if size > len(self._buf):
+            rest = bytes(self._view[self._start:self._end])
+            self._view.release()
+            self._buf = bytearray(size)
+            self._buf[:len(rest)] = rest
+            self._view = memoryview(self._buf)
+            self._start, self._end = 0, len(rest)
+        out: list[list[memoryview]] = []
+        if self._big is None:
+            self._parse(out)
+        return out
 
     def read(self) -> list[list[memoryview]]:
         out: list[list[memoryview]] = []
         if self._big is not None:
-            body, got, lens = self._big
+            body, got, total, lens = self._big
+            if got == len(body):  # grow with what arrives, never far ahead of it
+                body.extend(bytes(min(total - got, max(got, AHEAD))))
             try:
-                k = self.sock.recv_into(memoryview(body)[got:])
+                with memoryview(body) as mv:
+                    k = self.sock.recv_into(mv[got:])
             except (BlockingIOError, InterruptedError):
                 return out
             if k == 0:
                 raise EOFError("the peer closed the stream")
             got += k
-            if got < len(body):
-                self._big = (body, got, lens)
+            if got < total:
+                self._big = (body, got, total, lens)
             else:
                 self._big = None
                 out.append(_split(body, lens))
@@ -194,15 +230,17 @@ class Reader:
             if have - head >= total:
                 out.append(_split(bytes(self._view[at:at + total]), lens))
                 self._start = at + total
+                if self._first_alone:
+                    return  # the rest waits for set_limits
                 continue
             if head + total <= len(buf):  # fits the read buffer: wait for the rest there
                 need = head + total
                 break
-            body = bytearray(total)        # a large message: read the rest straight into its own
-            part = have - head
+            part = have - head             # a large message: read the rest straight into its own
+            body = bytearray(min(total, max(part, AHEAD)))
             body[:part] = self._view[at:self._end]
             self._start = self._end = 0
-            self._big = (body, part, lens)
+            self._big = (body, part, total, lens)
             return
         if self._start + need > len(buf):  # the rest would not fit behind it: move it to the front
             self._compact()

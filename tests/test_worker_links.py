@@ -220,3 +220,115 @@ def test_a_result_larger_than_a_frame_fails_its_request_and_nothing_else(tmp_pat
         assert f"at most [{MAX_MESSAGE_BYTES}] bytes go in one frame" in e.value.reason
         with pytest.raises(ServerError):  # again: the worker and the agent are still there
             client.infer("huge", [{"input": np.ones(2, np.float32)}], timeout="60s")
+
+
+# ---- a dying, silent or hostile peer --------------------------------------------------------
+
+def test_a_worker_that_dies_with_bytes_still_queued_is_dropped_and_the_loop_goes_on(harness):
+    s = connect(harness)
+    stream.send_blocking(s, [b"dep|node|w1"])
+    harness.until(lambda: b"dep|node|w1" in harness.links.by_identity)
+    assert harness.links.send(b"dep|node|w1", [b"x" * (8 << 20)])  # most of it waits in the writer
+    assert harness.links.by_identity[b"dep|node|w1"].writer.pending
+    s.close()  # the worker dies (crash, OOM, SIGKILL) before it read it
+    harness.until(lambda: b"dep|node|w1" not in harness.links.by_identity)  # a turn never raises
+    assert harness.links.by_fd == {}
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def test_a_stream_that_has_not_said_who_it_is_cannot_make_the_agent_allocate(harness):
+    before = _rss()
+    socks = [connect(harness) for _ in range(3)]
+    for s in socks:  # each claims one frame of 512 MiB and sends nothing more
+        s.sendall(struct.pack("<2I", 1, 512 << 20))
+    harness.until(lambda: harness.links.accepted == 3 and not harness.links.by_fd)  # all refused
+    assert _rss() - before < 64 << 20
+    for s in socks:
+        s.close()
+
+
+def test_a_large_message_takes_memory_as_its_bytes_arrive(harness):
+    s = connect(harness)
+    stream.send_blocking(s, [b"dep|node|w1"])
+    harness.until(lambda: b"dep|node|w1" in harness.links.by_identity)
+    before = _rss()
+    import threading  # the agent's side reads in this thread: the worker writes from another
+    t = threading.Thread(target=s.sendall, args=(struct.pack("<2I", 1, 900 << 20) + b"x" * (1 << 20),))
+    t.start()  # claims 900 MiB, sends 1 MiB
+    harness.until(lambda: not t.is_alive())
+    for _ in range(5):
+        harness.turn(20)
+    assert _rss() - before < 128 << 20
+    assert b"dep|node|w1" in harness.links.by_identity  # within the limits: still open
+    s.close()
+
+
+def test_streams_that_never_say_who_they_are_are_bounded_and_expire(harness):
+    from mlfleet.agent import links as links_mod
+    n = links_mod.MAX_UNIDENTIFIED + 5
+    socks = [connect(harness) for _ in range(n)]
+    harness.until(lambda: harness.links.accepted == n)
+    assert len(harness.links.by_fd) == links_mod.MAX_UNIDENTIFIED  # the oldest went first
+    ok = connect(harness)
+    stream.send_blocking(ok, [b"dep|node|w1"])
+    harness.until(lambda: b"dep|node|w1" in harness.links.by_identity)
+    harness.links.tick(harness.links.clock() + links_mod.IDENTIFY_WITHIN_S + 1)
+    assert list(harness.links.by_identity) == [b"dep|node|w1"]  # identified: kept
+    assert len(harness.links.by_fd) == 1                          # the silent ones: closed
+    for s in [*socks, ok]:
+        s.close()
+
+
+def test_a_worker_that_does_not_read_what_it_is_sent_is_closed(harness):
+    from mlfleet.agent import links as links_mod
+    s = connect(harness)
+    stream.send_blocking(s, [b"dep|node|w1"])
+    harness.until(lambda: b"dep|node|w1" in harness.links.by_identity)
+    chunk = bytes(64 << 20)  # the same buffer each time: the writer holds references, not copies
+    sent = 0
+    while harness.links.send(b"dep|node|w1", [chunk]):
+        sent += 1
+        assert sent * len(chunk) <= links_mod.MAX_WAITING_BYTES + len(chunk)
+    assert b"dep|node|w1" not in harness.links.by_identity and not harness.links.by_fd
+    s.close()
+
+
+def test_out_of_fds_the_agent_pauses_accepting_instead_of_spinning(tmp_path):
+    """In a child process with a low fd limit: connections past it wait in the backlog, and the
+    listener is not polled again until the pause is over (it was, in a tight loop, before)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f'''
+        import os, resource, socket, time, zmq
+        from mlfleet.agent import links as L
+        from mlfleet.common import stream
+        poller = zmq.Poller()
+        w = L.WorkerLinks({str(tmp_path / "w.sock")!r}, poller, lambda i, f: None)
+        w.bind()
+        n_open = len(os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n_open + 20, hard))
+        clients = []
+        try:
+            while True:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); c.setblocking(False)
+                c.connect_ex({str(tmp_path / "w.sock")!r}); clients.append(c)
+        except OSError:
+            pass
+        accepts, t = 0, time.monotonic()
+        while time.monotonic() - t < 1.0:
+            for fd, ev in poller.poll(50):
+                if fd == w.fd:
+                    accepts += 1
+                w.on_event(fd, ev)
+            w.tick(time.monotonic())
+        print("listener events in 1 s:", accepts)
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = int(out.stdout.rsplit(":", 1)[1])
+    assert events <= 10, out.stdout
