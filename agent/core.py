@@ -427,14 +427,21 @@ class DeploymentCore:
     def worker_results(self, wid: str, items: list[dict[str, Any]], time_ms: float,
                        now: float) -> list[Command]:
         """A worker answered its jobs: ``items`` are ``{"rid", "status": 200, "docs", "payload",
-        "nbytes"}`` or ``{"rid", "status", "reason"}``. Answer them, cache what succeeded."""
+        "nbytes"}`` or ``{"rid", "status", "reason"}``. Answer them, cache what succeeded.
+        A worker answers only the jobs it holds: a result for any other id (another worker's
+        job, a guessed one) breaks the protocol, and the worker is killed (``worker_broke_protocol``)."""
         w = self.workers.get(wid)
-        if w is None:
-            return self._take()
+        if w is None or w.state == WorkerState.KILLED or self.phase == Phase.STOPPED:
+            return self._take()   # late: what it held was answered when it was killed or stopped
+        held = set(w.jobs)
+        for item in items:
+            if int(item["rid"]) not in held:
+                return self.worker_broke_protocol(
+                    wid, f"a result for job [{int(item['rid'])}], which it does not hold", now)
         per_doc_ms = time_ms / max(1, sum(i.get("docs", 0) for i in items if i.get("status") == 200))
         for item in items:
             rid = int(item["rid"])
-            if rid in w.jobs:
+            if rid in w.jobs:   # not twice: a second result for it in this message is dropped
                 w.jobs.remove(rid)
             job = self.jobs.pop(rid, None)
             if job is None or job.answered:

@@ -262,6 +262,52 @@ def test_a_request_too_large_for_the_worker_stream_alone_is_answered_400() -> No
     assert [len(msg["jobs"]) for _, msg in s.sent] == [1]
 
 
+# ---- a worker's results ------------------------------------------------------------------------
+def test_a_result_for_a_job_the_worker_does_not_hold_breaks_the_protocol() -> None:
+    """Workers run model code: one that answers another worker's job (or a guessed id) is killed
+    and what it held is answered 500; the other worker's job is untouched."""
+    s = Sim(target_allocations=2)
+    s.start()
+    s.submit(1)
+    s.submit(2)
+    held = {wid: list(s.core.workers[wid].jobs) for wid in ("w1", "w2")}
+    assert all(len(v) == 1 for v in held.values())
+    s.run(s.core.worker_results("w2", [{"rid": held["w1"][0], "status": 200, "docs": 1,
+                                        "payload": (b"[1]",), "nbytes": 3}], 1.0, s.now))
+    assert s.state("w2") == WorkerState.KILLED
+    assert {"cmd": "kill", "worker_id": "w2", "force": True} in s.host
+    w1_rid = s.core.jobs[held["w1"][0]].rid   # the client's request id of w1's job
+    w2_rid = 3 - w1_rid
+    assert s.answers[w2_rid] == [500] and "broke the worker protocol" in s.bodies[w2_rid]["error"]["reason"]
+    assert w1_rid not in s.answers
+    assert s.state("w1") == WorkerState.BUSY and s.core.workers["w1"].jobs == held["w1"]
+    s.answer("w1")
+    assert s.answers[w1_rid] == [200] and s.state("w1") == WorkerState.IDLE
+
+
+def test_a_result_for_a_guessed_job_id_breaks_the_protocol() -> None:
+    s = Sim()
+    s.start()
+    s.submit(1)
+    s.run(s.core.worker_results("w1", [{"rid": 10_000, "status": 500, "reason": "x"}], 1.0, s.now))
+    assert s.state("w1") == WorkerState.KILLED
+    assert s.answers[1] == [500] and "[10000]" in s.bodies[1]["error"]["reason"]
+
+
+def test_late_results_from_a_killed_worker_are_dropped() -> None:
+    """A worker cut off past the overrun grace may still answer before it exits: its jobs were
+    answered already, and its late message breaks nothing."""
+    s = Sim(limits=Limits(overrun_grace_s=1.0))
+    s.start()
+    s.submit(1, timeout_s=1)
+    rid = s.core.workers["w1"].jobs[0]
+    s.at(2.5).tick()
+    assert s.state("w1") == WorkerState.KILLED and s.answers[1] == [408]
+    cmds = s.run(s.core.worker_results("w1", [{"rid": rid, "status": 200, "docs": 1,
+                                               "payload": (b"[1]",), "nbytes": 3}], 1.0, s.now))
+    assert s.answers[1] == [408] and not [c for c in cmds if isinstance(c, HostCommand)]
+
+
 # ---- deadlines ---------------------------------------------------------------------------------
 def test_queued_request_past_its_deadline_is_answered_408_and_never_run() -> None:
     s = Sim()
