@@ -48,6 +48,7 @@ from mlfleet.agent.stats import Stats
 from mlfleet.common import messages as m
 from mlfleet.common.errors import (
     ApiError,
+    BadRequest,
     Conflict,
     NotFound,
     RequestTimeout,
@@ -56,6 +57,7 @@ from mlfleet.common.errors import (
     TooManyRequests,
 )
 from mlfleet.common.proc import describe_exit
+from mlfleet.common.stream import MAX_BYTES, MAX_FRAMES
 
 __all__ = [  # the commands and stats are defined beside the core, and read from here too
     "Command", "DeploymentCore", "HostCommand", "IllegalTransition", "Job", "KillHost", "Limits", "Log",
@@ -64,6 +66,15 @@ __all__ = [  # the commands and stats are defined beside the core, and read from
 ]
 
 _ids = itertools.count(1)  # worker and job ids, unique in the agent (worker identities must be)
+
+# A batch is one message on the worker's stream (common/stream.py): a header frame, then every
+# job's payload frames, within the stream's MAX_FRAMES and MAX_BYTES. A job's bytes are counted as
+# its request's size on the wire (``Job.nbytes``: the client's header, which holds its
+# inference_config, and its payload frames) and JOB_HEADER_BYTES, for what its entry in the batch
+# header may take beyond the client's header (its inference_config's floats re-encoded as
+# float64); BATCH_HEADER_BYTES is the batch header's own envelope.
+JOB_HEADER_BYTES = 1024
+BATCH_HEADER_BYTES = 4096
 
 
 class Phase(str, enum.Enum):
@@ -416,14 +427,21 @@ class DeploymentCore:
     def worker_results(self, wid: str, items: list[dict[str, Any]], time_ms: float,
                        now: float) -> list[Command]:
         """A worker answered its jobs: ``items`` are ``{"rid", "status": 200, "docs", "payload",
-        "nbytes"}`` or ``{"rid", "status", "reason"}``. Answer them, cache what succeeded."""
+        "nbytes"}`` or ``{"rid", "status", "reason"}``. Answer them, cache what succeeded.
+        A worker answers only the jobs it holds: a result for any other id (another worker's
+        job, a guessed one) breaks the protocol, and the worker is killed (``worker_broke_protocol``)."""
         w = self.workers.get(wid)
-        if w is None:
-            return self._take()
+        if w is None or w.state == WorkerState.KILLED or self.phase == Phase.STOPPED:
+            return self._take()   # late: what it held was answered when it was killed or stopped
+        held = set(w.jobs)
+        for item in items:
+            if int(item["rid"]) not in held:
+                return self.worker_broke_protocol(
+                    wid, f"a result for job [{int(item['rid'])}], which it does not hold", now)
         per_doc_ms = time_ms / max(1, sum(i.get("docs", 0) for i in items if i.get("status") == 200))
         for item in items:
             rid = int(item["rid"])
-            if rid in w.jobs:
+            if rid in w.jobs:   # not twice: a second result for it in this message is dropped
                 w.jobs.remove(rid)
             job = self.jobs.pop(rid, None)
             if job is None or job.answered:
@@ -475,6 +493,7 @@ class DeploymentCore:
         if self.phase == Phase.FAILED:
             raise NotFound(f"deployment [{self.deployment_id}] has failed on node [{self.node_id}]: "
                            f"{self.reason}", retryable=True)
+        self._check_relayable(len(payload), nbytes)
         if not self.cache.enabled:
             key = None
         elif key is not None:
@@ -490,6 +509,19 @@ class DeploymentCore:
         if dispatch:
             self._dispatch(now)
         return self._take()
+
+    def _check_relayable(self, frames: int, nbytes: int) -> None:
+        """A request must fit one message to a worker on its own (a batch of one): else no
+        worker could be handed it."""
+        if 1 + frames > MAX_FRAMES:
+            raise BadRequest(f"an inference request of [{frames}] payload frames cannot be relayed to an "
+                             f"allocation worker: a message to a worker holds at most [{MAX_FRAMES}] "
+                             "frames, a header and the request's payload frames")
+        if BATCH_HEADER_BYTES + JOB_HEADER_BYTES + nbytes > MAX_BYTES:
+            raise BadRequest(f"an inference request of [{nbytes}] bytes cannot be relayed to an "
+                             f"allocation worker: a message to a worker holds at most [{MAX_BYTES}] "
+                             f"bytes, the request's and [{BATCH_HEADER_BYTES + JOB_HEADER_BYTES}] "
+                             "bytes of header")
 
     def _admit(self, nbytes: int) -> None:
         where = f"deployment [{self.deployment_id}] on node [{self.node_id}]"
@@ -541,11 +573,18 @@ class DeploymentCore:
                 return
             jobs: list[tuple[int, Payload, Optional[dict[str, Any]]]] = []
             ids: list[int] = []
+            frames, nbytes = 1, BATCH_HEADER_BYTES   # the batch's message on the worker's stream
             while self.queue and len(jobs) < batch:
-                job = self.queue.popleft()
+                job = self.queue[0]
                 if now >= job.deadline:
+                    self.queue.popleft()
                     self._timeout(job)
                     continue
+                frames += len(job.payload)
+                nbytes += JOB_HEADER_BYTES + job.nbytes
+                if jobs and (frames > MAX_FRAMES or nbytes > MAX_BYTES):
+                    break   # the next batch takes it (alone, a request fits: _check_relayable)
+                self.queue.popleft()
                 job_id = next(self._ids)
                 job.dispatched = now
                 self.jobs[job_id] = job

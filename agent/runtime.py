@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 ReplyFn = Callable[[bytes, int, int, dict], None]
 FRAME_OVERHEAD = 256  # a kept zmq.Frame beyond its bytes (measured with tracemalloc: about 190)
+KILL_WAIT_S = 0.2     # how long the agent's loop waits for a host it killed; later events reap it
 
 
 class DeploymentRuntime:
@@ -81,6 +83,7 @@ class DeploymentRuntime:
         self.schedule = schedule
         self.observe: Optional[Callable[[float, float], None]] = None  # (queue s, compute s) per request
         self._host: Optional[subprocess.Popen] = None
+        self._dying: list[subprocess.Popen] = []  # hosts killed, their exit not yet reaped
         self.on_host_change: Callable[[], None] = lambda: None  # a host started, or its pipe closed
         # Every event in: the agent ticks this deployment until its core needs no tick, and its
         # report may have changed (``version`` counts the events; see ``report_key``).
@@ -153,11 +156,24 @@ class DeploymentRuntime:
     def reapable(self) -> bool:
         """Stopped, its host gone and its pipe read to the end (its workers accounted)."""
         h = self._host
-        return self.core.phase == Phase.STOPPED and (
+        self._reap_dying()
+        return self.core.phase == Phase.STOPPED and not self._dying and (
             h is None or (h.poll() is not None and (h.stdout is None or h.stdout.closed)))
+
+    def _reap_dying(self) -> None:
+        """Hosts killed that had not ended: once they have, their scratch dirs go too."""
+        for h in [h for h in self._dying if h.poll() is not None]:
+            self._dying.remove(h)
+            remove_scratch_dirs(h.pid)
 
     def wait_host(self, timeout_s: float) -> None:
         """At agent shutdown, after ``kill``: wait for the host to end, then SIGKILL it."""
+        for h in self._dying:
+            try:
+                h.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reap_dying()
         if self._host is None:
             return
         try:
@@ -187,6 +203,8 @@ class DeploymentRuntime:
         self._run(self.core.clear_cache(self._now()))
 
     def tick(self) -> None:
+        if self._dying:
+            self._reap_dying()
         self._run(self.core.tick(self._now()))
 
     def dispatch(self) -> None:
@@ -297,13 +315,36 @@ class DeploymentRuntime:
             h.kill()
 
     def host_pid(self) -> Optional[int]:
-        """The running model host's pid (its workers are its children), or None."""
+        """The running model host's pid (its workers are its children), or None (also for a host
+        killed and not yet reaped)."""
         h = self._host
-        return h.pid if h is not None and h.poll() is None else None
+        return h.pid if h is not None and h not in self._dying and h.poll() is None else None
 
     def host_fd(self) -> Optional[int]:
         h = self._host
         return h.stdout.fileno() if h and h.stdout and not h.stdout.closed else None
+
+    def _host_closed(self, h: subprocess.Popen) -> None:
+        """The host's stdout reached its end. A host ends by exiting; one that closed its stdout
+        (its channel to the agent) and runs on broke the pipe protocol (model code in it may
+        have): it is killed. The agent's loop never waits on it for more than KILL_WAIT_S; one
+        that SIGKILL has not ended by then is reaped on a later event (``_reap_dying``)."""
+        assert h.stdout is not None
+        h.stdout.close()
+        code = h.poll()
+        if code is None:
+            log.warning("deployment [%s] on node [%s]: the model host (pid %d) closed its pipe to "
+                        "the agent and runs on; killing it", self.deployment_id, self.core.node_id, h.pid)
+            h.kill()
+            try:
+                code = h.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                code = -signal.SIGKILL
+                self._dying.append(h)
+        if h not in self._dying:
+            remove_scratch_dirs(h.pid)
+        self.on_host_change()
+        self._run(self.core.host_exited(code, self._now()))
 
     def on_host_readable(self) -> None:
         h = self._host
@@ -314,11 +355,7 @@ class DeploymentRuntime:
         except BlockingIOError:
             return
         if not chunk:
-            code = h.wait()
-            h.stdout.close()
-            remove_scratch_dirs(h.pid)
-            self.on_host_change()
-            self._run(self.core.host_exited(code, self._now()))
+            self._host_closed(h)
             return
         try:
             events = self._pipe.feed(chunk)

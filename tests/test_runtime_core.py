@@ -33,7 +33,9 @@ from mlfleet.agent.core import (
     WorkerState,
 )
 from mlfleet.common import messages as m
+from mlfleet.common import stream
 from mlfleet.common.errors import ApiError
+from mlfleet.common.protocol import MAX_PAYLOAD_FRAMES
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,6 +202,110 @@ def test_idle_workers_share_what_waits() -> None:
         s.submit(rid, dispatch=False)
     s.run(s.core.dispatch(s.now))
     assert sorted((wid, len(msg["jobs"])) for wid, msg in s.sent) == [("w1", 2), ("w2", 2)]
+
+
+def _frames(msg: dict[str, Any]) -> int:
+    """The frames of a batch on the worker's stream: its header, then each job's payload."""
+    return 1 + sum(len(payload) for _, payload, _ in msg["jobs"])
+
+
+def test_a_batch_stays_within_the_worker_streams_frame_limit() -> None:
+    """16 requests of MAX_PAYLOAD_FRAMES frames each would make a 65,553-frame message, past
+    stream.MAX_FRAMES: the batch is cut at the last job that fits, the rest go next."""
+    s = Sim(max_batch_size=16, queue_capacity=16)
+    s.start()
+    docs = ["x"] * MAX_PAYLOAD_FRAMES
+    for rid in range(1, 17):
+        assert s.submit(rid, docs=docs, dispatch=False) is None
+    s.run(s.core.dispatch(s.now))
+    assert [len(msg["jobs"]) for _, msg in s.sent] == [15]
+    assert _frames(s.sent[0][1]) <= stream.MAX_FRAMES
+    assert len(s.core.queue) == 1
+    s.answer("w1")
+    assert [len(msg["jobs"]) for _, msg in s.sent] == [15, 1]
+    s.answer("w1")
+    assert sorted(s.answers) == list(range(1, 17)) and all(v == [200] for v in s.answers.values())
+
+
+def test_a_batch_stays_within_the_worker_streams_byte_limit() -> None:
+    """Requests' bytes add up in one stream message: a batch stops before it would pass
+    stream.MAX_BYTES, even below max_batch_size and with the queue's budget allowing more."""
+    s = Sim(limits=Limits(queue_max_bytes=4 << 30), max_batch_size=8, target_allocations=1)
+    s.start()
+    big = 400 << 20
+    for rid in range(1, 5):
+        assert s.submit(rid, nbytes=big, dispatch=False) is None
+    s.run(s.core.dispatch(s.now))
+    assert [len(msg["jobs"]) for _, msg in s.sent] == [2]   # a third would be 1.2 GiB
+    s.answer("w1")
+    assert [len(msg["jobs"]) for _, msg in s.sent] == [2, 2]
+    s.answer("w1")
+    assert all(s.answers[rid] == [200] for rid in range(1, 5)) and s.core.held_bytes == 0
+
+
+def test_a_request_too_large_for_the_worker_stream_alone_is_answered_400() -> None:
+    """A request of up to MAX_PAYLOAD_FRAMES frames always fits a message's frame limit, but its
+    bytes can pass stream.MAX_BYTES (frames of up to 64 MiB each; the queue budget admits one
+    large request alone): it is refused at once, not handed to a worker that could not read it."""
+    assert 1 + MAX_PAYLOAD_FRAMES <= stream.MAX_FRAMES   # the frame limit: one request always fits
+    s = Sim(max_batch_size=4)
+    s.start()
+    assert s.submit(1, nbytes=stream.MAX_BYTES + 1) == 400
+    reason = s.bodies[1]["error"]["reason"]
+    assert f"[{stream.MAX_BYTES + 1}] bytes" in reason and f"[{stream.MAX_BYTES}]" in reason, reason
+    assert s.sent == [] and s.core.held_bytes == 0 and not s.core.queue
+    # the agent takes at most MAX_PAYLOAD_FRAMES; the core holds its own rule all the same
+    assert s.submit(2, docs=["x"] * stream.MAX_FRAMES) == 400
+    assert f"[{stream.MAX_FRAMES}] payload frames" in s.bodies[2]["error"]["reason"]
+    assert f"at most [{stream.MAX_FRAMES}] frames" in s.bodies[2]["error"]["reason"]
+    assert s.submit(3, docs=["x"] * MAX_PAYLOAD_FRAMES, nbytes=stream.MAX_BYTES // 2) is None
+    assert [len(msg["jobs"]) for _, msg in s.sent] == [1]
+
+
+# ---- a worker's results ------------------------------------------------------------------------
+def test_a_result_for_a_job_the_worker_does_not_hold_breaks_the_protocol() -> None:
+    """Workers run model code: one that answers another worker's job (or a guessed id) is killed
+    and what it held is answered 500; the other worker's job is untouched."""
+    s = Sim(target_allocations=2)
+    s.start()
+    s.submit(1)
+    s.submit(2)
+    held = {wid: list(s.core.workers[wid].jobs) for wid in ("w1", "w2")}
+    assert all(len(v) == 1 for v in held.values())
+    s.run(s.core.worker_results("w2", [{"rid": held["w1"][0], "status": 200, "docs": 1,
+                                        "payload": (b"[1]",), "nbytes": 3}], 1.0, s.now))
+    assert s.state("w2") == WorkerState.KILLED
+    assert {"cmd": "kill", "worker_id": "w2", "force": True} in s.host
+    w1_rid = s.core.jobs[held["w1"][0]].rid   # the client's request id of w1's job
+    w2_rid = 3 - w1_rid
+    assert s.answers[w2_rid] == [500] and "broke the worker protocol" in s.bodies[w2_rid]["error"]["reason"]
+    assert w1_rid not in s.answers
+    assert s.state("w1") == WorkerState.BUSY and s.core.workers["w1"].jobs == held["w1"]
+    s.answer("w1")
+    assert s.answers[w1_rid] == [200] and s.state("w1") == WorkerState.IDLE
+
+
+def test_a_result_for_a_guessed_job_id_breaks_the_protocol() -> None:
+    s = Sim()
+    s.start()
+    s.submit(1)
+    s.run(s.core.worker_results("w1", [{"rid": 10_000, "status": 500, "reason": "x"}], 1.0, s.now))
+    assert s.state("w1") == WorkerState.KILLED
+    assert s.answers[1] == [500] and "[10000]" in s.bodies[1]["error"]["reason"]
+
+
+def test_late_results_from_a_killed_worker_are_dropped() -> None:
+    """A worker cut off past the overrun grace may still answer before it exits: its jobs were
+    answered already, and its late message breaks nothing."""
+    s = Sim(limits=Limits(overrun_grace_s=1.0))
+    s.start()
+    s.submit(1, timeout_s=1)
+    rid = s.core.workers["w1"].jobs[0]
+    s.at(2.5).tick()
+    assert s.state("w1") == WorkerState.KILLED and s.answers[1] == [408]
+    cmds = s.run(s.core.worker_results("w1", [{"rid": rid, "status": 200, "docs": 1,
+                                               "payload": (b"[1]",), "nbytes": 3}], 1.0, s.now))
+    assert s.answers[1] == [408] and not [c for c in cmds if isinstance(c, HostCommand)]
 
 
 # ---- deadlines ---------------------------------------------------------------------------------
