@@ -54,6 +54,12 @@ def _expire(fut: asyncio.Future, why: str) -> None:
         fut.set_exception(NoAnswer(why))
 
 
+def _delivered(sent: Optional[asyncio.Future[Any]]) -> bool:
+    """A send that completed: libzmq took it on a live connection (IMMEDIATE), so it may have
+    reached the server."""
+    return sent is not None and sent.done() and not sent.cancelled() and sent.exception() is None
+
+
 class _Peer:
     """One DEALER to one address, the requests waiting on it, and the task reading its replies."""
 
@@ -71,6 +77,7 @@ class _Peer:
                                            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(address)
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.sends: dict[int, asyncio.Future[Any]] = {}  # rid -> its send (done: handed to a connection)
         loop = asyncio.get_running_loop()
         self.reader = loop.create_task(self._read())
         self.monitor = loop.create_task(self._watch(mon))
@@ -100,10 +107,19 @@ class _Peer:
                     self.failed = None
                     continue
                 self.failed = handshake_failure(self.address, ev["event"], ev["value"], self.keyed)
-                for fut in self.pending.values():
-                    if not fut.done():
+                for rid, fut in self.pending.items():
+                    if fut.done():
+                        continue
+                    if not _delivered(self.sends.get(rid)):
                         # IMMEDIATE: nothing was delivered on a connection that never completed
                         fut.set_exception(NoAnswer(self.failed, retryable=True))
+                    else:
+                        # sent on the connection that was lost: it may have run, and its answer
+                        # cannot come back on another connection; never run it twice
+                        fut.set_exception(NoAnswer(
+                            f"no answer from {self.address} to a request already sent: the connection "
+                            f"was lost and reconnecting failed ({self.failed}); it may have run, so it "
+                            "is not retried", retryable=False))
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
         finally:
@@ -115,10 +131,11 @@ class _Peer:
         fut: asyncio.Future[Reply] = loop.create_future()
         self.pending[rid] = fut
         timer = None
+        sent: Optional[asyncio.Future[Any]] = None
         try:
             if self.failed is not None:
                 raise NoAnswer(self.failed, retryable=True)
-            sent = self.sock.send_multipart(frames, copy=False)  # pyzmq copies small frames anyway
+            sent = self.sends[rid] = self.sock.send_multipart(frames, copy=False)  # pyzmq copies small frames
             if not sent.done():  # no live connection yet (IMMEDIATE): wait for one, briefly
                 connect_s = min(wait_s, connect_s)
                 try:
@@ -141,9 +158,12 @@ class _Peer:
                                     f"within {wait_s:g}s")
             return await fut
         finally:
+            if sent is not None and not sent.done():
+                sent.cancel()  # still queued in pyzmq (cancelled, or failed): never sent later
             if timer is not None:
                 timer.cancel()
             self.pending.pop(rid, None)
+            self.sends.pop(rid, None)
 
     def close(self) -> None:
         self.reader.cancel()
