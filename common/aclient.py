@@ -38,6 +38,7 @@ from mlfleet.common.client import (
     Routes,
     _encode,
     _encode_payload,
+    _infer_timeout_s,
     _results,
     handshake_failure,
     start_wait_s,
@@ -355,9 +356,7 @@ class AsyncClient:
         """Run ``docs`` through a deployment; arrays in and out are numpy arrays (with
         ``decode=False`` results keep the wire's array maps). ``inference_config``: as
         ``Client.infer``."""
-        timeout_s = parse_time(timeout, "timeout")
-        if timeout_s <= 0:
-            raise errors.BadRequest("[timeout] must be positive")
+        timeout_s = _infer_timeout_s(timeout)
         payload = _encode_payload(docs)
         extra = {} if inference_config is None else {"inference_config": inference_config}
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S

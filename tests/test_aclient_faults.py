@@ -8,12 +8,14 @@ import asyncio
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 import zmq
 
 from mlfleet.common.aclient import AsyncClient
-from mlfleet.common.errors import NoAnswer
+from mlfleet.common.client import Client
+from mlfleet.common.errors import BadRequest, NoAnswer
 from mlfleet.common.protocol import decode_request
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,3 +152,42 @@ def test_a_call_cancelled_while_waiting_for_a_connection_is_never_sent():
             srv.close(0)
             ctx.term()
     asyncio.run(scenario())
+
+
+def _nested(depth: int) -> Any:
+    x: Any = []
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), "1" + "0" * 400 + "s", 1e300, "2h"])
+def test_infer_rejects_a_non_finite_or_absurd_timeout_naming_it(timeout):
+    dead = f"tcp://127.0.0.1:{_free_port()}"
+
+    async def scenario() -> None:
+        async with AsyncClient(dead, request_timeout=1) as c:
+            with pytest.raises(BadRequest, match=r"\[timeout\]"):
+                await c.infer("d", [{"input": [1.0]}], timeout=timeout)
+    asyncio.run(scenario())
+    with Client(dead, request_timeout=1) as sync:
+        with pytest.raises(BadRequest, match=r"\[timeout\]"):
+            sync.infer("d", [{"input": [1.0]}], timeout=timeout)
+        with pytest.raises(BadRequest, match=r"\[timeout\]"):
+            sync.infer_many("d", [[{"input": [1.0]}]], timeout=timeout)
+
+
+def test_documents_nested_too_deep_are_a_bad_request_naming_the_rule():
+    dead = f"tcp://127.0.0.1:{_free_port()}"
+    docs = [{"text_field": _nested(900)}]
+
+    async def scenario() -> None:
+        async with AsyncClient(dead, request_timeout=1) as c:
+            with pytest.raises(BadRequest, match="nest"):
+                await c.infer("d", docs)
+            with pytest.raises(BadRequest, match="nest"):
+                await c.call("put_model", {"model_id": "m", "model_config": {"x": _nested(5000)}})
+    asyncio.run(scenario())
+    with Client(dead, request_timeout=1) as sync:
+        with pytest.raises(BadRequest, match="nest"):
+            sync.infer("d", docs)
