@@ -358,6 +358,12 @@ def _stats_names(e: dict[str, Any]) -> tuple[str, str]:
 @handles("ml.delete_trained_model")
 async def _delete_model(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dict[str, Any]:
     model_id = path["model_id"]
+    storing = gw.uploads.pending.get(model_id)
+    if storing is not None and storing.storing:
+        # acknowledging would be a lie: the store under way creates the model anyway
+        raise EsError(409, "status_exception",
+                      f"Cannot delete model [{model_id}]: its definition is being stored (its upload is "
+                      "complete); delete it once the request putting its last part has been answered")
     if gw.uploads.discard(model_id):
         return {"acknowledged": True}
     if p["force"]:

@@ -85,7 +85,8 @@ class Uploads:
                                               up.model_config or None)
         finally:
             up.storing = False
-        self.pending.pop(up.model_id, None)
+        if self.pending.get(up.model_id) is up:  # never a newer upload of the same id
+            del self.pending[up.model_id]
 
 
 def _task_of(inference_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
