@@ -50,6 +50,10 @@ from mlfleet.common.units import parse_time
 from mlfleet.common.zmqutil import make_socket
 
 
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _expire(fut: asyncio.Future, why: str) -> None:
     if not fut.done():
         fut.set_exception(NoAnswer(why))
@@ -254,8 +258,9 @@ class AsyncClient:
         for offset in range(0, len(view), UPLOAD_CHUNK):
             await self._call("put_model_chunk", {"upload_id": upload_id, "offset": offset,
                                                  "data": bytes(view[offset:offset + UPLOAD_CHUNK])})
-        body: dict[str, Any] = {"model_id": model_id, "upload_id": upload_id,
-                                "sha256": hashlib.sha256(view).hexdigest(), "task": task}
+        # hashing a large definition takes a while: off the event loop (hashlib drops the GIL)
+        digest = (await asyncio.to_thread(_sha256, view) if len(view) >= 1 << 20 else _sha256(view))
+        body: dict[str, Any] = {"model_id": model_id, "upload_id": upload_id, "sha256": digest, "task": task}
         if tokenizer is not None:
             body["tokenizer"] = tokenizer
         if model_config is not None:

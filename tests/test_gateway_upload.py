@@ -116,3 +116,70 @@ def test_delete_while_the_model_is_being_stored_is_409_and_the_model_stays_delet
         asyncio.run(scenario())
     finally:
         coord.end()
+
+
+def _with_gateway(coord: Coordinator, body: Any) -> None:
+    """Run ``body(gw, go)`` against an in-process gateway on ``coord``; ends both."""
+    async def scenario() -> None:
+        gw = Gateway(GatewayConfig(listen="http://127.0.0.1:0", coordinator=coord.endpoint,
+                                   request_timeout_s=20))
+        ep = await gw.start()
+        try:
+            async with ClientSession() as s:
+                async def go(method: str, path: str, b: Any = None) -> tuple[int, Any]:
+                    async with s.request(method, ep + path, json=b) as r:
+                        return r.status, await r.json()
+                await body(gw, go)
+        finally:
+            await gw.stop()
+    coord.release.set()  # stores complete at once
+    coord.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        coord.end()
+
+
+def test_pending_uploads_are_capped_in_total_bytes_naming_the_limit():
+    async def body(gw: Gateway, go: Any) -> None:
+        gw.uploads.max_pending_bytes = 100
+        for mid in ("a", "b"):
+            assert (await go("PUT", f"/_ml/trained_models/{mid}", CONFIG))[0] == 200
+        half = {**part(b"x" * 60), "total_definition_length": 120, "total_parts": 2}
+        # a definition larger than the whole allowance can never complete: 400 at once
+        status, err = await go("PUT", "/_ml/trained_models/a/definition/0", half)
+        assert status == 400, err
+        assert "[total_definition_length] [120]" in es_error(err, 400, "illegal_argument_exception")
+        assert "[100]" in err["error"]["reason"]
+        one = {**part(b"x" * 60), "total_definition_length": 80, "total_parts": 2}
+        assert await go("PUT", "/_ml/trained_models/a/definition/0", one) == (200, {"acknowledged": True})
+        status, err = await go("PUT", "/_ml/trained_models/b/definition/0", one)
+        assert status == 429, err
+        reason = es_error(err, 429, "circuit_breaking_exception")
+        assert "[120]" in reason and "[100]" in reason and "uploads in progress" in reason
+        # the held upload finishes; its bytes no longer count
+        last = {**part(b"y" * 20), "total_definition_length": 80, "total_parts": 2}
+        assert await go("PUT", "/_ml/trained_models/a/definition/1", last) == (200, {"acknowledged": True})
+        assert await go("PUT", "/_ml/trained_models/b/definition/0", one) == (200, {"acknowledged": True})
+    _with_gateway(Coordinator(), body)
+
+
+def test_an_idle_pending_upload_expires():
+    from tests.helpers import FakeClock
+    clock = FakeClock()
+
+    async def body(gw: Gateway, go: Any) -> None:
+        gw.uploads.clock = clock
+        assert (await go("PUT", "/_ml/trained_models/a", CONFIG))[0] == 200
+        one = {**part(b"x" * 10), "total_definition_length": 20, "total_parts": 2}
+        assert (await go("PUT", "/_ml/trained_models/a/definition/0", one))[0] == 200
+        clock.t += gw.uploads.idle_expiry_s - 1  # touched within the expiry: kept
+        assert (await go("GET", "/_ml/trained_models/a"))[0] == 200
+        clock.t += 2
+        status, err = await go("GET", "/_ml/trained_models/a")
+        assert status == 404, err
+        status, err = await go("PUT", "/_ml/trained_models/a/definition/1", one)
+        assert status == 404, err
+        # and its id is free again
+        assert (await go("PUT", "/_ml/trained_models/a", CONFIG))[0] == 200
+    _with_gateway(Coordinator(), body)
