@@ -83,43 +83,9 @@ def part(data: bytes) -> dict[str, Any]:
             "total_parts": 1}
 
 
-def test_delete_while_the_model_is_being_stored_is_409_and_the_model_stays_deletable():
-    coord = Coordinator()
-    coord.start()
-
-    async def scenario() -> None:
-        gw = Gateway(GatewayConfig(listen="http://127.0.0.1:0", coordinator=coord.endpoint,
-                                   request_timeout_s=20))
-        ep = await gw.start()
-        try:
-            async with ClientSession() as s:
-                async def go(method: str, path: str, body: Any = None) -> tuple[int, Any]:
-                    async with s.request(method, ep + path, json=body) as r:
-                        return r.status, await r.json()
-                assert (await go("PUT", "/_ml/trained_models/a", CONFIG))[0] == 200
-                last = asyncio.create_task(go("PUT", "/_ml/trained_models/a/definition/0", part(b"old")))
-                assert await asyncio.to_thread(coord.storing.wait, 20)
-                status, body = await go("DELETE", "/_ml/trained_models/a")
-                assert status == 409, body
-                reason = es_error(body, 409, "status_exception")
-                assert "[a]" in reason and "being stored" in reason
-                assert not any(op == "delete_model" for op, _ in coord.ops)
-                coord.release.set()
-                assert await asyncio.wait_for(last, 20) == (200, {"acknowledged": True})
-                assert coord.stored == {"a"}
-                # stored: a DELETE now reaches the coordinator
-                assert await go("DELETE", "/_ml/trained_models/a") == (200, {"acknowledged": True})
-                assert coord.stored == set()
-        finally:
-            await gw.stop()
-    try:
-        asyncio.run(scenario())
-    finally:
-        coord.end()
-
-
-def _with_gateway(coord: Coordinator, body: Any) -> None:
-    """Run ``body(gw, go)`` against an in-process gateway on ``coord``; ends both."""
+def _with_gateway(coord: Coordinator, body: Any, hold_stores: bool = False) -> None:
+    """Run ``body(gw, go)`` against an in-process gateway on ``coord``; ends both. Stores
+    complete at once unless ``hold_stores`` (then when the test sets ``coord.release``)."""
     async def scenario() -> None:
         gw = Gateway(GatewayConfig(listen="http://127.0.0.1:0", coordinator=coord.endpoint,
                                    request_timeout_s=20))
@@ -132,12 +98,34 @@ def _with_gateway(coord: Coordinator, body: Any) -> None:
                 await body(gw, go)
         finally:
             await gw.stop()
-    coord.release.set()  # stores complete at once
+    if not hold_stores:
+        coord.release.set()
     coord.start()
     try:
         asyncio.run(scenario())
     finally:
         coord.end()
+
+
+def test_delete_while_the_model_is_being_stored_is_409_and_the_model_stays_deletable():
+    coord = Coordinator()
+
+    async def body(gw: Gateway, go: Any) -> None:
+        assert (await go("PUT", "/_ml/trained_models/a", CONFIG))[0] == 200
+        last = asyncio.create_task(go("PUT", "/_ml/trained_models/a/definition/0", part(b"old")))
+        assert await asyncio.to_thread(coord.storing.wait, 20)
+        status, err = await go("DELETE", "/_ml/trained_models/a")
+        assert status == 409, err
+        reason = es_error(err, 409, "status_exception")
+        assert "[a]" in reason and "being stored" in reason
+        assert not any(op == "delete_model" for op, _ in coord.ops)
+        coord.release.set()
+        assert await asyncio.wait_for(last, 20) == (200, {"acknowledged": True})
+        assert coord.stored == {"a"}
+        # stored: a DELETE now reaches the coordinator
+        assert await go("DELETE", "/_ml/trained_models/a") == (200, {"acknowledged": True})
+        assert coord.stored == set()
+    _with_gateway(coord, body, hold_stores=True)
 
 
 def test_pending_uploads_are_capped_in_total_bytes_naming_the_limit():
