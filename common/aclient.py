@@ -38,6 +38,7 @@ from mlfleet.common.client import (
     Routes,
     _encode,
     _encode_payload,
+    _infer_timeout_s,
     _results,
     handshake_failure,
     start_wait_s,
@@ -49,9 +50,19 @@ from mlfleet.common.units import parse_time
 from mlfleet.common.zmqutil import make_socket
 
 
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _expire(fut: asyncio.Future, why: str) -> None:
     if not fut.done():
         fut.set_exception(NoAnswer(why))
+
+
+def _delivered(sent: Optional[asyncio.Future[Any]]) -> bool:
+    """A send that completed: libzmq took it on a live connection (IMMEDIATE), so it may have
+    reached the server."""
+    return sent is not None and sent.done() and not sent.cancelled() and sent.exception() is None
 
 
 class _Peer:
@@ -71,6 +82,7 @@ class _Peer:
                                            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(address)
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.sends: dict[int, asyncio.Future[Any]] = {}  # rid -> its send (done: handed to a connection)
         loop = asyncio.get_running_loop()
         self.reader = loop.create_task(self._read())
         self.monitor = loop.create_task(self._watch(mon))
@@ -100,10 +112,19 @@ class _Peer:
                     self.failed = None
                     continue
                 self.failed = handshake_failure(self.address, ev["event"], ev["value"], self.keyed)
-                for fut in self.pending.values():
-                    if not fut.done():
+                for rid, fut in self.pending.items():
+                    if fut.done():
+                        continue
+                    if not _delivered(self.sends.get(rid)):
                         # IMMEDIATE: nothing was delivered on a connection that never completed
                         fut.set_exception(NoAnswer(self.failed, retryable=True))
+                    else:
+                        # sent on the connection that was lost: it may have run, and its answer
+                        # cannot come back on another connection; never run it twice
+                        fut.set_exception(NoAnswer(
+                            f"no answer from {self.address} to a request already sent: the connection "
+                            f"was lost and reconnecting failed ({self.failed}); it may have run, so it "
+                            "is not retried", retryable=False))
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
         finally:
@@ -115,10 +136,11 @@ class _Peer:
         fut: asyncio.Future[Reply] = loop.create_future()
         self.pending[rid] = fut
         timer = None
+        sent: Optional[asyncio.Future[Any]] = None
         try:
             if self.failed is not None:
                 raise NoAnswer(self.failed, retryable=True)
-            sent = self.sock.send_multipart(frames, copy=False)  # pyzmq copies small frames anyway
+            sent = self.sends[rid] = self.sock.send_multipart(frames, copy=False)  # pyzmq copies small frames
             if not sent.done():  # no live connection yet (IMMEDIATE): wait for one, briefly
                 connect_s = min(wait_s, connect_s)
                 try:
@@ -141,9 +163,12 @@ class _Peer:
                                     f"within {wait_s:g}s")
             return await fut
         finally:
+            if sent is not None and not sent.done():
+                sent.cancel()  # still queued in pyzmq (cancelled, or failed): never sent later
             if timer is not None:
                 timer.cancel()
             self.pending.pop(rid, None)
+            self.sends.pop(rid, None)
 
     def close(self) -> None:
         self.reader.cancel()
@@ -233,8 +258,9 @@ class AsyncClient:
         for offset in range(0, len(view), UPLOAD_CHUNK):
             await self._call("put_model_chunk", {"upload_id": upload_id, "offset": offset,
                                                  "data": bytes(view[offset:offset + UPLOAD_CHUNK])})
-        body: dict[str, Any] = {"model_id": model_id, "upload_id": upload_id,
-                                "sha256": hashlib.sha256(view).hexdigest(), "task": task}
+        # hashing a large definition takes a while: off the event loop (hashlib drops the GIL)
+        digest = (await asyncio.to_thread(_sha256, view) if len(view) >= 1 << 20 else _sha256(view))
+        body: dict[str, Any] = {"model_id": model_id, "upload_id": upload_id, "sha256": digest, "task": task}
         if tokenizer is not None:
             body["tokenizer"] = tokenizer
         if model_config is not None:
@@ -335,9 +361,7 @@ class AsyncClient:
         """Run ``docs`` through a deployment; arrays in and out are numpy arrays (with
         ``decode=False`` results keep the wire's array maps). ``inference_config``: as
         ``Client.infer``."""
-        timeout_s = parse_time(timeout, "timeout")
-        if timeout_s <= 0:
-            raise errors.BadRequest("[timeout] must be positive")
+        timeout_s = _infer_timeout_s(timeout)
         payload = _encode_payload(docs)
         extra = {} if inference_config is None else {"inference_config": inference_config}
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S

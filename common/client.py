@@ -27,6 +27,7 @@ import zmq
 
 from mlfleet.common import errors
 from mlfleet.common.errors import ApiError, NoAnswer, ServiceUnavailable
+from mlfleet.common.messages import MAX_TIMEOUT_MS
 from mlfleet.common.protocol import (
     PAYLOAD_LIMITS,
     Buffer,
@@ -38,7 +39,7 @@ from mlfleet.common.protocol import (
     encode_request,
 )
 from mlfleet.common.security import Curve, client_curve
-from mlfleet.common.units import parse_time
+from mlfleet.common.units import format_time, parse_time
 from mlfleet.common.zmqutil import make_socket, recv_frames, send_frames
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:7600"
@@ -52,19 +53,42 @@ MAX_WAIT_S = 7 * 86400.0
 
 
 def _encode(op: str, rid: int, body: dict[str, Any]) -> bytes:
-    """A request's frame; a value msgpack cannot carry (an int past 64 bits) is the caller's
-    error, raised as the server would answer it."""
+    """A request's frame; a value msgpack cannot carry (an int past 64 bits, a value nested past
+    what the encoder can walk) is the caller's error, raised as the server would answer it."""
     try:
         return encode_request(op, rid, body)
-    except (OverflowError, TypeError, ValueError) as e:
-        raise errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}") from None
+    except (OverflowError, TypeError, ValueError, RecursionError) as e:
+        raise _unencodable(e) from None
 
 
 def _encode_payload(docs: Any) -> list[Buffer]:
     try:
         return encode_payload(docs)
-    except (OverflowError, TypeError, ValueError) as e:
-        raise errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}") from None
+    except (OverflowError, TypeError, ValueError, RecursionError) as e:
+        raise _unencodable(e) from None
+
+
+def _unencodable(e: BaseException) -> errors.BadRequest:
+    if isinstance(e, RecursionError) or "recursion limit" in str(e):
+        return errors.BadRequest("the request cannot be encoded: its values nest too deeply (lists and "
+                                 "objects may nest at most a few hundred levels)")
+    return errors.BadRequest(f"the request cannot be encoded: {type(e).__name__}: {e}")
+
+
+def _infer_timeout_s(timeout: str | float) -> float:
+    """An inference's ``timeout`` in seconds; one that is unreadable, not finite, not positive or
+    past the longest an inference may wait is the caller's error, named as the server names it."""
+    try:
+        timeout_s = parse_time(timeout, "timeout")
+    except ValueError as e:
+        raise errors.BadRequest(str(e)) from None
+    if timeout_s <= 0:
+        raise errors.BadRequest("[timeout] must be positive")
+    if timeout_s > MAX_TIMEOUT_MS / 1000:
+        longest = format_time(MAX_TIMEOUT_MS / 1000)
+        raise errors.BadRequest(f"[timeout] must be less than or equal to {longest} for an inference, "
+                                f"got [{str(timeout)[:80]}]")
+    return timeout_s
 
 
 def _recv_reply(s: zmq.Socket, flags: int = 0) -> Reply:
@@ -568,7 +592,7 @@ class Client:
         once, spread over the routing table. Returns, in order, each request's body or the
         ApiError it got (a request whose node said it no longer serves the deployment is
         retried through ``infer``)."""
-        timeout_s = parse_time(timeout, "timeout")
+        timeout_s = _infer_timeout_s(timeout)
         extra = {} if inference_config is None else {"inference_config": inference_config}
         routes = self._routes(deployment_id)
         socks = self._infer_sockets()
@@ -653,9 +677,7 @@ class Client:
         """Run ``docs`` through a deployment; arrays in and out are numpy arrays.
         ``inference_config``: Elasticsearch's infer-time overrides for the model's task, e.g.
         ``{"num_top_classes": 3}`` or ``{"results_field": "label"}``."""
-        timeout_s = parse_time(timeout, "timeout")
-        if timeout_s <= 0:
-            raise errors.BadRequest("[timeout] must be positive")
+        timeout_s = _infer_timeout_s(timeout)
         payload = _encode_payload(docs)
         extra = {} if inference_config is None else {"inference_config": inference_config}
         deadline = time.monotonic() + timeout_s + INFER_MARGIN_S

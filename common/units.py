@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _TIME_UNITS = {"nanos": 1e-9, "micros": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -11,16 +12,25 @@ _BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|pb)?\s*$", re.IGNO
 
 
 def parse_time(value: str | int | float, name: str = "timeout") -> float:
-    """Seconds from a time value. Raises ValueError naming the setting when it cannot be read."""
+    """Seconds from a time value. Raises ValueError naming the setting when it cannot be read or
+    is not finite (``1e400s``, NaN: no caller can wait that long or compute a deadline from it)."""
     if isinstance(value, bool):
         raise ValueError(f"failed to parse setting [{name}] with value [{value}] as a time value")
     if isinstance(value, (int, float)):
-        return float(value)
-    m = _TIME_RE.match(str(value))
-    if not m:
-        raise ValueError(f"failed to parse setting [{name}] with value [{value}] as a time value: "
-                         "unit is missing or unrecognized")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past a float's range
+            seconds = math.inf
+    else:
+        m = _TIME_RE.match(str(value))
+        if not m:
+            raise ValueError(f"failed to parse setting [{name}] with value [{str(value)[:80]}] as a time "
+                             "value: unit is missing or unrecognized")
+        seconds = float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+    if not math.isfinite(seconds):
+        # worded as params' own check of a non-finite value (the coordinator's answers keep it)
+        raise ValueError(f"failed to parse setting [{name}] with value [{str(value)[:80]}] as a time value")
+    return seconds
 
 
 def format_time(seconds: float) -> str:

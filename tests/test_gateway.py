@@ -466,3 +466,40 @@ def test_infer_on_a_model_id_uses_its_deployment(http):
         http.call("POST", "/_ml/trained_models/for_search/deployment/_stop")
     status, _, body = http.call("POST", "/_ml/trained_models/mlp/_infer", {"docs": [{"input": [[0.0] * 8]}]})
     assert status == 404, body
+
+
+def _nested_json(depth: int, leaf: bytes = b"") -> bytes:
+    return b"[" * depth + leaf + b"]" * depth
+
+
+@pytest.mark.parametrize("raw,type,why", [
+    # past the JSON parser's recursion: RecursionError
+    (b"[" * 100_000, "x_content_parse_exception", "request body nests too deeply"),
+    (b'{"docs":[{"input":' + _nested_json(3000, b"1") + b"}]}", "x_content_parse_exception",
+     "request body nests too deeply"),
+    # an integer past Python's digit limit: ValueError
+    (b'{"docs":[{"input":' + b"1" * 5000 + b"}]}", "x_content_parse_exception",
+     "request body holds a number of more than"),
+    # parsed, but nested past what the encoder to the agent can walk
+    (b'{"docs":[{"text_field":' + _nested_json(900) + b"}]}", "status_exception", "nest too deeply"),
+])
+def test_hostile_bodies_are_400_naming_the_rule_and_log_no_traceback(gw, http, raw, type, why):
+    before = gw.log.stat().st_size
+    status, _, body = http.call("POST", "/_ml/trained_models/mlp/_infer?timeout=1s", raw=raw)
+    assert status == 400, body
+    assert why in es_error(body, 400, type)
+    with gw.log.open("rb") as f:
+        f.seek(before)
+        assert b"Traceback" not in f.read()
+
+
+@pytest.mark.parametrize("timeout", ["1" + "0" * 400 + "s", "2h"])
+def test_an_infinite_or_absurd_infer_timeout_is_400_naming_it(gw, http, timeout):
+    before = gw.log.stat().st_size
+    status, _, body = http.call("POST", f"/_ml/trained_models/mlp/_infer?timeout={timeout}",
+                                {"docs": [{"input": [[0.0] * 8]}]})
+    assert status == 400, body
+    assert "[timeout]" in body["error"]["reason"], body
+    with gw.log.open("rb") as f:
+        f.seek(before)
+        assert b"Traceback" not in f.read()

@@ -62,6 +62,7 @@ def test_keys_file_holds_no_secret_and_is_private(secured):
     (None, "missing authentication credentials for REST request [/_ml/trained_models/_stats]"),
     ("ApiKey " + base64.b64encode(b"nobody:secret").decode(), "API key id [nobody]"),
     ("ApiKey !!!", "not base64 of id:api_key"),
+    ("ApiKey \u00e9\u00e9", "not base64 of id:api_key"),  # not ASCII: b64decode's plain ValueError
     ("Basic " + base64.b64encode(b"elastic:changeme").decode(), "scheme [Basic]"),
 ])
 def test_no_valid_key_is_401(secured, header, why):

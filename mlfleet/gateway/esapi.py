@@ -10,6 +10,7 @@ from ``ENDPOINTS`` (``openapi.py``).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -245,6 +246,12 @@ def parse_json_body(raw: bytes) -> Optional[dict[str, Any]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         where = f"[{e.lineno}:{e.colno}] " if isinstance(e, json.JSONDecodeError) else ""
         raise parse_error(f"{where}request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise parse_error(f"request body nests too deeply: JSON arrays and objects may nest at most "
+                          f"about {sys.getrecursionlimit() // 2} levels") from None
+    except ValueError as e:  # an integer literal past the interpreter's digit limit
+        raise parse_error(f"request body holds a number of more than {sys.get_int_max_str_digits()} "
+                          f"digits, the most a number may have: {e}") from None
     if isinstance(body, str) and body.lstrip().startswith("{"):
         # a JSON string holding the object: what the update seed's own curl example sends
         # (--data '"{\n  \"number_of_allocations\": 4\n}"'); read it as the object it holds

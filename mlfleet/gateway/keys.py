@@ -133,7 +133,7 @@ class ApiKeys:
                                "'Authorization: ApiKey <base64 of id:api_key>')")
         try:
             key_id, sep, api_key = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: a credential not in ASCII
             sep = ""
         if not sep:
             raise unauthorized("unable to authenticate with provided credentials and anonymous access is "

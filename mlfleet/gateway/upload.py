@@ -14,6 +14,7 @@ becomes the tokenizer.json mlfleet's text tasks read.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -21,12 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mlfleet.common.aclient import AsyncClient
+from mlfleet.common.clock import Clock
 from mlfleet.common.errors import BadRequest, NotFound
 from mlfleet.common.messages import TASKS
 from mlfleet.gateway.esapi import EsError, illegal, parse_error
 from mlfleet.gateway.server import Gateway, handles
 
 MAX_DEFINITION_BYTES = 4 << 30
+MAX_PENDING_BYTES = 8 << 30     # the parts held for all uploads in progress together
+UPLOAD_IDLE_EXPIRY_S = 3600.0   # an upload that gets no part (or vocabulary) this long is dropped
+OFF_LOOP_BYTES = 1 << 20        # a definition this large is joined off the event loop
 TEXT_TASKS = frozenset(TASKS) - {"pass_through"}
 
 
@@ -47,6 +52,7 @@ class Pending:
     parts: dict[int, bytes] = field(default_factory=dict)
     tokenizer: Optional[bytes] = None
     storing: bool = False
+    touched: float = 0.0  # the clock's monotonic time of its last config, part or vocabulary
 
     def received(self) -> int:
         return sum(len(p) for p in self.parts.values())
@@ -57,14 +63,51 @@ class Pending:
 
 
 class Uploads:
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, clock: Any = None) -> None:
         self.client = client
+        self.clock = clock or Clock()
         self.pending: dict[str, Pending] = {}
+        self.idle_expiry_s = UPLOAD_IDLE_EXPIRY_S
+        self.max_pending_bytes = MAX_PENDING_BYTES
+
+    def expire(self) -> None:
+        """Drop the uploads idle past ``idle_expiry_s`` (none being stored): their parts are held
+        in this gateway's memory."""
+        now = self.clock.monotonic()
+        for mid, up in list(self.pending.items()):
+            if not up.storing and now - up.touched > self.idle_expiry_s:
+                del self.pending[mid]
+
+    def add(self, up: Pending) -> None:
+        up.touched = self.clock.monotonic()
+        self.pending[up.model_id] = up
+
+    def touch(self, up: Pending) -> None:
+        up.touched = self.clock.monotonic()
+
+    def held(self) -> int:
+        return sum(up.received() for up in self.pending.values())
+
+    def check_room(self, up: Pending, part: int, length: int, size: int) -> None:
+        """A part that would take the parts held for all uploads past ``max_pending_bytes``: 400
+        when this definition alone is larger, else 429 (others must finish or go first)."""
+        limit = self.max_pending_bytes
+        if length > limit:
+            raise illegal(f"[total_definition_length] [{length}] is more than this gateway holds for "
+                          f"uploads in progress [{limit}] bytes")
+        after = self.held() - len(up.parts.get(part, b"")) + size
+        if after > limit:
+            raise EsError(429, "circuit_breaking_exception",
+                          f"part [{part}] of [{up.model_id}] would bring the definitions held for uploads "
+                          f"in progress to [{after}] bytes, over this gateway's limit of [{limit}] bytes; "
+                          "finish or delete other uploads first, or try again later")
 
     def discard(self, model_id: str) -> bool:
+        self.expire()
         return self.pending.pop(model_id, None) is not None
 
     def get(self, model_id: str) -> Pending:
+        self.expire()
         up = self.pending.get(model_id)
         if up is None:
             raise NotFound(f"Could not find trained model [{model_id}]: put its configuration first "
@@ -74,7 +117,11 @@ class Uploads:
     async def finish_if_ready(self, up: Pending) -> None:
         if not up.ready() or up.storing:
             return
-        data = b"".join(up.parts[i] for i in range(up.total_parts or 0))
+        parts = [up.parts[i] for i in range(up.total_parts or 0)]
+        if (up.total_length or 0) >= OFF_LOOP_BYTES:
+            data = await asyncio.to_thread(b"".join, parts)
+        else:
+            data = b"".join(parts)
         if len(data) != up.total_length:
             self.pending.pop(up.model_id, None)
             raise illegal(f"the definition's parts add up to [{len(data)}] bytes, not "
@@ -85,7 +132,8 @@ class Uploads:
                                               up.model_config or None)
         finally:
             up.storing = False
-        self.pending.pop(up.model_id, None)
+        if self.pending.get(up.model_id) is up:  # never a newer upload of the same id
+            del self.pending[up.model_id]
 
 
 def _task_of(inference_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -111,6 +159,7 @@ async def _put_config(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> d
         exists = True
     except NotFound:
         exists = False
+    gw.uploads.expire()
     if exists or model_id in gw.uploads.pending:
         raise BadRequest(f"Trained machine learning model [{model_id}] already exists",
                          type="resource_already_exists_exception")
@@ -128,7 +177,7 @@ async def _put_config(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> d
     for k in ("description", "metadata", "tags"):
         if p[k] is not None:
             body[k] = p[k]
-    gw.uploads.pending[model_id] = Pending(model_id, task, model_config, tokenization, body)
+    gw.uploads.add(Pending(model_id, task, model_config, tokenization, body))
     return body
 
 
@@ -163,8 +212,10 @@ async def _put_part(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dic
         raise parse_error("[definition] is not valid base64") from None
     if up.received() - len(up.parts.get(part, b"")) + len(data) > length:
         raise illegal(f"the parts received add up to more than [total_definition_length] [{length}]")
+    gw.uploads.check_room(up, part, length, len(data))
     up.total_parts, up.total_length = total, length
     up.parts[part] = data
+    gw.uploads.touch(up)
     await gw.uploads.finish_if_ready(up)
     return {"acknowledged": True}
 
@@ -202,5 +253,6 @@ async def _put_vocabulary(gw: Gateway, path: dict[str, str], p: dict[str, Any]) 
     if kind not in ("bert", "bert_ja"):
         raise illegal(f"tokenization [{kind}] is not supported; only [bert] (WordPiece) is")
     up.tokenizer = wordpiece_tokenizer(p["vocabulary"], settings if isinstance(settings, dict) else {})
+    gw.uploads.touch(up)
     await gw.uploads.finish_if_ready(up)
     return {"acknowledged": True}
