@@ -62,6 +62,12 @@ NR = {
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "clone3": 435, "mount_setattr": 442, "landlock_create_ruleset": 444,
     "landlock_add_rule": 445, "landlock_restrict_self": 446,
+    # a file's metadata: Landlock governs opening, writing, truncating and removing, not these
+    "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "utime": 132,
+    "utimes": 235, "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280,
+    "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+    "lremovexattr": 198, "fremovexattr": 199, "fchmodat2": 452, "setxattrat": 463,
+    "removexattrat": 466,
 }
 
 # Denied outright with EPERM.
@@ -74,6 +80,12 @@ DENIED_SYSCALLS = (
     "io_uring_register", "name_to_handle_at", "open_by_handle_at", "reboot", "swapon",
     "swapoff", "acct", "quotactl", "iopl", "ioperm", "syslog", "settimeofday", "clock_settime",
     "adjtimex", "clock_adjtime", "sethostname", "setdomainname",
+    # Changing a file's mode, owner, times or extended attributes: model code could otherwise make
+    # the agent's key readable to all, or its run directory or model cache unusable (mode 000),
+    # for every deployment on the node, on any file the agent's user owns.
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr",
+    "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
 )
 
 # Landlock (include/uapi/linux/landlock.h)

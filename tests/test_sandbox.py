@@ -101,6 +101,8 @@ def sandboxed(tmp_path_factory):
     rw, outside = base / "rw", base / "outside"
     rw.mkdir()
     outside.mkdir()
+    (outside / "key").write_text("secret")  # the agent's user owns it, as the agent's key
+    os.chmod(outside / "key", 0o600)
     model = base / "mlp.pt"
     torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())), str(model))
     listener = socket.create_server(("127.0.0.1", 0))
@@ -123,6 +125,20 @@ def sandboxed(tmp_path_factory):
     attempt("write outside", lambda: open(os.path.join(outside, "leak"), "w").write("x"))
     attempt("write rw", lambda: open(os.path.join(rw, "ok"), "w").write("x"))
     attempt("stat /etc/hostname", lambda: os.stat("/etc/hostname").st_size)
+    key = os.path.join(outside, "key")
+    attempt("chmod a file outside", lambda: os.chmod(key, 0o644))
+    attempt("chmod a directory outside", lambda: os.chmod(outside, 0))
+    attempt("chown a file outside", lambda: os.chown(key, os.getuid(), os.getgid()))
+    attempt("utime a file outside", lambda: os.utime(key, (0, 0)))
+    attempt("setxattr a file outside", lambda: os.setxattr(key, "user.x", b"1"))
+    def fchmod_model():
+        fd = os.open(model, os.O_RDONLY)  # it may read the model: not change its mode
+        try:
+            os.fchmod(fd, 0)
+        finally:
+            os.close(fd)
+    attempt("fchmod the model through a read fd", fchmod_model)
+    attempt("chmod in its own scratch", lambda: os.chmod(os.path.join(rw, "ok"), 0o600))
     attempt("AF_INET socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
     attempt("AF_INET6 socket", lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
     attempt("AF_NETLINK socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
@@ -182,6 +198,17 @@ def test_files_outside_the_allowed_paths_cannot_be_read_or_written(sandboxed):
     assert not sandboxed["leaked file"]
     assert sandboxed["write rw"]["ok"] and sandboxed["rw file"]
     assert sandboxed["stat /etc/hostname"]["ok"]  # Landlock restricts opening, not looking
+
+
+@needs_kernel
+@pytest.mark.timeout(90)
+def test_no_file_metadata_changes_anywhere(sandboxed):
+    """Mode, owner, times and extended attributes: seccomp refuses them (Landlock does not cover
+    them), so a model cannot open up the agent's key or lock its run directory or model cache."""
+    for name in ("chmod a file outside", "chmod a directory outside", "chown a file outside",
+                 "utime a file outside", "setxattr a file outside",
+                 "fchmod the model through a read fd", "chmod in its own scratch"):
+        assert denied(sandboxed[name], 1), (name, sandboxed[name])
 
 
 @needs_kernel
