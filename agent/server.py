@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -63,6 +65,17 @@ from mlfleet.common.zmqutil import (
 log = logging.getLogger(__name__)
 # plain ints: pyzmq's flag enums cost an Enum construction per `|`
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+# What the agent takes from the coordinator's sync for its own timing.
+MIN_HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_NODE_TIMEOUT_S = 0.01, 3600.0, 7 * 86400.0
+_ASSIGNMENT_FIELDS = frozenset(f.name for f in dataclasses.fields(m.NodeAssignment))
+
+
+def _known_fields(raw: Any) -> Any:
+    """An assignment without the fields this agent does not know: a newer coordinator may add
+    fields to a body without a new protocol version (docs/protocol.md §2)."""
+    if isinstance(raw, dict) and not raw.keys() <= _ASSIGNMENT_FIELDS:
+        return {k: v for k, v in raw.items() if k in _ASSIGNMENT_FIELDS}
+    return raw
 
 
 class Agent:
@@ -498,17 +511,44 @@ class Agent:
         self._apply_sync_body(body)
         self._sync_applied = (body, frozenset(self.runtimes))
 
+    def _sync_settings(self, body: dict) -> None:
+        """The coordinator's timing and client keys, each taken only when it keeps its rule (a
+        value that does not is logged and the one in use kept: a NaN interval would stop the
+        heartbeats, a string would stop every sync from applying)."""
+        hb = body.get("heartbeat_interval_s", self.heartbeat_interval_s)
+        nt = body.get("node_timeout_s", self.node_timeout_s)
+        if (type(hb) in (int, float) and type(nt) in (int, float) and math.isfinite(hb)
+                and math.isfinite(nt) and MIN_HEARTBEAT_S <= hb <= MAX_HEARTBEAT_S
+                and hb < nt <= MAX_NODE_TIMEOUT_S):
+            self.heartbeat_interval_s, self.node_timeout_s = float(hb), float(nt)
+        else:
+            log.error("ignoring the coordinator's [heartbeat_interval_s] %r and [node_timeout_s] %r: "
+                      "they must be numbers, the interval %gs to %gs and the timeout above it, at most "
+                      "%gs; keeping %gs and %gs", str(hb)[:40], str(nt)[:40], MIN_HEARTBEAT_S,
+                      MAX_HEARTBEAT_S, MAX_NODE_TIMEOUT_S, self.heartbeat_interval_s, self.node_timeout_s)
+        keys = body.get("client_keys")
+        if keys is None:
+            return
+        if isinstance(keys, dict) and all(type(k) is str and r in ("admin", "infer")
+                                          for k, r in keys.items()):
+            self.client_keys = keys
+        else:
+            log.error("ignoring the coordinator's [client_keys]: a map of key to role (admin or infer) "
+                      "is expected; keeping the %d keys in use", len(self.client_keys))
+
     def _apply_sync_body(self, body: dict) -> None:
-        self.heartbeat_interval_s = float(body.get("heartbeat_interval_s", self.heartbeat_interval_s))
-        self.node_timeout_s = float(body.get("node_timeout_s", self.node_timeout_s))
-        if isinstance(body.get("client_keys"), dict):
-            self.client_keys = body["client_keys"]
+        self._sync_settings(body)
         wanted: dict[str, m.NodeAssignment] = {}
+        unreadable: set[str] = set()  # assignments that did not decode: their deployments stay as they are
         for raw in body.get("assignments", []):
             try:
-                a = m.decode(m.NodeAssignment, raw, "sync")
+                a = m.decode(m.NodeAssignment, _known_fields(raw), "sync")
             except ApiError as e:
-                log.error("ignoring a malformed assignment: %s", e.reason)
+                dep = raw.get("deployment_id") if isinstance(raw, dict) else None
+                if type(dep) is str:
+                    unreadable.add(dep)
+                log.error("ignoring an assignment this agent cannot read (deployment [%s]): %s; what "
+                          "runs for it here is left as it is", str(dep)[:100], e.reason)
                 continue
             wanted[a.deployment_id] = a
             self.routing_versions[a.deployment_id] = a.routing_version
@@ -521,7 +561,9 @@ class Agent:
             else:
                 rt.update(a)
         for dep_id, rt in list(self.runtimes.items()):
-            if dep_id not in wanted and rt.phase not in (Phase.STOPPING, Phase.STOPPED):
+            if dep_id in wanted or dep_id in unreadable:
+                continue
+            if rt.phase not in (Phase.STOPPING, Phase.STOPPED):
                 log.info("deployment [%s] is no longer wanted on node [%s]; draining it",
                          dep_id, self.node_id)
                 rt.begin_stop(finish_pending_work=True)

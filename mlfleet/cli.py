@@ -244,6 +244,10 @@ def coordinator(
                                  param_hint="--authorized-keys")
 
     parse_time = _duration
+    if parse_time(node_timeout, "node_timeout") <= parse_time(heartbeat_interval, "heartbeat_interval"):
+        raise typer.BadParameter(f"must be longer than --heartbeat-interval ({heartbeat_interval}): a node "
+                                 "is lost after missing heartbeats, not between two of them",
+                                 param_hint="--node-timeout")
     _serve_or_exit(start, CoordinatorConfig(
         listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
         heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),

@@ -102,3 +102,11 @@ def test_models_put_takes_a_warm_up_input_from_a_npy_file(cluster2, mlp_path, tm
     p = mlfleet(cluster2, "models", "put", "cli-bad", "--file", str(mlp_path),
                 "--example-input", str(pickled), ok=False)
     assert p.returncode == 2 and "is not a .npy array" in p.stderr
+
+
+def test_the_coordinator_refuses_a_node_timeout_not_past_the_heartbeat_interval(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mlfleet", "coordinator", "--data-dir", str(tmp_path / "c"),
+                        "--listen", "tcp://127.0.0.1:0", "--heartbeat-interval", "2s",
+                        "--node-timeout", "1s"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    said = " ".join(p.stderr.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's box, any width
+    assert p.returncode == 2 and "--node-timeout: must be longer than --heartbeat-interval" in said
