@@ -21,6 +21,7 @@ class AgentConfig:
     overrun_grace_s: float = 5.0           # a forward pass this far past its deadline is cut off
     queue_max_bytes: int = 256 << 20       # bytes of requests held per deployment (429 past it)
     load_retries: int = 2                  # a model that fails to load is tried this many more times
+    load_timeout_s: float = 600.0          # a model host that has not loaded by then is killed (a try)
     require_sandbox: bool = False          # refuse to start where Landlock or seccomp is missing
     curve_secret_key: Optional[str] = None        # CURVE for the coordinator link and inference
     coordinator_public_key: Optional[str] = None

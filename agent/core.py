@@ -153,6 +153,7 @@ class Limits:
     stop_grace_s: float = 5.0
     queue_max_bytes: int = 256 << 20
     load_retries: int = 2
+    load_timeout_s: float = 600.0  # a host that has not loaded its model by then is killed (a try)
 
 
 class DeploymentCore:
@@ -179,6 +180,7 @@ class DeploymentCore:
         self.held_bytes = 0                           # requests queued or running, on the wire
         self.load_attempts = 0
         self._load_error = ""
+        self._load_deadline: Optional[float] = None  # the loading host is killed at this time
         self._paths: tuple[str, Optional[str]] = ("", None)
         self._batch_wake_at: Optional[float] = None
         self._respawn_at = 0.0  # restart backoff after a worker died
@@ -243,14 +245,16 @@ class DeploymentCore:
         if self.phase == Phase.FETCHING:
             self._set_phase(Phase.LOADING)
             self._paths = (model_path, tokenizer_path)
-            self._start_host()
+            self._start_host(now)
         return self._take()
 
-    def _start_host(self) -> None:
+    def _start_host(self, now: float) -> None:
         if self.phase != Phase.LOADING or self.host_up:
             return
         self.load_attempts += 1
         self.host_up, self.host_exit_sent, self.host_kill_at = True, False, None
+        self._load_deadline = now + self.limits.load_timeout_s
+        self._out.append(Schedule(self._load_deadline, Timer.TICK))
         self._out.append(StartHost(self._paths[0], self._paths[1], self.load_attempts))
 
     def fail(self, reason: str, now: float) -> list[Command]:
@@ -360,7 +364,7 @@ class DeploymentCore:
     def timer(self, which: Timer, now: float) -> list[Command]:
         """A ``Schedule`` came due."""
         if which == Timer.LOAD:
-            self._start_host()
+            self._start_host(now)
         elif which == Timer.BATCH:
             self._batch_wake_at = None
             self._dispatch(now)
@@ -643,6 +647,12 @@ class DeploymentCore:
         return self.phase == Phase.RUNNING and len(self.live_workers()) != self.a.target_allocations
 
     def _tick(self, now: float) -> None:
+        if (self.phase == Phase.LOADING and self.host_up and self._load_deadline is not None
+                and now >= self._load_deadline):  # hung in native code, say: killed, and tried again
+            self._load_deadline = None
+            self._load_error = (f"the model host did not finish loading the model within "
+                                f"[{self.limits.load_timeout_s:g}s] (--load-timeout)")
+            self._out.append(KillHost())
         self._expire(now)
         self._cut_overruns(now)
         if self.phase == Phase.RUNNING:

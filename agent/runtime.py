@@ -66,14 +66,15 @@ class DeploymentRuntime:
                  restart_budget: int = 3, restart_window_s: float = 60.0,
                  overrun_grace_s: float = 5.0, stop_grace_s: float = 5.0,
                  queue_max_bytes: int = 256 << 20, load_retries: int = 2,
-                 require_sandbox: bool = False) -> None:
+                 require_sandbox: bool = False, load_timeout_s: float = 600.0) -> None:
         self.core = DeploymentCore(a, node_id=node_id, now=clock.monotonic(), wall_ms=clock.wall_ms(),
                                    limits=Limits(restart_budget=restart_budget,
                                                  restart_window_s=restart_window_s,
                                                  overrun_grace_s=overrun_grace_s,
                                                  stop_grace_s=stop_grace_s,
                                                  queue_max_bytes=queue_max_bytes,
-                                                 load_retries=load_retries))
+                                                 load_retries=load_retries,
+                                                 load_timeout_s=load_timeout_s))
         self.worker_endpoint = worker_endpoint
         self.require_sandbox = require_sandbox
         self.clock = clock

@@ -592,6 +592,7 @@ class Agent:
                                stop_grace_s=self.cfg.stop_grace_s,
                                queue_max_bytes=self.cfg.queue_max_bytes,
                                load_retries=self.cfg.load_retries,
+                               load_timeout_s=self.cfg.load_timeout_s,
                                require_sandbox=self.cfg.require_sandbox)
         rt.on_host_change = lambda rt=rt: self._hosts_changed(rt)
         rt.on_event = self._on_event

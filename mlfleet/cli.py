@@ -338,6 +338,7 @@ def agent(
     overrun_grace: str = typer.Option("5s", help="A forward pass this far past its request's deadline has its worker killed and replaced."),
     queue_max_bytes: str = typer.Option("256mb", help="Bytes of inference requests held per deployment (queued or running); 429 past it."),
     load_retries: int = typer.Option(2, min=0, max=10, help="A model that fails to load is tried this many more times before its route fails."),
+    load_timeout: str = typer.Option("10m", help="A model host that has not loaded its model (and run its warm-up) by then is killed; that counts as a failed try."),
     require_sandbox: bool = typer.Option(False, "--require-sandbox", help="Refuse to start where the kernel lacks Landlock or seccomp filters (models run sandboxed wherever it has them)."),
 ) -> None:
     """Run a node agent.
@@ -364,7 +365,8 @@ def agent(
         data_dir=str(data_dir) if data_dir else None, ready_file=str(ready_file) if ready_file else None,
         stop_grace_s=_duration(stop_grace, "stop_grace"),
         overrun_grace_s=_duration(overrun_grace, "overrun_grace"),
-        queue_max_bytes=max_bytes, load_retries=load_retries, require_sandbox=require_sandbox))
+        queue_max_bytes=max_bytes, load_retries=load_retries, require_sandbox=require_sandbox,
+        load_timeout_s=_duration(load_timeout, "load_timeout")))
 
 
 @app.command()

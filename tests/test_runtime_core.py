@@ -488,6 +488,33 @@ def test_load_retries_back_off_then_fail_with_the_attempt_count() -> None:
     assert s.core.reason == "could not load model: RuntimeError: bad (3 attempts)"
 
 
+def test_a_host_that_does_not_finish_loading_in_time_is_killed_and_tried_again() -> None:
+    s = Sim(limits=Limits(load_retries=1, load_timeout_s=60.0))
+    s.run(s.core.model_ready("/m.pt", None, s.now))
+    assert Schedule(60.0, Timer.TICK) in s.cmds  # the agent wakes the core at the deadline
+    s.at(59.0).tick()
+    assert not any(isinstance(c, KillHost) for c in s.cmds)
+    s.at(60.0).run(s.core.timer(Timer.TICK, s.now))  # hung in native code, say
+    assert isinstance(s.cmds[-1], KillHost)
+    s.run(s.core.host_exited(-9, s.now))
+    assert s.core.phase == Phase.LOADING  # a failed try: loaded again after its back-off
+    s.at(s.now + 0.5).run(s.core.timer(Timer.LOAD, s.now))
+    assert s.cmds[-1] == StartHost("/m.pt", None, 2)
+    s.at(s.now + 60.0).run(s.core.timer(Timer.TICK, s.now))
+    s.run(s.core.host_exited(-9, s.now))
+    assert s.core.phase == Phase.FAILED
+    assert s.core.reason == ("the model host did not finish loading the model within [60s] "
+                             "(--load-timeout) (2 attempts)")
+
+
+def test_a_host_that_loads_in_time_is_not_killed() -> None:
+    s = Sim(limits=Limits(load_timeout_s=60.0))
+    s.run(s.core.model_ready("/m.pt", None, s.now))
+    s.at(30.0).run(s.core.host_loaded(s.now))
+    s.at(61.0).run(s.core.timer(Timer.TICK, s.now))
+    assert not any(isinstance(c, KillHost) for c in s.cmds) and s.core.phase == Phase.RUNNING
+
+
 def test_a_loaded_host_starts_its_workers() -> None:
     s = Sim(target_allocations=2)
     s.run(s.core.model_ready("/m.pt", None, s.now))
