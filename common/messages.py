@@ -48,7 +48,8 @@ MAX_PROCESSORS = 4096                  # allocated processors, cpu counts
 MAX_NUMBER_OF_ALLOCATIONS = 100_000    # a deployment's allocations, on one node or in all
 MAX_MEMORY_BYTES = 1 << 50             # 1pb: memory, model and cache sizes, file offsets
 MAX_PID = 1 << 22                      # Linux's pid_max ceiling
-MAX_EPOCH_MS = 1 << 53                 # epoch milliseconds (exact in a double)
+MAX_EPOCH_MS = 253_402_300_799_999     # epoch milliseconds: 9999-12-31T23:59:59.999Z, the last
+                                      # instant ISO-8601 (and get_stats' start_time) can write
 MAX_COUNTER = (1 << 63) - 1            # monotonic counters in route reports
 MAX_TIMEOUT_MS = 3_600_000             # an inference or await_routes may wait at most 1 hour
 MAX_DOCS = 10_000                      # documents in one infer

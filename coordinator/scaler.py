@@ -11,6 +11,10 @@ allocations, is rate x time; with 1-sigma bounds on both:
 * clamp to max (32 when there is none), then min;
 * with min 0 (or none), scale to zero after ``scale_to_zero_after_s`` without requests.
 
+Both directions are computed in closed form, capped at the maximum first: the load comes from
+agents' reports, so one report must not cost a loop per allocation. A load that is not finite, or
+above ``ABSURD_LOAD``, keeps the current number.
+
 The caller applies the cooldown (no scale-down within ``scale_up_cooldown`` of a scale-up).
 """
 
@@ -23,6 +27,10 @@ from typing import Optional
 SCALE_UP_THRESHOLD = 0.9
 SCALE_DOWN_THRESHOLD = 0.85
 MAX_ALLOCATIONS_SAFEGUARD = 32
+# A load (busy allocations) no deployment can have: 10**4 times the most allocations a deployment
+# may ask for (common.messages.MAX_NUMBER_OF_ALLOCATIONS). Above it an agent's report is wrong, and
+# the scaler keeps the current number rather than follow it.
+ABSURD_LOAD = 1e9
 
 
 @dataclass
@@ -113,20 +121,52 @@ class Scaler:
         return max(0.0, self.rate.lower()) * t_lo, self.rate.upper() * t_hi
 
     def needed(self) -> Optional[int]:
-        """The allocations to have now, or None to keep the current number."""
+        """The allocations to have now, or None to keep the current number.
+
+        Closed form of the rule (no loop over allocations: the load comes from agents' reports,
+        up to 2**63 pending requests of 1e15 ms, and this runs on the coordinator's event loop).
+        A load that is not finite, or above ``ABSURD_LOAD``, keeps the current number.
+        """
         if not self.rate.has_value:
             return None
         load_lo, load_hi = self.load_bounds()
+        if not (math.isfinite(load_lo) and math.isfinite(load_hi)) or load_lo > ABSURD_LOAD:
+            return None
+        cap = self.max_allocations if self.max_allocations is not None else MAX_ALLOCATIONS_SAFEGUARD
         n = self.allocations
         if n == 0:
             n = 1 if load_lo > 0 else 0
-        while n > 0 and load_lo / n > SCALE_UP_THRESHOLD:
-            n += 1
-        while n > 1 and load_hi / (n - 1) < SCALE_DOWN_THRESHOLD:
-            n -= 1
-        n = min(n, self.max_allocations if self.max_allocations is not None else MAX_ALLOCATIONS_SAFEGUARD)
+        if n > 0 and load_lo / n > SCALE_UP_THRESHOLD:
+            # the fewest allocations with load_lo / n <= the threshold, capped first
+            n = min(cap, max(n, _fewest(load_lo, SCALE_UP_THRESHOLD)))
+        elif n > 1 and load_hi / (n - 1) < SCALE_DOWN_THRESHOLD:
+            # down to the most allocations with load_hi / (n - 1) >= the threshold (or to one)
+            n = min(n, _most(load_hi, SCALE_DOWN_THRESHOLD))
+        n = min(n, cap)
         lo = self.min_allocations or 0
         n = max(n, lo, 1 if self.allocations > 0 else 0)
         if lo == 0 and self.idle_s > self.scale_to_zero_after_s:
             n = 0
         return n if n != self.allocations else None
+
+
+def _fewest(load: float, threshold: float) -> int:
+    """The fewest allocations k >= 1 with ``load / k <= threshold``. ``load`` is finite and at most
+    ``ABSURD_LOAD``: the float estimate is at most one off, the two steps correct it."""
+    k = max(1, math.ceil(load / threshold))
+    while k > 1 and load / (k - 1) <= threshold:
+        k -= 1
+    while load / k > threshold:
+        k += 1
+    return k
+
+
+def _most(load: float, threshold: float) -> int:
+    """The most allocations k >= 1 with ``k == 1 or load / (k - 1) >= threshold``; ``load`` is finite
+    and below ``threshold`` times the current allocations."""
+    k = max(1, math.floor(load / threshold) + 1)
+    while k > 1 and load / (k - 1) < threshold:
+        k -= 1
+    while load / k >= threshold:
+        k += 1
+    return k

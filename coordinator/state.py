@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from mlfleet.common.clock import iso_ms
+from mlfleet.common.messages import MAX_COUNTER
 from mlfleet.common.params import Adaptive
 from mlfleet.common.units import format_time, parse_bytes
 
@@ -266,6 +267,12 @@ def node_stats_body(route: Route, node: NodeRecord, dep: DeploymentRecord) -> di
 def deployment_stats_body(dep: DeploymentRecord, model: ModelRecord, routes: list[Route],
                           nodes: dict[str, NodeRecord]) -> dict[str, Any]:
     node_bodies = [node_stats_body(r, nodes[r.node_id], dep) for r in routes]
+
+    def summed(key: str) -> int:
+        # each node's counter is at most MAX_COUNTER (2**63-1); their sum is clamped to it, so the
+        # answer stays within msgpack's integers however many nodes report
+        return min(sum(n[key] for n in node_bodies), MAX_COUNTER)
+
     total = sum(n["inference_count"] for n in node_bodies)
     avg = (sum(n["average_inference_time_ms"] * n["inference_count"] for n in node_bodies) / total
            if total else 0.0)
@@ -281,12 +288,12 @@ def deployment_stats_body(dep: DeploymentRecord, model: ModelRecord, routes: lis
             "threads_per_allocation": dep.threads_per_allocation,
             "queue_capacity": dep.queue_capacity, "cache_size": dep.cache_size_str(model),
             "priority": dep.priority, "start_time": iso_ms(dep.start_time_ms),
-            "inference_count": total,
-            "error_count": sum(n["error_count"] for n in node_bodies),
-            "rejected_execution_count": sum(n["rejected_execution_count"] for n in node_bodies),
-            "timeout_count": sum(n["timeout_count"] for n in node_bodies),
+            "inference_count": summed("inference_count"),
+            "error_count": summed("error_count"),
+            "rejected_execution_count": summed("rejected_execution_count"),
+            "timeout_count": summed("timeout_count"),
             "average_inference_time_ms": avg,
-            "peak_throughput_per_minute": sum(n["peak_throughput_per_minute"] for n in node_bodies),
+            "peak_throughput_per_minute": summed("peak_throughput_per_minute"),
             "adaptive_allocations": adaptive_body(dep),
             "nodes": node_bodies,
         },

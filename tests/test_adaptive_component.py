@@ -78,3 +78,23 @@ def test_low_priority_never_scales_past_one():
         _report(node, count, 10, 100.0)
         comp.tick()
     assert dep.number_of_allocations == 1 and all(n <= 1 for _, n, _ in calls)
+
+
+@pytest.mark.parametrize("count,pending,avg_ms", [
+    (0, 2**62, 0.0), (0, 2**63 - 1, 0.0), (2**63 - 1, 2**63 - 1, 1e15), (2**63 - 1, 0, 1e15),
+])
+def test_a_report_of_absurd_load_is_decided_at_once(count, pending, avg_ms):
+    # the largest values the stats shape lets an agent send: one tick decides within a second
+    import time
+    clock, dep, node, comp, calls = _world(1, Adaptive(True, 1, 4))
+    comp.tick()
+    for i in range(1, 4):
+        clock.t += 10
+        _report(node, 10 * i, 0, 100.0)
+        comp.tick()
+    clock.t += 10
+    _report(node, count, pending, avg_ms)
+    t0 = time.monotonic()
+    comp.tick()
+    assert time.monotonic() - t0 < 1.0
+    assert 1 <= dep.number_of_allocations <= 4

@@ -586,7 +586,7 @@ def test_the_reported_nan_delay_is_rejected_before_any_handler():
     (register(deployments=[report(stats={**STATS, "inference_count": -5})]),
      "[deployments[0].stats.inference_count] must be greater than or equal to 0"),
     (register(deployments=[report(stats={**STATS, "start_time": 2**63})]),
-     "[deployments[0].stats.start_time] must be less than or equal to 9007199254740992"),
+     "[deployments[0].stats.start_time] must be less than or equal to 253402300799999"),
     (register(deployments=[report(stats={**STATS, "average_queue_time_ms": -1.0})]),
      "[deployments[0].stats.average_queue_time_ms] must be greater than or equal to 0"),
 ])

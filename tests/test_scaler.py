@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -88,3 +89,62 @@ def test_no_decision_before_any_sample():
     s.observe(load(1.0, 0.1), 0.0)  # no time passed: ignored
     assert s.needed() is None
     assert math.isinf(s.rate.variance)
+
+
+def _loop_needed(allocations: int, load_lo: float, load_hi: float, cap: int) -> int:
+    """The scaler's rule as first written, one allocation at a time: the reference for sane loads."""
+    n = allocations
+    if n == 0:
+        n = 1 if load_lo > 0 else 0
+    while n > 0 and load_lo / n > 0.9:
+        n += 1
+    while n > 1 and load_hi / (n - 1) < 0.85:
+        n -= 1
+    return max(min(n, cap), 1 if allocations > 0 else 0)
+
+
+def _fixed(allocations: int, lo: float, hi: float, max_allocations=None) -> Scaler:
+    s = Scaler(allocations=allocations, max_allocations=max_allocations)
+    s.load_bounds = lambda: (lo, hi)  # type: ignore[method-assign]
+    s.rate.add(1.0, 1.0)
+    return s
+
+
+def test_the_closed_form_decides_as_the_one_by_one_rule_for_sane_loads():
+    loads = [0.0, 0.05, 0.5, 0.85, 0.9, 0.9000001, 1.0, 1.7, 1.8, 2.7, 3.6, 4.5, 7.65, 10.0, 27.0, 28.8,
+             31.5, 100.0, 1000.0, 12345.6]
+    for allocations in (0, 1, 2, 3, 5, 8, 32, 40):
+        for cap in (1, 4, 32, 100_000):
+            for lo in loads:
+                for hi in (lo, lo * 1.2, lo + 0.5, lo * 3):
+                    s = _fixed(allocations, lo, hi, cap)
+                    want = _loop_needed(allocations, lo, hi, cap)
+                    got = s.needed()
+                    assert (allocations if got is None else got) == want, (allocations, cap, lo, hi)
+
+
+@pytest.mark.parametrize("pending,time_s", [
+    (10**9, None), (2**62, None), (2**63 - 1, None), (2**63 - 1, 1e12), (10**9, 1e12), (0, 1e12),
+])
+def test_an_absurd_report_is_decided_at_once(pending, time_s):
+    # An agent may report up to 2**63-1 pending requests and 1e15 ms per inference: one tick must
+    # still decide in well under a second (it runs on the coordinator's event loop).
+    for max_allocations in (None, 4, 100_000):
+        s = Scaler(allocations=1, max_allocations=max_allocations)
+        run(s, [load(1.0, 0.1)] * 3)
+        cur = s.allocations
+        t0 = time.monotonic()
+        success = 2**63 - 1 if time_s is not None else 0
+        s.observe(Sample(success=success, pending=pending, failed=0, inference_time_s=time_s), DT)
+        n = s.needed()
+        assert time.monotonic() - t0 < 1.0
+        top = max_allocations if max_allocations is not None else 32
+        assert n is None or cur <= n <= top
+
+
+def test_a_non_finite_or_absurd_load_keeps_the_current_number():
+    for lo, hi in [(math.nan, 1.0), (1.0, math.nan), (math.inf, math.inf), (0.0, math.inf),
+                   (1e18, 1e18), (4.6e17, 5e17)]:
+        for allocations in (0, 1, 3):
+            assert _fixed(allocations, lo, hi, 8).needed() is None, (lo, hi, allocations)
+    assert _fixed(1, 1e6, 1e6, 8).needed() == 8  # a huge but possible load: the maximum
