@@ -365,8 +365,8 @@ CPU = nested({"physical": st.integers(1, 4096), "logical": st.integers(1, 4096)}
 STATS = nested({}, {
     "inference_count": st.integers(0, 2**63 - 1), "error_count": st.integers(0, 10),
     "average_inference_time_ms": st.floats(0, 1e6), "average_batch_size": st.floats(0, 10),
-    "start_time": st.one_of(st.none(), st.integers(0, 1 << 53)),
-    "last_access": st.one_of(st.none(), st.integers(0, 1 << 53)),
+    "start_time": st.one_of(st.none(), st.integers(0, M.MAX_EPOCH_MS)),
+    "last_access": st.one_of(st.none(), st.integers(0, M.MAX_EPOCH_MS)),
     "number_of_pending_requests": st.integers(0, 10), "peak_throughput_per_minute": st.integers(0, 10)})
 REPORT = nested({"deployment_id": st.sampled_from(REPORT_IDS),
                  "routing_state": st.sampled_from(M.ROUTING_STATES),
