@@ -39,6 +39,10 @@ from mlfleet.common import formats as cf
 
 WARMUP_PASSES = 3  # TorchScript's profiling executor settles after its second call
 WARMUP_TIMEOUT_S = 120  # a warm-up that runs longer ends the worker (SIGALRM): a start never hangs
+# An exported program's stored example inputs are used for warm-up only up to this size, all
+# together, as their shapes say (a tensor expanded with stride 0 claims its shape in a few bytes of
+# file, and warm-up would materialise it in the host and in every worker).
+MAX_STORED_EXAMPLE_BYTES = 16 << 20
 SCRATCH_PREFIX = "mlfleet-host-"
 # AOTI_CPU_ISA tokens -> the /proc/cpuinfo flag each needs
 _ISA_FLAGS = {"AVX2": "avx2", "AVX512": "avx512f", "AVX512_VNNI": "avx512_vnni",
@@ -163,6 +167,8 @@ def _stored_examples(ep: Any) -> list[tuple]:
     args, kwargs = got
     if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
         return []  # only what a pass_through document can carry: positional tensors
+    if sum(a.numel() * a.element_size() for a in args) > MAX_STORED_EXAMPLE_BYTES:
+        return []  # the allocation starts cold rather than the node running out of memory
     return [tuple(args)]
 
 

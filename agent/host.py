@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         emit(event="failed", reason=f"could not load model: {type(e).__name__}: {e}"[:1000])
         return 2
-    problem = probe_warmup(task, args.threads)
+    try:
+        problem = probe_warmup(task, args.threads)
+    except Exception as e:  # MemoryError building the warm-up documents, say: a failed load, said so
+        problem = f"warm-up failed: {type(e).__name__}: {e}"
     if problem is not None:
         emit(event="failed", reason=problem[:1000])
         return 2

@@ -333,6 +333,22 @@ class _TextTask:
     def _batch_post(self, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return out
 
+    def _encode(self, texts: list[str], where: list[int], out: list[Outcome]) -> list[Any]:
+        """The texts' encodings; if the tokenizer refuses the batch, each text is encoded alone
+        and one it refuses fails its own document (400) and is None here."""
+        try:
+            return list(self.tok.encode_batch(texts))
+        except Exception:
+            encs: list[Any] = []
+            for k, text in enumerate(texts):
+                try:
+                    encs.append(self.tok.encode(text))
+                except Exception as e:
+                    out[where[k]] = BadRequest(f"[text_field] cannot be tokenized: {type(e).__name__}: "
+                                               f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                    encs.append(None)
+            return encs
+
     def run(self, docs: list[Any], overrides: Optional[list[Any]] = None) -> list[Outcome]:
         opts = _overrides_for(self.task, docs, overrides, self.labels)
         out: list[Outcome] = [None] * len(docs)
@@ -348,7 +364,12 @@ class _TextTask:
                 out[i] = BadRequest("each doc must be a map with [text_field] (a string)")
         if not texts:
             return out
-        encs = self.tok.encode_batch(texts)
+        encs = self._encode(texts, where, out)
+        if any(e is None for e in encs):  # a text the tokenizer refused failed alone: plan the rest
+            keep = [k for k, e in enumerate(encs) if e is not None]
+            texts, where, encs = [texts[k] for k in keep], [where[k] for k in keep], [encs[k] for k in keep]
+            if not texts:
+                return out
         for group in plan_batches([len(e.ids) for e in encs], self.max_batch_tokens, self.overhead_tokens,
                                   self.unpadded):
             try:

@@ -97,14 +97,34 @@ def read_sentence_transformers_config(d: Path, max_sequence_length: Optional[int
     model_cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
     st_cfg_path = d / "sentence_bert_config.json"
     st_cfg = json.loads(st_cfg_path.read_text()) if st_cfg_path.exists() else {}
-    own_max = int(st_cfg.get("max_seq_length") or model_cfg.get("max_position_embeddings") or 512)
+    limit = position_limit(model_cfg)
+    tok_cfg_path = d / "tokenizer_config.json"
+    tok_max = json.loads(tok_cfg_path.read_text()).get("model_max_length") if tok_cfg_path.exists() else None
+    own_max = int(st_cfg.get("max_seq_length") or 0) or min(
+        limit, int(tok_max) if isinstance(tok_max, (int, float)) and 1 <= tok_max < 1_000_000 else limit)
+    own_max = min(own_max, limit)
     if max_sequence_length is not None:
-        if not 1 <= max_sequence_length <= int(model_cfg.get("max_position_embeddings") or own_max):
-            raise ValueError(f"[max_sequence_length] must be between 1 and the model's "
-                             f"{model_cfg.get('max_position_embeddings') or own_max}")
+        if not 1 <= max_sequence_length <= limit:
+            raise ValueError(f"[max_sequence_length] must be between 1 and the {limit} tokens the model's "
+                             "position embeddings hold")
         own_max = max_sequence_length
     return {"pooling": pooling, "normalize": normalize, "max_sequence_length": own_max,
             "embedding_size": model_cfg.get("hidden_size"), "source": d.name}
+
+
+# Models whose position ids start after the padding index (transformers'
+# create_position_ids_from_input_ids): pad_token_id + 1 of their max_position_embeddings are not
+# tokens' positions (RoBERTa's 514 hold 512 tokens).
+_POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                      "mpnet", "data2vec-text", "roberta-prelayernorm", "ibert"})
+
+
+def position_limit(model_cfg: dict[str, Any]) -> int:
+    """How many tokens a text may have for the model's position embeddings."""
+    n = int(model_cfg.get("max_position_embeddings") or 512)
+    if model_cfg.get("model_type") in _POSITIONS_AFTER_PADDING:
+        n -= int(model_cfg.get("pad_token_id") if model_cfg.get("pad_token_id") is not None else 1) + 1
+    return max(1, n)
 
 
 def task_of(model_cfg: dict[str, Any]) -> str:

@@ -219,3 +219,25 @@ def test_an_aoti_package_for_cpu_features_this_cpu_lacks_is_refused(tmp_path):
     assert missing_cpu_features("AVX512 AVX512_VNNI", str(cpuinfo)) == ["AVX512", "AVX512_VNNI"]
     assert missing_cpu_features("SOMETHING_NEW", str(cpuinfo)) == []
     assert missing_cpu_features("AVX512", str(tmp_path / "absent")) == []  # cannot tell: load it
+
+
+def test_stored_example_inputs_past_the_cap_are_not_used_for_warm_up(tmp_path):
+    """A tensor expanded with stride 0 claims a 4 GiB shape in a few bytes of file; warming up
+    with it would materialise that in the model host and in every worker."""
+    from mlfleet.agent import formats
+
+    class Sum(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(dim=0, keepdim=True)
+
+    path = str(tmp_path / "absurd.pt2")
+    torch.export.save(torch.export.export(Sum(), (torch.zeros(1).expand(1 << 15, 1 << 15),)), path)
+    assert os.path.getsize(path) < 1 << 20
+    small = str(tmp_path / "small.pt2")
+    torch.export.save(torch.export.export(Sum(), (torch.ones(4, 8),)), small)
+    scratch = formats.make_scratch_dir()
+    try:
+        assert formats.load(path, {}, scratch).examples == []
+        assert len(formats.load(small, {}, scratch).examples) == 1  # within the cap: used
+    finally:
+        formats.remove_scratch_dirs(os.getpid())

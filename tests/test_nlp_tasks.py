@@ -252,6 +252,14 @@ def test_inference_config_rules_name_the_field(task, cfg, msg):
         check_inference_config(task, cfg)
 
 
+@pytest.mark.parametrize("kind", ["text_classification", "ner"])
+def test_a_text_the_tokenizer_refuses_fails_its_own_document(kind, traced):
+    task = _task(traced[kind])
+    out = task.run([{"text_field": "abc \ud800 def"}, {"text_field": TEXTS[0]}])  # a lone surrogate
+    assert isinstance(out[0], BadRequest) and "[text_field] cannot be tokenized" in out[0].reason
+    assert isinstance(out[1], dict) and out[1] == task.run([{"text_field": TEXTS[0]}])[0]
+
+
 def test_overrides_must_match_the_documents(traced):
     task = _task(traced["ner"])
     with pytest.raises(BadRequest, match=r"\[overrides\] must be a list with one entry per document"):
@@ -476,3 +484,24 @@ def test_ner_and_text_classification_through_real_daemons(cluster, dirs):
         finally:
             for dep in ("tiny-ner", "tiny-cls", "tiny-cls-cached"):
                 client.stop_deployment(dep, allow_no_match=True)
+
+
+def test_a_roberta_models_texts_fit_its_position_embeddings(tmp_path):
+    """RoBERTa numbers positions from pad_token_id + 1: its max_position_embeddings of 66 hold 64
+    tokens. Imported, a long text is truncated to what fits, not refused by the model."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    d = tmp_path / "roberta"
+    cfg = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=1,
+                        id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    RobertaForSequenceClassification(cfg).eval().save_pretrained(str(d))
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / f, d / f)
+    imp = trace_hf_model(d, tmp_path / "out", format="torchscript")
+    assert imp.config["max_sequence_length"] == 64
+    task = _task(imp)
+    out = task.run([{"text_field": "word " * 100}])[0]
+    assert isinstance(out, dict) and out["is_truncated"] is True
+    with pytest.raises(ValueError, match="between 1 and the 64 tokens"):
+        trace_hf_model(d, tmp_path / "out2", format="torchscript", max_sequence_length=65)
