@@ -56,6 +56,7 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 ReplyFn = Callable[[bytes, int, int, dict], None]
 FRAME_OVERHEAD = 256  # a kept zmq.Frame beyond its bytes (measured with tracemalloc: about 190)
 KILL_WAIT_S = 0.2     # how long the agent's loop waits for a host it killed; later events reap it
+EXIT_WAIT_S = 0.25    # ... and for a host whose pipe closed to finish exiting (it closes as it exits)
 
 
 class DeploymentRuntime:
@@ -329,10 +330,14 @@ class DeploymentRuntime:
         """The host's stdout reached its end. A host ends by exiting; one that closed its stdout
         (its channel to the agent) and runs on broke the pipe protocol (model code in it may
         have): it is killed. The agent's loop never waits on it for more than KILL_WAIT_S; one
-        that SIGKILL has not ended by then is reaped on a later event (``_reap_dying``)."""
+        that SIGKILL has not ended by then is reaped on a later event (``_reap_dying``). A host
+        that is exiting gets EXIT_WAIT_S to finish first (no warning, nothing killed)."""
         assert h.stdout is not None
         h.stdout.close()
-        code = h.poll()
+        try:  # the pipe closes as the host exits: its exit is a moment behind
+            code = h.wait(EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             log.warning("deployment [%s] on node [%s]: the model host (pid %d) closed its pipe to "
                         "the agent and runs on; killing it", self.deployment_id, self.core.node_id, h.pid)

@@ -412,7 +412,11 @@ class Agent:
             log.warning("coordinator queue full; dropped [heartbeat]")
 
     def _maybe_heartbeat(self) -> None:
-        """Heartbeats follow the interval the coordinator sets (it may differ from our default)."""
+        """Heartbeats follow the interval the coordinator sets (it may differ from our default).
+        None once the agent has asked to leave: the coordinator would answer "reregister", and a
+        node on its way out would be given work again."""
+        if self._leave_requested and self._leaving_since is not None:
+            return
         now = self.clock.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_interval_s:
             self._last_heartbeat = now
@@ -488,6 +492,8 @@ class Agent:
             log.warning("coordinator answered %s: %s", status, body)
             return
         if body.get("reregister"):  # the coordinator restarted (or lost us): what we asked the
+            if self._leaving_since is not None:
+                return  # an answer to a heartbeat sent before we asked to leave: we stay gone
             self.registered = False  # old one will not be answered; fetches ask again once
             self.pending.clear()     # we are registered with the new one
             self._refetch = True

@@ -101,6 +101,18 @@ def test_a_host_that_exits_is_reaped_with_its_code(procs: list[subprocess.Popen[
     assert "exited with code 3" in rt.core.reason and not rt.core.host_up
 
 
+def test_a_host_that_closes_its_pipe_as_it_exits_is_not_killed(procs: list[subprocess.Popen[bytes]],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A host's pipe closes as it exits, a moment before the exit: every normal stop. It gets
+    that moment; nothing is killed and nothing is warned about."""
+    rt = runtime()
+    h = start_host(rt, procs, "import os, time; os.close(1); time.sleep(0.05)")
+    wait_readable(h)
+    rt.on_host_readable()
+    assert h.returncode == 0  # it exited by itself
+    assert "killing it" not in caplog.text
+
+
 class SlowToDie:
     """A host that SIGKILL does not end at once (a process in uninterruptible sleep, or one
     tearing down a large address space), with its stdout closed: a real one cannot be made to
