@@ -105,6 +105,18 @@ MAX_WAITING_FOR_ALLOCATION = 100
 BULK_IN_FLIGHT = 1
 SEND_BUFFER = 128 << 10  # bytes: the kernel's send buffer of each connection (see __init__)
 MAX_BULK_QUEUED = 8192  # beyond: 503, and the agent asks again after a backoff
+# A node's chunk requests that are queued, being read, or sent but still held by ZeroMQ (not yet
+# written to the connection: a peer that does not read keeps them there). Beyond: 503 naming the
+# limit; the agent asks again after a backoff. An agent asks for 4 chunks of a fetch at a time
+# (agent/modelcache.py WINDOW) and fetches a model and its tokenizer at once: 8 is what it needs.
+# A node that never reads pins at most this many replies (8 x 8 MiB), not an unbounded pile.
+MAX_CHUNKS_PER_NODE = 8
+# Messages ZeroMQ queues per connection before a send fails (ROUTER_MANDATORY + NOBLOCK: the
+# reply is dropped, never queued further). A peer that reads never comes near it; one that does
+# not cannot pile up replies (it is 100,000 in common.zmqutil). A dropped chunk reply is asked
+# again by the agent after its chunk timeout; a dropped sync push is repeated in the next
+# heartbeat's reply.
+SEND_HWM = 1000
 
 
 @dataclass
@@ -135,8 +147,14 @@ class Coordinator:
         self._sync_cache: dict[str, dict[str, Any]] = {}  # node -> its sync body, until it changes
         self._sync_packed: dict[str, bytes] = {}      # node -> that body encoded, likewise
         self.hb_memo = HeartbeatMemo()                # what each node last sent that passed the checks
-        self._bulk: collections.deque[BulkJob] = collections.deque()  # model chunks to send
+        # model chunks to send, a queue per node, served in turn (round robin across nodes)
+        self._bulk: collections.OrderedDict[str, collections.deque[BulkJob]] = collections.OrderedDict()
+        self._bulk_queued = 0
+        self._bulk_last: Optional[str] = None  # the node whose chunk was read last
         self._bulk_in_flight = 0
+        self._bulk_reading: collections.Counter[str] = collections.Counter()  # node -> being read
+        self._bulk_held: dict[str, list[zmq.MessageTracker]] = {}  # node -> replies ZeroMQ holds
+        self.bulk_refused = 0        # chunk requests refused for MAX_CHUNKS_PER_NODE
         self._bulk_next = 0.0        # the pacer's clock: when the next chunk may start (monotonic)
         self._bulk_timer = False     # a timer to pump the queue again is set
         self._stopping: set[str] = set()              # deployments being stopped
@@ -145,7 +163,7 @@ class Coordinator:
         self._waiters_due = float("inf")  # the earliest deadline among the waiters (or sooner)
         self.timers = Timers(self.clock.monotonic)
         self.ctx = zmq.Context.instance()
-        self.sock = make_socket(self.ctx, zmq.ROUTER)
+        self.sock = make_socket(self.ctx, zmq.ROUTER, hwm=SEND_HWM)
         # One ZeroMQ I/O thread writes to every connection in turn, each write as much as the
         # kernel takes: a small send buffer keeps the slice a 4 MiB chunk reply takes short, so
         # a heartbeat reply to another connection does not wait behind whole chunks.
@@ -786,12 +804,49 @@ class Coordinator:
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
-        if len(self._bulk) >= MAX_BULK_QUEUED:
+        if self.bulk_pending(node.node_id) >= MAX_CHUNKS_PER_NODE:
+            self.bulk_refused += 1
+            raise ServiceUnavailable(
+                f"node [{node.node_id}] has {MAX_CHUNKS_PER_NODE} chunk requests queued or unread "
+                f"(MAX_CHUNKS_PER_NODE); ask again once their replies are read")
+        if self._bulk_queued >= MAX_BULK_QUEUED:
             raise ServiceUnavailable("the coordinator has too many model chunks to send; ask again later")
-        self._bulk.append(BulkJob(ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length,
-                                  msg.bulk_token))
+        self._bulk.setdefault(node.node_id, collections.deque()).append(BulkJob(
+            ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length, msg.bulk_token))
+        self._bulk_queued += 1
         self._pump_bulk()
         return DEFER
+
+    def bulk_pending(self, node_id: str) -> int:
+        """A node's chunk requests queued, being read, or sent but still held by ZeroMQ."""
+        held = self._bulk_held.get(node_id)
+        if held:
+            held[:] = [t for t in held if not t.done]
+            if not held:
+                del self._bulk_held[node_id]
+        return len(self._bulk.get(node_id, ())) + self._bulk_reading[node_id] + len(held or ())
+
+    def bulk_queued(self, node_id: str) -> int:
+        """A node's chunk requests waiting for their turn."""
+        return len(self._bulk.get(node_id, ()))
+
+    def bulk_next_node(self) -> Optional[str]:
+        """The node whose chunk is read next: the queues are served in turn, and the node served
+        last waits while another has one queued."""
+        if len(self._bulk) > 1 and next(iter(self._bulk)) == self._bulk_last:
+            self._bulk.move_to_end(self._bulk_last)
+        return next(iter(self._bulk), None)
+
+    def _next_bulk_job(self) -> BulkJob:
+        node_id = self.bulk_next_node()
+        assert node_id is not None
+        jobs = self._bulk[node_id]
+        job = jobs.popleft()
+        self._bulk_queued -= 1
+        self._bulk_last = node_id
+        if not jobs:
+            del self._bulk[node_id]
+        return job
 
     def _bulk_node(self, ctx: Ctx, msg: m.ModelChunk) -> NodeRecord:
         """The node a request on a bulk connection is for: registered and alive, the token of its
@@ -830,12 +885,13 @@ class Coordinator:
                     self._bulk_timer = True
                     self.timers.at(self._bulk_next, self._bulk_turn)
                 return
-            job = self._bulk.popleft()
+            job = self._next_bulk_job()
             if not self._job_valid(job):
                 continue
             if rate:
                 self._bulk_next = max(now, self._bulk_next) + job.length / rate
             self._bulk_in_flight += 1
+            self._bulk_reading[job.node_id] += 1
             self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:
                                 self._bulk_done(job, frame, error))
 
@@ -853,14 +909,31 @@ class Coordinator:
     def _bulk_done(self, job: BulkJob, frame: Optional[bytes | bytearray],
                    error: Optional[BaseException]) -> None:
         self._bulk_in_flight -= 1
+        self._bulk_reading[job.node_id] -= 1
+        if self._bulk_reading[job.node_id] <= 0:
+            del self._bulk_reading[job.node_id]
         if error is not None:
             self.loop_errors += 1
             log.error("model chunk for request %s failed", job.rid, exc_info=error)
             frame = encode_reply(job.rid, 500, ServerError(
                 f"internal error: {type(error).__name__}: {error}").to_body())
         if frame is not None:
-            self._send(job.ident, frame)
+            self._send_chunk(job, frame)
         self._pump_bulk()
+
+    def _send_chunk(self, job: BulkJob, frame: bytes | bytearray) -> None:
+        """A chunk reply, handed to ZeroMQ without a copy and tracked: it counts against its
+        node's MAX_CHUNKS_PER_NODE until ZeroMQ has written it out (or dropped it with its
+        connection). A connection whose pipe is full (SEND_HWM) or gone gets nothing: the agent
+        asks again after its chunk timeout (agent/modelcache.py)."""
+        try:
+            tracker = self.sock.send_multipart([job.ident, frame], zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError as e:
+            log.info("model chunk reply for request %s of node [%s] dropped (%s): it asks again",
+                     job.rid, job.node_id, e)
+            return
+        if tracker is not None and not tracker.done:
+            self._bulk_held.setdefault(job.node_id, []).append(tracker)
 
     def on_rotate_node_key(self, ctx: Ctx, msg: m.RotateNodeKey) -> dict[str, Any]:
         """Move a node id to another agent key (admin). The agent running now keeps its

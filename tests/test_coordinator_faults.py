@@ -1,0 +1,180 @@
+"""The coordinator against hostile or broken input: agents that ask for model bytes and never
+read them, a disk that fails under a write, a damaged state file, agents that report or register
+what they should not.
+
+Real parts: a real Coordinator on loopback sockets (run on a thread of this process), real
+DEALER sockets for agents and clients, real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from mlfleet.common.protocol import encode_request
+from mlfleet.coordinator import server as server_mod
+from mlfleet.coordinator.config import CoordinatorConfig
+from mlfleet.coordinator.server import Coordinator
+from mlfleet.coordinator.state import ModelRecord
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+SHA = "b" * 64
+CHUNK = 8 << 20
+
+
+class Running:
+    """A real coordinator serving on loopback from a thread; ``close`` stops and joins it."""
+
+    def __init__(self, data_dir: str, model_bytes: int = CHUNK, **cfg: Any) -> None:
+        # SQLite wants its connection used on the thread that made it: the loop's thread
+        self.error: BaseException | None = None
+        ready = threading.Event()
+
+        def serve() -> None:
+            try:
+                self.c = Coordinator(CoordinatorConfig(listen="tcp://127.0.0.1:0", data_dir=data_dir, **cfg))
+                path = self.c.store.model_path(SHA)
+                if not path.exists():
+                    with open(path, "wb") as f:
+                        f.write(os.urandom(model_bytes))
+                    rec = ModelRecord("m1", SHA, model_bytes, "pass_through", None, None, 0)
+                    self.c.store.save_model(rec)
+                    self.c.models["m1"] = rec
+                self.endpoint = self.c.bind()
+            except BaseException as e:
+                self.error = e
+                raise
+            finally:
+                ready.set()
+            self.c.run()
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert ready.wait(30), "the coordinator did not start"
+        if self.error is not None:
+            raise self.error
+        self.ctx = zmq.Context()
+        self.socks: list[zmq.Socket] = []
+
+    def dealer(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        self.socks.append(s)
+        return s
+
+    def close(self) -> None:
+        self.c.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the coordinator's loop did not stop"
+        for s in self.socks:
+            s.close(0)
+        self.ctx.term()
+
+
+def call(s: zmq.Socket, op: str, body: dict, rid: int, timeout_s: float = 30.0) -> dict:
+    s.send(encode_request(op, rid, body))
+    while True:
+        assert s.poll(int(timeout_s * 1000)), f"no reply to [{op}] within {timeout_s}s"
+        msg = msgpack.unpackb(s.recv(), raw=False, strict_map_key=False)
+        if msg.get("id") == rid and "status" in msg:
+            return msg
+
+
+def register(s: zmq.Socket, node_id: str, procs: int = 1, rid: int = 1) -> dict:
+    return call(s, "register", {
+        "node_id": node_id, "hostname": "h", "transport_address": "tcp://127.0.0.1:1",
+        "allocated_processors": procs, "cpu": {"physical": 8, "logical": 8},
+        "memory": {"total_bytes": 64 << 30, "available_bytes": 60 << 30}, "pid": 1}, rid)
+
+
+def two_nodes_running_m1(run: Running) -> tuple[zmq.Socket, zmq.Socket]:
+    """Agents n1 and n2 registered, each given an allocation of model m1."""
+    a, b, client = run.dealer(), run.dealer(), run.dealer()
+    assert register(a, "n1")["status"] == 200
+    assert register(b, "n2")["status"] == 200
+    r = call(client, "start_deployment", {"model_id": "m1", "number_of_allocations": 2,
+                                          "wait_for": "starting", "timeout": "5s"}, 2)
+    assert r["status"] == 200, r
+    return a, b
+
+
+@pytest.fixture
+def data_dir():
+    with tempfile.TemporaryDirectory(prefix="mlfleet-cf-") as d:
+        yield d
+
+
+# ---- 1. model chunks: bounded per node, served in turn ---------------------------------------
+
+def test_a_node_that_never_reads_its_chunks_cannot_grow_the_coordinator(data_dir):
+    """An agent asking for 64 chunks of 8 MiB and reading none: at most the per-node cap is read
+    and held (the rest are refused 503 naming the limit), the coordinator's memory stays within
+    that, and another node's fetch is served in full meanwhile."""
+    run = Running(data_dir)
+    try:
+        hostile, good = two_nodes_running_m1(run)
+        rss0 = psutil.Process().memory_info().rss
+        hostile.setsockopt(zmq.RCVHWM, 1)
+        n = 64
+        for i in range(n):
+            hostile.send(encode_request("model_chunk", 100 + i,
+                                        {"sha256": SHA, "offset": 0, "length": CHUNK}))
+        cap = getattr(server_mod, "MAX_CHUNKS_PER_NODE", 8)
+        wait_until(lambda: getattr(run.c, "bulk_refused", 0) >= n - cap, 60,
+                   what="the chunks beyond the cap refused")
+        # the good node fetches the whole model meanwhile, 1 MiB at a time, 4 in flight
+        got = bytearray()
+        for off in range(0, CHUNK, 4 << 20):
+            for k in range(4):
+                good.send(encode_request("model_chunk", 1000 + off + k, {
+                    "sha256": SHA, "offset": off + k * (1 << 20), "length": 1 << 20}))
+            replies = {}
+            while len(replies) < 4:
+                assert good.poll(30_000), "the good node's chunks were not answered"
+                msg = msgpack.unpackb(good.recv(), raw=False)
+                if "status" in msg:
+                    replies[msg["id"]] = msg
+            for k in range(4):
+                assert replies[1000 + off + k]["status"] == 200, replies[1000 + off + k]
+                got += replies[1000 + off + k]["body"]["data"]
+        assert bytes(got) == run.c.store.model_path(SHA).read_bytes()
+        grew = psutil.Process().memory_info().rss - rss0
+        assert grew < (cap + 4) * CHUNK + (64 << 20), f"RSS grew by {grew >> 20} MiB"
+        # now read what the hostile node was sent: 200s up to the cap, 503s naming the limit
+        statuses = []
+        while hostile.poll(5000) and len(statuses) < n:
+            msg = msgpack.unpackb(hostile.recv(), raw=False)
+            if "status" not in msg:
+                continue  # a sync push
+            statuses.append(msg["status"])
+            if msg["status"] == 503:
+                assert "MAX_CHUNKS_PER_NODE" in msg["body"]["error"]["reason"] or \
+                    f"{cap} chunk requests" in msg["body"]["error"]["reason"], msg
+        assert statuses.count(200) <= cap and statuses.count(503) >= n - cap, statuses
+    finally:
+        run.close()
+
+
+def test_chunk_replies_are_served_round_robin_across_nodes(data_dir):
+    """With the bulk pump paced to a standstill after its first chunk, the next chunk is the
+    other node's, not the next of the node that asked first."""
+    run = Running(data_dir, bulk_max_bytes_per_sec=1)  # after one chunk, the next waits ~forever
+    try:
+        a, b = two_nodes_running_m1(run)
+        for i in range(4):
+            a.send(encode_request("model_chunk", 10 + i, {"sha256": SHA, "offset": 0, "length": 16}))
+        # the first is read and sent at once; the pacer holds the other three
+        wait_until(lambda: run.c.bulk_queued("n1") == 3, 30, what="n1's chunks queued")
+        b.send(encode_request("model_chunk", 20, {"sha256": SHA, "offset": 0, "length": 16}))
+        wait_until(lambda: run.c.bulk_queued("n2") == 1, 30, what="n2's chunk queued")
+        assert run.c.bulk_next_node() == "n2"
+    finally:
+        run.close()
