@@ -5,6 +5,7 @@ is re-checked after every state change and answered at its deadline at the lates
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import secrets
@@ -501,11 +502,17 @@ class Coordinator:
                 if targets != dep.targets:
                     log.info("Rebalanced allocations because [%s]: deployment [%s] %s -> %s",
                              why, dep_id, dep.targets, targets)
-                dep.targets, dep.reason = dict(targets), reason
-                self.store.save_deployment(dep)
+                self._commit(dep, targets=dict(targets), reason=reason)
                 self.routing.dirty.add(dep_id)
         for node_id in touched:
             self._push_sync(node_id)
+
+    def _commit(self, dep: DeploymentRecord, **changes: Any) -> None:
+        """Change a deployment: written to the state file first, then in memory. A failed write
+        (a full disk: ServerError) changes neither."""
+        self.store.save_deployment(dataclasses.replace(dep, **changes))
+        for k, v in changes.items():
+            setattr(dep, k, v)
 
     def _save_deployment(self, dep: DeploymentRecord) -> None:
         self.store.save_deployment(dep)
@@ -1063,10 +1070,10 @@ class Coordinator:
         if placed < dep.number_of_allocations:
             raise TooManyRequests("Could not start deployment because there are not enough resources "
                                   "to provide all requested allocations")
+        dep.routing_version = self._next_version()
+        self.store.save_deployment(dep)  # the state file first: a failed write leaves nothing behind
         self.deployments[dep.deployment_id] = dep
         self._route_sigs[dep.deployment_id] = ()
-        dep.routing_version = self._next_version()
-        self.store.save_deployment(dep)
         log.info("Started deployment [%s] of model [%s]: %d allocations x %d threads, priority %s",
                  dep.deployment_id, dep.model_id, dep.number_of_allocations,
                  dep.threads_per_allocation, dep.priority)
@@ -1119,8 +1126,7 @@ class Coordinator:
                 n = min(n, hi)
         if n is not None and n != dep.number_of_allocations:
             self._set_allocations(dep, n, f"model deployment [{dep.deployment_id}] updated")
-        dep.adaptive = adaptive
-        self.store.save_deployment(dep)
+        self._commit(dep, adaptive=adaptive)
         return assignment_body(dep, model, self._routes(dep))
 
     def _set_allocations(self, dep: DeploymentRecord, n: int, why: str) -> None:
@@ -1136,17 +1142,17 @@ class Coordinator:
         if n > dep.number_of_allocations and plan.placed(dep.deployment_id) < n:
             raise TooManyRequests("Could not update deployment because there are not enough "
                                   "resources to provide all requested allocations")
+        warm = dep.warm
         if n == 0 and self.cfg.warm_zero_keep_s > 0:
             until = self.clock.wall_ms() + int(self.cfg.warm_zero_keep_s * 1000)
-            dep.warm = {node: until for node in dep.targets}
+            warm = {node: until for node in dep.targets}
         elif n > 0:
             placed = plan.assignments.get(dep.deployment_id, {})
-            dep.warm = {k: v for k, v in dep.warm.items() if k not in placed}
-        log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id,
-                 dep.number_of_allocations, n, why)
-        dep.number_of_allocations = n
+            warm = {k: v for k, v in dep.warm.items() if k not in placed}
+        before = dep.number_of_allocations
+        self._commit(dep, warm=warm, number_of_allocations=n)
+        log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id, before, n, why)
         self.routing.dirty.add(dep.deployment_id)
-        self.store.save_deployment(dep)
         self._apply(plan, why)
 
     def on_stop(self, ctx: Ctx, msg: m.StopDeployment) -> Any:
@@ -1164,9 +1170,7 @@ class Coordinator:
         if not dep.stopping:
             log.info("stopping deployment [%s] (force=%s, finish_pending_work=%s)",
                      dep.deployment_id, force, finish_pending_work)
-        dep.stopping = True
-        dep.finish_pending_work = finish_pending_work and not force
-        self.store.save_deployment(dep)
+        self._commit(dep, stopping=True, finish_pending_work=finish_pending_work and not force)
         self._stopping.add(dep.deployment_id)
         self.routing.dirty.add(dep.deployment_id)
         self._settle()

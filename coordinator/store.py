@@ -122,6 +122,16 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def _write(self, sql: str, args: tuple) -> None:
+        """One committed change. SQLite's failures (``database or disk is full``, an I/O error)
+        become a ServerError (500) naming the state file, so the caller's reply says what to
+        fix; the caller changes its memory only after this returns."""
+        try:
+            self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise ServerError(f"could not write the coordinator's state file {self.root / 'state.db'} "
+                              f"(data dir {self.root}): {e}; nothing was changed") from None
+
     # -- models ----------------------------------------------------------------------------
     def model_path(self, sha256: str) -> Path:
         return self.models_dir / f"{sha256}.pt"
@@ -181,7 +191,7 @@ class Store:
                               f"expected {m.size}; upload the model again")
         if m.tokenizer_sha256 and not self.tokenizer_path(m.tokenizer_sha256).exists():
             raise ServerError(f"tokenizer file for model [{m.model_id}] is missing; upload the model again")
-        self.db.execute(
+        self._write(
             "INSERT INTO models VALUES (?,?,?,?,?,?,?)",
             (m.model_id, m.sha256, m.size, m.task, m.tokenizer_sha256,
              json.dumps(m.model_config) if m.model_config is not None else None, m.create_time_ms))
@@ -189,7 +199,7 @@ class Store:
     def delete_model(self, m: ModelRecord) -> None:
         """Commit the row's deletion, then remove files no other row references (nor an upload
         being finished right now)."""
-        self.db.execute("DELETE FROM models WHERE model_id=?", (m.model_id,))
+        self._write("DELETE FROM models WHERE model_id=?", (m.model_id,))
         for sha, path in ((m.sha256, self.model_path(m.sha256)),
                           (m.tokenizer_sha256, self.tokenizer_path(m.tokenizer_sha256 or ""))):
             if sha and not self.db.execute(
@@ -364,11 +374,11 @@ class Store:
 
     # -- deployments -----------------------------------------------------------------------
     def save_deployment(self, d: DeploymentRecord) -> None:
-        self.db.execute("INSERT OR REPLACE INTO deployments VALUES (?,?,?)",
+        self._write("INSERT OR REPLACE INTO deployments VALUES (?,?,?)",
                         (d.deployment_id, d.model_id, json.dumps(d.to_json())))
 
     def delete_deployment(self, deployment_id: str) -> None:
-        self.db.execute("DELETE FROM deployments WHERE deployment_id=?", (deployment_id,))
+        self._write("DELETE FROM deployments WHERE deployment_id=?", (deployment_id,))
 
     def load_deployments(self) -> Iterator[DeploymentRecord]:
         for (record,) in self.db.execute("SELECT record FROM deployments"):
@@ -380,4 +390,4 @@ class Store:
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))

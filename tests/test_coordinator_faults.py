@@ -8,6 +8,7 @@ DEALER sockets for agents and clients, real SQLite files."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
 import threading
 from typing import Any
@@ -178,3 +179,63 @@ def test_chunk_replies_are_served_round_robin_across_nodes(data_dir):
         assert run.c.bulk_next_node() == "n2"
     finally:
         run.close()
+
+
+# ---- 2. a failing disk: memory and the state file agree ---------------------------------------
+
+class FullDisk:
+    """The store's SQLite connection with every write failing as SQLite fails on a full disk
+    (``sqlite3.OperationalError: database or disk is full``) while ``full`` is set."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db, self.full = db, False
+
+    def execute(self, q: str, *a: Any) -> Any:
+        if self.full and q.lstrip().upper().startswith(("INSERT", "DELETE", "UPDATE")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(q, *a)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def test_a_failed_write_leaves_no_deployment_behind_and_a_retry_succeeds(data_dir):
+    run = Running(data_dir)
+    try:
+        agent, client = run.dealer(), run.dealer()
+        assert register(agent, "n1", procs=4)["status"] == 200
+        disk = FullDisk(run.c.store.db)
+        run.c.store.db = disk
+        disk.full = True
+        start = {"model_id": "m1", "wait_for": "starting", "timeout": "5s"}
+        r = call(client, "start_deployment", start, 2)
+        assert r["status"] == 500, r
+        reason = r["body"]["error"]["reason"]
+        assert "database or disk is full" in reason and data_dir in reason, reason
+        assert call(client, "get_stats", {"deployment_id": "m1"}, 3)["status"] == 404
+        disk.full = False
+        r = call(client, "start_deployment", start, 4)
+        assert r["status"] == 200, r
+        started = {"deployment_id": "m1", "routing_state": "started", "current_allocations": 1,
+                   "target_allocations": 1, "reason": "", "stats": {}}
+        r = call(agent, "heartbeat", {"node_id": "n1", "deployments": [started],
+                                      "memory": {"total_bytes": 64 << 30, "available_bytes": 1}}, 7)
+        assert r["status"] == 200, r
+        # an update and a stop that cannot be written change nothing in memory either
+        disk.full = True
+        r = call(client, "update_deployment", {"deployment_id": "m1", "number_of_allocations": 2}, 5)
+        assert r["status"] == 500, r
+        r = call(client, "stop_deployment", {"deployment_id": "m1"}, 6)
+        assert r["status"] == 500, r
+        dep = run.c.deployments["m1"]
+        assert (dep.number_of_allocations, dep.stopping) == (1, False)
+        disk.full = False
+    finally:
+        run.close()
+    again = Running(data_dir)
+    try:
+        assert sorted(again.c.deployments) == ["m1"]
+        assert again.c.deployments["m1"].number_of_allocations == 1
+        assert not again.c.deployments["m1"].stopping
+    finally:
+        again.close()
