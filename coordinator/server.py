@@ -140,8 +140,14 @@ class Coordinator:
         for model_id, problem in self.store.check_models():
             log.error("model [%s] is unusable: %s; put it again", model_id, problem)
         self.models: dict[str, ModelRecord] = {r.model_id: r for r in self.store.load_models()}
-        self.deployments: dict[str, DeploymentRecord] = {
-            d.deployment_id: d for d in self.store.load_deployments()}
+        # A stored row that cannot be loaded (damaged, or naming a model that is not there) is
+        # logged by id and left in the file for an operator; the others load and we serve.
+        self.deployments: dict[str, DeploymentRecord] = {}
+        for d in self.store.load_deployments():
+            if d.model_id not in self.models:
+                self.store.set_aside(d.deployment_id, f"its model [{d.model_id}] is not stored")
+            else:
+                self.deployments[d.deployment_id] = d
         self.nodes: dict[str, NodeRecord] = {}
         self._route_sigs: dict[str, tuple] = {}
         self.routing = RoutingIndex()                 # who reports what; what changed
@@ -193,7 +199,13 @@ class Coordinator:
             for node_id in d.targets:
                 cap = self.store.get_meta(f"node_capacity/{node_id}")
                 if cap and node_id not in self._expected:
-                    processors, memory = (int(x) for x in cap.split(","))
+                    try:
+                        processors, memory = (int(x) for x in cap.split(","))
+                    except ValueError:
+                        log.error("state file: node [%s]'s stored capacity [%s] is not "
+                                  "'processors,memory'; not waiting for it after the restart",
+                                  node_id[:64], cap[:64])
+                        continue
                     self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
         self._behind_since: Optional[float] = None  # since when frames have been waiting for us
@@ -1051,6 +1063,10 @@ class Coordinator:
         if p.deployment_id in self.deployments:
             raise BadRequest("Could not start model deployment because an existing deployment with "
                              f"the same id [{p.deployment_id}] exist")
+        if p.deployment_id in self.store.bad_rows:
+            raise Conflict(f"[deployment_id] [{p.deployment_id}] has a stored record that could not be "
+                           f"loaded ({self.store.bad_rows[p.deployment_id]}); an operator must repair "
+                           f"or delete its row in {self.store.path} first")
         if p.deployment_id != p.model_id and p.deployment_id in self.models:
             raise BadRequest(f"Deployment id [{p.deployment_id}] is the same as an another model which "
                              "is not the model being deployed. Deployment id can be the same as the "

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -50,9 +53,9 @@ class Running:
                     self.c.store.save_model(rec)
                     self.c.models["m1"] = rec
                 self.endpoint = self.c.bind()
-            except BaseException as e:
+            except BaseException as e:  # told to the test's thread
                 self.error = e
-                raise
+                return
             finally:
                 ready.set()
             self.c.run()
@@ -60,7 +63,7 @@ class Running:
         self.thread.start()
         assert ready.wait(30), "the coordinator did not start"
         if self.error is not None:
-            raise self.error
+            raise AssertionError(f"the coordinator did not start: {self.error!r}")
         self.ctx = zmq.Context()
         self.socks: list[zmq.Socket] = []
 
@@ -239,3 +242,107 @@ def test_a_failed_write_leaves_no_deployment_behind_and_a_retry_succeeds(data_di
         assert not again.c.deployments["m1"].stopping
     finally:
         again.close()
+
+
+# ---- 3. a damaged state file ------------------------------------------------------------------
+
+def _state_with_two_deployments(data_dir: str) -> None:
+    """A state file as a real coordinator leaves it: model m1, deployments m1 and d2 on n1."""
+    run = Running(data_dir)
+    try:
+        agent, client = run.dealer(), run.dealer()
+        assert register(agent, "n1", procs=2)["status"] == 200
+        for rid, dep in ((2, "m1"), (3, "d2")):
+            r = call(client, "start_deployment", {"model_id": "m1", "deployment_id": dep,
+                                                  "wait_for": "starting", "timeout": "5s"}, rid)
+            assert r["status"] == 200, r
+    finally:
+        run.close()
+
+
+def _sql(data_dir: str, q: str) -> list[tuple]:
+    db = sqlite3.connect(os.path.join(data_dir, "state.db"))
+    try:
+        rows = db.execute(q).fetchall()
+        db.commit()
+        return rows
+    finally:
+        db.close()
+
+
+def _garbage(data_dir: str) -> None:
+    p = Path(data_dir) / "state.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(p) + suffix).unlink(missing_ok=True)
+    p.write_bytes(b"garbage" * 1000)
+
+
+def _truncated(data_dir: str) -> None:
+    p = Path(data_dir) / "state.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(p) + suffix).unlink(missing_ok=True)
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated])
+def test_a_state_file_that_cannot_be_read_is_a_clear_start_up_error(data_dir, damage):
+    _state_with_two_deployments(data_dir)
+    damage(data_dir)
+    with pytest.raises(ValueError) as e:  # the store's StateFileError: the CLI's exit code 2
+        Coordinator(CoordinatorConfig(listen="tcp://127.0.0.1:0", data_dir=data_dir))
+    assert str(Path(data_dir) / "state.db") in str(e.value)
+
+
+def test_the_cli_ends_with_exit_code_2_and_no_traceback_on_a_garbage_state_file(data_dir):
+    _garbage(data_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "mlfleet", "coordinator", "--listen",
+                             "tcp://127.0.0.1:0", "--data-dir", data_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+            proc.wait(10)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and str(Path(data_dir) / "state.db") in err, err
+
+
+@pytest.mark.parametrize("damage", [
+    "UPDATE deployments SET record='{\"deployment_id\": ' WHERE deployment_id='d2'",
+    "UPDATE deployments SET record=json_set(record,'$.new_field',1) WHERE deployment_id='d2'",
+    "UPDATE deployments SET record=json_set(record,'$.targets.n1','1') WHERE deployment_id='d2'",
+    "UPDATE deployments SET record=json_set(record,'$.number_of_allocations','x') WHERE deployment_id='d2'",
+    "UPDATE deployments SET model_id='gone', record=json_set(record,'$.model_id','gone') "
+    "WHERE deployment_id='d2'",
+])
+def test_a_damaged_deployment_row_is_set_aside_and_the_rest_serve(data_dir, damage):
+    _state_with_two_deployments(data_dir)
+    _sql(data_dir, damage)
+    before = _sql(data_dir, "SELECT record FROM deployments WHERE deployment_id='d2'")
+    run = Running(data_dir)
+    try:
+        assert sorted(run.c.deployments) == ["m1"]
+        agent, client = run.dealer(), run.dealer()
+        r = register(agent, "n2")
+        assert r["status"] == 200, r
+        r = call(client, "get_stats", {"deployment_id": "m1"}, 2)
+        assert r["status"] == 200, r
+        r = call(client, "start_deployment", {"model_id": "m1", "deployment_id": "d2",
+                                              "wait_for": "starting", "timeout": "5s"}, 3)
+        assert r["status"] == 409 and "[deployment_id] [d2]" in r["body"]["error"]["reason"], r
+    finally:
+        run.close()
+    # the row is still there, as it was, for an operator
+    assert _sql(data_dir, "SELECT record FROM deployments WHERE deployment_id='d2'") == before
+
+
+def test_a_bad_stored_node_capacity_does_not_stop_the_start(data_dir):
+    _state_with_two_deployments(data_dir)
+    _sql(data_dir, "UPDATE meta SET value='x' WHERE key='node_capacity/n1'")
+    run = Running(data_dir)
+    try:
+        assert sorted(run.c.deployments) == ["d2", "m1"]
+    finally:
+        run.close()
