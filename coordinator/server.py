@@ -118,6 +118,13 @@ MAX_CHUNKS_PER_NODE = 8
 # again by the agent after its chunk timeout; a dropped sync push is repeated in the next
 # heartbeat's reply.
 SEND_HWM = 1000
+# A report of deployments not assigned to the node: at most this many are logged per report
+# (the first ids that were not in its previous report), then one line with the count.
+MAX_IGNORED_LOGGED = 8
+# A node lost this long (no heartbeat, not re-registered) is forgotten: its record, and its
+# node_capacity/<id> and node_key/<id> rows in the state file (so the id may then register with
+# another agent key). Not while a deployment still names it (targets or warm).
+NODE_FORGET_AFTER_S = 24 * 3600.0
 
 
 @dataclass
@@ -703,19 +710,27 @@ class Coordinator:
         allocations than it was given: an agent key cannot attract traffic to deployments it
         was not assigned."""
         parsed: dict[str, RouteReport] = {}
+        ignored: set[str] = set()  # this report's only: what it no longer reports is forgotten
+        new = 0
         for r, state in reports:
             dep = self.deployments.get(r.deployment_id)
             if dep is None or not (node.node_id in dep.targets or node.node_id in dep.warm
                                    or r.deployment_id in node.reports):
+                ignored.add(r.deployment_id)
                 if r.deployment_id not in node.ignored:
-                    node.ignored.add(r.deployment_id)
-                    log.warning("node [%s] reports deployment [%s], which is not assigned to it; "
-                                "ignoring the report", node.node_id, r.deployment_id[:64])
+                    new += 1
+                    if new <= MAX_IGNORED_LOGGED:
+                        log.warning("node [%s] reports deployment [%s], which is not assigned to it; "
+                                    "ignoring the report", node.node_id, r.deployment_id[:64])
                 continue
             target = dep.targets.get(node.node_id, 0)
             cap = target if target > 0 else dep.number_of_allocations  # draining: what it may hold
             parsed[r.deployment_id] = RouteReport(state, min(r.current_allocations, cap),
                                                   r.target_allocations, r.reason, r.stats)
+        if new > MAX_IGNORED_LOGGED:
+            log.warning("node [%s] reports %d more deployments not assigned to it (not logged one by "
+                        "one); ignoring them", node.node_id, new - MAX_IGNORED_LOGGED)
+        node.ignored = ignored
         old, node.reports = node.reports, parsed
         if self.nodes.get(node.node_id) is node:  # (a registering node's record is not in yet)
             self.routing.reports_changed(node.node_id, old, parsed)
@@ -735,6 +750,10 @@ class Coordinator:
             owner = self.store.get_meta(f"node_key/{msg.node_id}")
             if owner is not None and owner != user:
                 raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
+        prev = self._node_of.get(ctx.ident)
+        if prev is not None and prev != msg.node_id and self._node_for(ctx.ident, prev) is not None:
+            raise Conflict(f"[node_id] [{msg.node_id}]: this connection is registered as node [{prev}]; "
+                           "one connection registers one node (leave first, or connect again)")
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
@@ -982,6 +1001,20 @@ class Coordinator:
             log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)
         if lost:
             self._lose(lost, "lost")
+        self._forget_nodes(now)
+
+    def _forget_nodes(self, now: float) -> None:
+        """Nodes lost for NODE_FORGET_AFTER_S, and named by no deployment, are forgotten: their
+        records and their node_capacity/node_key rows. Bounds what registrations leave behind."""
+        named = {n for d in self.deployments.values() for n in (*d.targets, *d.warm)}
+        for n in [n for n in self.nodes.values() if not n.alive and n.node_id not in named
+                  and now - n.last_seen > NODE_FORGET_AFTER_S]:
+            self.store.delete_meta(f"node_capacity/{n.node_id}")
+            self.store.delete_meta(f"node_key/{n.node_id}")
+            del self.nodes[n.node_id]
+            self._sync_cache.pop(n.node_id, None)
+            self._sync_packed.pop(n.node_id, None)
+            log.info("node [%s] forgotten: lost for %.0fs", n.node_id, now - n.last_seen)
 
     def _lose(self, nodes: list[NodeRecord], why: str) -> None:
         for n in nodes:

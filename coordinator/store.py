@@ -484,3 +484,6 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self._write("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    def delete_meta(self, key: str) -> None:
+        self._write("DELETE FROM meta WHERE key=?", (key,))

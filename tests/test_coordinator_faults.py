@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,15 @@ CHUNK = 8 << 20
 class Running:
     """A real coordinator serving on loopback from a thread; ``close`` stops and joins it."""
 
-    def __init__(self, data_dir: str, model_bytes: int = CHUNK, **cfg: Any) -> None:
+    def __init__(self, data_dir: str, model_bytes: int = CHUNK, clock: Any = None, **cfg: Any) -> None:
         # SQLite wants its connection used on the thread that made it: the loop's thread
         self.error: BaseException | None = None
         ready = threading.Event()
 
         def serve() -> None:
             try:
-                self.c = Coordinator(CoordinatorConfig(listen="tcp://127.0.0.1:0", data_dir=data_dir, **cfg))
+                self.c = Coordinator(CoordinatorConfig(listen="tcp://127.0.0.1:0", data_dir=data_dir, **cfg),
+                                     clock=clock)
                 path = self.c.store.model_path(SHA)
                 if not path.exists():
                     with open(path, "wb") as f:
@@ -344,5 +346,72 @@ def test_a_bad_stored_node_capacity_does_not_stop_the_start(data_dir):
     run = Running(data_dir)
     try:
         assert sorted(run.c.deployments) == ["d2", "m1"]
+    finally:
+        run.close()
+
+
+# ---- 4. what agents report and register stays bounded -----------------------------------------
+
+def test_unassigned_reports_are_remembered_from_the_last_heartbeat_only(data_dir, caplog):
+    run = Running(data_dir)
+    try:
+        agent = run.dealer()
+        assert register(agent, "n1")["status"] == 200
+        with caplog.at_level("WARNING", logger="mlfleet.coordinator.server"):
+            for i in range(20):
+                deps = [{"deployment_id": f"x{i}-{j}", "routing_state": "started", "reason": "",
+                         "current_allocations": 1, "target_allocations": 1, "stats": {}} for j in range(256)]
+                memory = {"total_bytes": 64 << 30, "available_bytes": 1}
+                r = call(agent, "heartbeat", {"node_id": "n1", "deployments": deps, "memory": memory}, 10 + i)
+                assert r["status"] == 200, r
+        assert len(run.c.nodes["n1"].ignored) == 256  # the last report's, not every one ever sent
+        lines = [r for r in caplog.records if "not assigned to it" in r.getMessage()]
+        assert len(lines) <= 20 * (server_mod.MAX_IGNORED_LOGGED + 1), len(lines)
+    finally:
+        run.close()
+
+
+def test_one_connection_registers_one_node(data_dir):
+    run = Running(data_dir)
+    try:
+        agent = run.dealer()
+        assert register(agent, "n1")["status"] == 200
+        r = register(agent, "fake-1", rid=2)
+        assert r["status"] == 409, r
+        reason = r["body"]["error"]["reason"]
+        assert "[node_id] [fake-1]" in reason and "[n1]" in reason, reason
+        assert register(agent, "n1", rid=3)["status"] == 200  # registering again as itself is fine
+        assert sorted(run.c.nodes) == ["n1"]
+    finally:
+        run.close()
+
+
+class JumpClock:
+    """The real monotonic clock, plus a jump the test sets (a coordinator that ran for long)."""
+
+    def __init__(self) -> None:
+        self.jump = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.jump
+
+    def wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
+
+def test_nodes_lost_for_long_are_forgotten_with_their_meta_rows(data_dir):
+    clock = JumpClock()
+    run = Running(data_dir, clock=clock)
+    try:
+        agent = run.dealer()
+        assert register(agent, "n1")["status"] == 200
+        meta = "SELECT key FROM meta WHERE key LIKE 'node_%/n1'"
+        assert _sql(data_dir, meta)
+        clock.jump = run.c.cfg.node_timeout_s + 1
+        wait_until(lambda: not run.c.nodes["n1"].alive, 30, what="n1 lost")
+        assert "n1" in run.c.nodes  # a node lost a short while is still known
+        clock.jump += server_mod.NODE_FORGET_AFTER_S
+        wait_until(lambda: "n1" not in run.c.nodes, 30, what="n1 forgotten")
+        assert _sql(data_dir, meta) == []
     finally:
         run.close()
