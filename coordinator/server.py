@@ -871,9 +871,11 @@ class Coordinator:
     def bulk_next_node(self) -> Optional[str]:
         """The node whose chunk is read next: the queues are served in turn, and the node served
         last waits while another has one queued."""
-        if len(self._bulk) > 1 and next(iter(self._bulk)) == self._bulk_last:
-            self._bulk.move_to_end(self._bulk_last)
-        return next(iter(self._bulk), None)
+        order = iter(self._bulk)
+        first = next(order, None)
+        if first is not None and first == self._bulk_last and len(self._bulk) > 1:
+            return next(order)
+        return first
 
     def _next_bulk_job(self) -> BulkJob:
         node_id = self.bulk_next_node()
@@ -882,7 +884,9 @@ class Coordinator:
         job = jobs.popleft()
         self._bulk_queued -= 1
         self._bulk_last = node_id
-        if not jobs:
+        if jobs:
+            self._bulk.move_to_end(node_id)  # behind the nodes that wait
+        else:
             del self._bulk[node_id]
         return job
 
