@@ -106,12 +106,15 @@ MAX_WAITING_FOR_ALLOCATION = 100
 BULK_IN_FLIGHT = 1
 SEND_BUFFER = 128 << 10  # bytes: the kernel's send buffer of each connection (see __init__)
 MAX_BULK_QUEUED = 8192  # beyond: 503, and the agent asks again after a backoff
-# A node's chunk requests that are queued, being read, or sent but still held by ZeroMQ (not yet
-# written to the connection: a peer that does not read keeps them there). Beyond: 503 naming the
-# limit; the agent asks again after a backoff. An agent asks for 4 chunks of a fetch at a time
-# (agent/modelcache.py WINDOW) and fetches a model and its tokenizer at once: 8 is what it needs.
-# A node that never reads pins at most this many replies (8 x 8 MiB), not an unbounded pile.
-MAX_CHUNKS_PER_NODE = 8
+# A node's chunk requests that are queued, being read, or sent but still held by ZeroMQ. Beyond:
+# 503 naming the limit; the agent asks again after a backoff. An agent asks for 4 chunks of a
+# fetch at a time (agent/modelcache.py WINDOW), for every model and tokenizer it fetches at once:
+# 64 is 16 fetches at once. A queued request costs a few hundred bytes, not its reply.
+MAX_CHUNKS_PER_NODE = 64
+# A node's replies being read or read but not yet written to its connection (tracked: a peer that
+# does not read keeps them in ZeroMQ). While it has this many, its queue waits (the other nodes'
+# are served): a node that never reads pins at most this many replies (4 x 8 MiB), not a pile.
+MAX_HELD_PER_NODE = 4
 # Messages ZeroMQ queues per connection before a send fails (ROUTER_MANDATORY + NOBLOCK: the
 # reply is dropped, never queued further). A peer that reads never comes near it; one that does
 # not cannot pile up replies (it is 100,000 in common.zmqutil). A dropped chunk reply is asked
@@ -171,6 +174,7 @@ class Coordinator:
         self.bulk_refused = 0        # chunk requests refused for MAX_CHUNKS_PER_NODE
         self._bulk_next = 0.0        # the pacer's clock: when the next chunk may start (monotonic)
         self._bulk_timer = False     # a timer to pump the queue again is set
+        self._bulk_poll = False      # a timer to look again at nodes waiting for their replies to go
         self._stopping: set[str] = set()              # deployments being stopped
         self._max_version = 0
         self.waiters: list[Waiter] = []
@@ -857,29 +861,36 @@ class Coordinator:
 
     def bulk_pending(self, node_id: str) -> int:
         """A node's chunk requests queued, being read, or sent but still held by ZeroMQ."""
-        held = self._bulk_held.get(node_id)
-        if held:
+        return len(self._bulk.get(node_id, ())) + self._bulk_unsent(node_id)
+
+    def _bulk_unsent(self, node_id: str) -> int:
+        """A node's chunk replies being read, or sent but not yet written out by ZeroMQ."""
+        held = self._bulk_held.get(node_id, ())
+        return self._bulk_reading[node_id] + sum(not t.done for t in held)
+
+    def _prune_held(self) -> None:
+        for node_id, held in list(self._bulk_held.items()):
             held[:] = [t for t in held if not t.done]
             if not held:
                 del self._bulk_held[node_id]
-        return len(self._bulk.get(node_id, ())) + self._bulk_reading[node_id] + len(held or ())
 
     def bulk_queued(self, node_id: str) -> int:
         """A node's chunk requests waiting for their turn."""
         return len(self._bulk.get(node_id, ()))
 
     def bulk_next_node(self) -> Optional[str]:
-        """The node whose chunk is read next: the queues are served in turn, and the node served
-        last waits while another has one queued."""
-        order = iter(self._bulk)
-        first = next(order, None)
-        if first is not None and first == self._bulk_last and len(self._bulk) > 1:
-            return next(order)
-        return first
+        """The node whose chunk is read next: the queues are served in turn (the node served last
+        waits while another has one queued), passing over nodes with MAX_HELD_PER_NODE replies
+        not yet written out. None: nothing can be read now."""
+        ready = [n for n in self._bulk if self._bulk_unsent(n) < MAX_HELD_PER_NODE]
+        if len(ready) > 1 and ready[0] == self._bulk_last:
+            return ready[1]
+        return ready[0] if ready else None
 
-    def _next_bulk_job(self) -> BulkJob:
+    def _next_bulk_job(self) -> Optional[BulkJob]:
         node_id = self.bulk_next_node()
-        assert node_id is not None
+        if node_id is None:
+            return None
         jobs = self._bulk[node_id]
         job = jobs.popleft()
         self._bulk_queued -= 1
@@ -927,7 +938,13 @@ class Coordinator:
                     self._bulk_timer = True
                     self.timers.at(self._bulk_next, self._bulk_turn)
                 return
+            self._prune_held()
             job = self._next_bulk_job()
+            if job is None:  # every queued node waits for its replies to be written out
+                if not self._bulk_poll:
+                    self._bulk_poll = True
+                    self.timers.at(now + 0.02, self._bulk_look_again)
+                return
             if not self._job_valid(job):
                 continue
             if rate:
@@ -936,6 +953,10 @@ class Coordinator:
             self._bulk_reading[job.node_id] += 1
             self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:
                                 self._bulk_done(job, frame, error))
+
+    def _bulk_look_again(self) -> None:
+        self._bulk_poll = False
+        self._pump_bulk()
 
     def _bulk_turn(self) -> None:
         self._bulk_timer = False
@@ -965,9 +986,9 @@ class Coordinator:
 
     def _send_chunk(self, job: BulkJob, frame: bytes | bytearray) -> None:
         """A chunk reply, handed to ZeroMQ without a copy and tracked: it counts against its
-        node's MAX_CHUNKS_PER_NODE until ZeroMQ has written it out (or dropped it with its
-        connection). A connection whose pipe is full (SEND_HWM) or gone gets nothing: the agent
-        asks again after its chunk timeout (agent/modelcache.py)."""
+        node's MAX_HELD_PER_NODE and MAX_CHUNKS_PER_NODE until ZeroMQ has written it out (or
+        dropped it with its connection). A connection whose pipe is full (SEND_HWM) or gone gets
+        nothing: the agent asks again after its chunk timeout (agent/modelcache.py)."""
         try:
             tracker = self.sock.send_multipart([job.ident, frame], zmq.NOBLOCK, copy=False, track=True)
         except zmq.ZMQError as e:
