@@ -5,6 +5,7 @@ is re-checked after every state change and answered at its deadline at the lates
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import secrets
@@ -105,6 +106,28 @@ MAX_WAITING_FOR_ALLOCATION = 100
 BULK_IN_FLIGHT = 1
 SEND_BUFFER = 128 << 10  # bytes: the kernel's send buffer of each connection (see __init__)
 MAX_BULK_QUEUED = 8192  # beyond: 503, and the agent asks again after a backoff
+# A node's chunk requests that are queued, being read, or sent but still held by ZeroMQ. Beyond:
+# 503 naming the limit; the agent asks again after a backoff. An agent asks for 4 chunks of a
+# fetch at a time (agent/modelcache.py WINDOW), for every model and tokenizer it fetches at once:
+# 64 is 16 fetches at once. A queued request costs a few hundred bytes, not its reply.
+MAX_CHUNKS_PER_NODE = 64
+# A node's replies being read or read but not yet written to its connection (tracked: a peer that
+# does not read keeps them in ZeroMQ). While it has this many, its queue waits (the other nodes'
+# are served): a node that never reads pins at most this many replies (4 x 8 MiB), not a pile.
+MAX_HELD_PER_NODE = 4
+# Messages ZeroMQ queues per connection before a send fails (ROUTER_MANDATORY + NOBLOCK: the
+# reply is dropped, never queued further). A peer that reads never comes near it; one that does
+# not cannot pile up replies (it is 100,000 in common.zmqutil). A dropped chunk reply is asked
+# again by the agent after its chunk timeout; a dropped sync push is repeated in the next
+# heartbeat's reply.
+SEND_HWM = 1000
+# A report of deployments not assigned to the node: at most this many are logged per report
+# (the first ids that were not in its previous report), then one line with the count.
+MAX_IGNORED_LOGGED = 8
+# A node lost this long (no heartbeat, not re-registered) is forgotten: its record, and its
+# node_capacity/<id> and node_key/<id> rows in the state file (so the id may then register with
+# another agent key). Not while a deployment still names it (targets or warm).
+NODE_FORGET_AFTER_S = 24 * 3600.0
 
 
 @dataclass
@@ -127,25 +150,38 @@ class Coordinator:
         for model_id, problem in self.store.check_models():
             log.error("model [%s] is unusable: %s; put it again", model_id, problem)
         self.models: dict[str, ModelRecord] = {r.model_id: r for r in self.store.load_models()}
-        self.deployments: dict[str, DeploymentRecord] = {
-            d.deployment_id: d for d in self.store.load_deployments()}
+        # A stored row that cannot be loaded (damaged, or naming a model that is not there) is
+        # logged by id and left in the file for an operator; the others load and we serve.
+        self.deployments: dict[str, DeploymentRecord] = {}
+        for d in self.store.load_deployments():
+            if d.model_id not in self.models:
+                self.store.set_aside(d.deployment_id, f"its model [{d.model_id}] is not stored")
+            else:
+                self.deployments[d.deployment_id] = d
         self.nodes: dict[str, NodeRecord] = {}
         self._route_sigs: dict[str, tuple] = {}
         self.routing = RoutingIndex()                 # who reports what; what changed
         self._sync_cache: dict[str, dict[str, Any]] = {}  # node -> its sync body, until it changes
         self._sync_packed: dict[str, bytes] = {}      # node -> that body encoded, likewise
         self.hb_memo = HeartbeatMemo()                # what each node last sent that passed the checks
-        self._bulk: collections.deque[BulkJob] = collections.deque()  # model chunks to send
+        # model chunks to send, a queue per node, served in turn (round robin across nodes)
+        self._bulk: collections.OrderedDict[str, collections.deque[BulkJob]] = collections.OrderedDict()
+        self._bulk_queued = 0
+        self._bulk_last: Optional[str] = None  # the node whose chunk was read last
         self._bulk_in_flight = 0
+        self._bulk_reading: collections.Counter[str] = collections.Counter()  # node -> being read
+        self._bulk_held: dict[str, list[zmq.MessageTracker]] = {}  # node -> replies ZeroMQ holds
+        self.bulk_refused = 0        # chunk requests refused for MAX_CHUNKS_PER_NODE
         self._bulk_next = 0.0        # the pacer's clock: when the next chunk may start (monotonic)
         self._bulk_timer = False     # a timer to pump the queue again is set
+        self._bulk_poll = False      # a timer to look again at nodes waiting for their replies to go
         self._stopping: set[str] = set()              # deployments being stopped
         self._max_version = 0
         self.waiters: list[Waiter] = []
         self._waiters_due = float("inf")  # the earliest deadline among the waiters (or sooner)
         self.timers = Timers(self.clock.monotonic)
         self.ctx = zmq.Context.instance()
-        self.sock = make_socket(self.ctx, zmq.ROUTER)
+        self.sock = make_socket(self.ctx, zmq.ROUTER, hwm=SEND_HWM)
         # One ZeroMQ I/O thread writes to every connection in turn, each write as much as the
         # kernel takes: a small send buffer keeps the slice a 4 MiB chunk reply takes short, so
         # a heartbeat reply to another connection does not wait behind whole chunks.
@@ -174,7 +210,13 @@ class Coordinator:
             for node_id in d.targets:
                 cap = self.store.get_meta(f"node_capacity/{node_id}")
                 if cap and node_id not in self._expected:
-                    processors, memory = (int(x) for x in cap.split(","))
+                    try:
+                        processors, memory = (int(x) for x in cap.split(","))
+                    except ValueError:
+                        log.error("state file: node [%s]'s stored capacity [%s] is not "
+                                  "'processors,memory'; not waiting for it after the restart",
+                                  node_id[:64], cap[:64])
+                        continue
                     self._expected[node_id] = planner.PlanNode(node_id, processors, memory)
         self._running = False
         self._behind_since: Optional[float] = None  # since when frames have been waiting for us
@@ -483,11 +525,17 @@ class Coordinator:
                 if targets != dep.targets:
                     log.info("Rebalanced allocations because [%s]: deployment [%s] %s -> %s",
                              why, dep_id, dep.targets, targets)
-                dep.targets, dep.reason = dict(targets), reason
-                self.store.save_deployment(dep)
+                self._commit(dep, targets=dict(targets), reason=reason)
                 self.routing.dirty.add(dep_id)
         for node_id in touched:
             self._push_sync(node_id)
+
+    def _commit(self, dep: DeploymentRecord, **changes: Any) -> None:
+        """Change a deployment: written to the state file first, then in memory. A failed write
+        (a full disk: ServerError) changes neither."""
+        self.store.save_deployment(dataclasses.replace(dep, **changes))
+        for k, v in changes.items():
+            setattr(dep, k, v)
 
     def _save_deployment(self, dep: DeploymentRecord) -> None:
         self.store.save_deployment(dep)
@@ -666,19 +714,27 @@ class Coordinator:
         allocations than it was given: an agent key cannot attract traffic to deployments it
         was not assigned."""
         parsed: dict[str, RouteReport] = {}
+        ignored: set[str] = set()  # this report's only: what it no longer reports is forgotten
+        new = 0
         for r, state in reports:
             dep = self.deployments.get(r.deployment_id)
             if dep is None or not (node.node_id in dep.targets or node.node_id in dep.warm
                                    or r.deployment_id in node.reports):
+                ignored.add(r.deployment_id)
                 if r.deployment_id not in node.ignored:
-                    node.ignored.add(r.deployment_id)
-                    log.warning("node [%s] reports deployment [%s], which is not assigned to it; "
-                                "ignoring the report", node.node_id, r.deployment_id[:64])
+                    new += 1
+                    if new <= MAX_IGNORED_LOGGED:
+                        log.warning("node [%s] reports deployment [%s], which is not assigned to it; "
+                                    "ignoring the report", node.node_id, r.deployment_id[:64])
                 continue
             target = dep.targets.get(node.node_id, 0)
             cap = target if target > 0 else dep.number_of_allocations  # draining: what it may hold
             parsed[r.deployment_id] = RouteReport(state, min(r.current_allocations, cap),
                                                   r.target_allocations, r.reason, r.stats)
+        if new > MAX_IGNORED_LOGGED:
+            log.warning("node [%s] reports %d more deployments not assigned to it (not logged one by "
+                        "one); ignoring them", node.node_id, new - MAX_IGNORED_LOGGED)
+        node.ignored = ignored
         old, node.reports = node.reports, parsed
         if self.nodes.get(node.node_id) is node:  # (a registering node's record is not in yet)
             self.routing.reports_changed(node.node_id, old, parsed)
@@ -698,6 +754,10 @@ class Coordinator:
             owner = self.store.get_meta(f"node_key/{msg.node_id}")
             if owner is not None and owner != user:
                 raise Forbidden(f"node [{msg.node_id}] is registered to another agent key")
+        prev = self._node_of.get(ctx.ident)
+        if prev is not None and prev != msg.node_id and self._node_for(ctx.ident, prev) is not None:
+            raise Conflict(f"[node_id] [{msg.node_id}]: this connection is registered as node [{prev}]; "
+                           "one connection registers one node (leave first, or connect again)")
         known = self.nodes.get(msg.node_id)
         node = NodeRecord(msg.node_id, msg.hostname, msg.transport_address, msg.allocated_processors,
                           msg.cpu, msg.memory, msg.pid, self.clock.monotonic(),
@@ -786,12 +846,60 @@ class Coordinator:
             raise NotFound(f"Could not find model definition [{msg.sha256}]")
         if msg.offset < 0 or not 0 < msg.length <= 8 << 20:
             raise BadRequest("[offset] must be >= 0 and [length] between 1 and 8mb")
-        if len(self._bulk) >= MAX_BULK_QUEUED:
+        if self.bulk_pending(node.node_id) >= MAX_CHUNKS_PER_NODE:
+            self.bulk_refused += 1
+            raise ServiceUnavailable(
+                f"node [{node.node_id}] has {MAX_CHUNKS_PER_NODE} chunk requests queued or unread "
+                f"(MAX_CHUNKS_PER_NODE); ask again once their replies are read")
+        if self._bulk_queued >= MAX_BULK_QUEUED:
             raise ServiceUnavailable("the coordinator has too many model chunks to send; ask again later")
-        self._bulk.append(BulkJob(ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length,
-                                  msg.bulk_token))
+        self._bulk.setdefault(node.node_id, collections.deque()).append(BulkJob(
+            ctx.ident, ctx.rid, node.node_id, msg.sha256, msg.offset, msg.length, msg.bulk_token))
+        self._bulk_queued += 1
         self._pump_bulk()
         return DEFER
+
+    def bulk_pending(self, node_id: str) -> int:
+        """A node's chunk requests queued, being read, or sent but still held by ZeroMQ."""
+        return len(self._bulk.get(node_id, ())) + self._bulk_unsent(node_id)
+
+    def _bulk_unsent(self, node_id: str) -> int:
+        """A node's chunk replies being read, or sent but not yet written out by ZeroMQ."""
+        held = self._bulk_held.get(node_id, ())
+        return self._bulk_reading[node_id] + sum(not t.done for t in held)
+
+    def _prune_held(self) -> None:
+        for node_id, held in list(self._bulk_held.items()):
+            held[:] = [t for t in held if not t.done]
+            if not held:
+                del self._bulk_held[node_id]
+
+    def bulk_queued(self, node_id: str) -> int:
+        """A node's chunk requests waiting for their turn."""
+        return len(self._bulk.get(node_id, ()))
+
+    def bulk_next_node(self) -> Optional[str]:
+        """The node whose chunk is read next: the queues are served in turn (the node served last
+        waits while another has one queued), passing over nodes with MAX_HELD_PER_NODE replies
+        not yet written out. None: nothing can be read now."""
+        ready = [n for n in self._bulk if self._bulk_unsent(n) < MAX_HELD_PER_NODE]
+        if len(ready) > 1 and ready[0] == self._bulk_last:
+            return ready[1]
+        return ready[0] if ready else None
+
+    def _next_bulk_job(self) -> Optional[BulkJob]:
+        node_id = self.bulk_next_node()
+        if node_id is None:
+            return None
+        jobs = self._bulk[node_id]
+        job = jobs.popleft()
+        self._bulk_queued -= 1
+        self._bulk_last = node_id
+        if jobs:
+            self._bulk.move_to_end(node_id)  # behind the nodes that wait
+        else:
+            del self._bulk[node_id]
+        return job
 
     def _bulk_node(self, ctx: Ctx, msg: m.ModelChunk) -> NodeRecord:
         """The node a request on a bulk connection is for: registered and alive, the token of its
@@ -830,14 +938,25 @@ class Coordinator:
                     self._bulk_timer = True
                     self.timers.at(self._bulk_next, self._bulk_turn)
                 return
-            job = self._bulk.popleft()
+            self._prune_held()
+            job = self._next_bulk_job()
+            if job is None:  # every queued node waits for its replies to be written out
+                if not self._bulk_poll:
+                    self._bulk_poll = True
+                    self.timers.at(now + 0.02, self._bulk_look_again)
+                return
             if not self._job_valid(job):
                 continue
             if rate:
                 self._bulk_next = max(now, self._bulk_next) + job.length / rate
             self._bulk_in_flight += 1
+            self._bulk_reading[job.node_id] += 1
             self.offload.submit(self._chunk_reply, job, done=lambda frame, error, job=job:
                                 self._bulk_done(job, frame, error))
+
+    def _bulk_look_again(self) -> None:
+        self._bulk_poll = False
+        self._pump_bulk()
 
     def _bulk_turn(self) -> None:
         self._bulk_timer = False
@@ -853,14 +972,31 @@ class Coordinator:
     def _bulk_done(self, job: BulkJob, frame: Optional[bytes | bytearray],
                    error: Optional[BaseException]) -> None:
         self._bulk_in_flight -= 1
+        self._bulk_reading[job.node_id] -= 1
+        if self._bulk_reading[job.node_id] <= 0:
+            del self._bulk_reading[job.node_id]
         if error is not None:
             self.loop_errors += 1
             log.error("model chunk for request %s failed", job.rid, exc_info=error)
             frame = encode_reply(job.rid, 500, ServerError(
                 f"internal error: {type(error).__name__}: {error}").to_body())
         if frame is not None:
-            self._send(job.ident, frame)
+            self._send_chunk(job, frame)
         self._pump_bulk()
+
+    def _send_chunk(self, job: BulkJob, frame: bytes | bytearray) -> None:
+        """A chunk reply, handed to ZeroMQ without a copy and tracked: it counts against its
+        node's MAX_HELD_PER_NODE and MAX_CHUNKS_PER_NODE until ZeroMQ has written it out (or
+        dropped it with its connection). A connection whose pipe is full (SEND_HWM) or gone gets
+        nothing: the agent asks again after its chunk timeout (agent/modelcache.py)."""
+        try:
+            tracker = self.sock.send_multipart([job.ident, frame], zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError as e:
+            log.info("model chunk reply for request %s of node [%s] dropped (%s): it asks again",
+                     job.rid, job.node_id, e)
+            return
+        if tracker is not None and not tracker.done:
+            self._bulk_held.setdefault(job.node_id, []).append(tracker)
 
     def on_rotate_node_key(self, ctx: Ctx, msg: m.RotateNodeKey) -> dict[str, Any]:
         """Move a node id to another agent key (admin). The agent running now keeps its
@@ -890,6 +1026,20 @@ class Coordinator:
             log.warning("node [%s] lost: no heartbeat for %.1fs", n.node_id, now - n.last_seen)
         if lost:
             self._lose(lost, "lost")
+        self._forget_nodes(now)
+
+    def _forget_nodes(self, now: float) -> None:
+        """Nodes lost for NODE_FORGET_AFTER_S, and named by no deployment, are forgotten: their
+        records and their node_capacity/node_key rows. Bounds what registrations leave behind."""
+        named = {n for d in self.deployments.values() for n in (*d.targets, *d.warm)}
+        for n in [n for n in self.nodes.values() if not n.alive and n.node_id not in named
+                  and now - n.last_seen > NODE_FORGET_AFTER_S]:
+            self.store.delete_meta(f"node_capacity/{n.node_id}")
+            self.store.delete_meta(f"node_key/{n.node_id}")
+            del self.nodes[n.node_id]
+            self._sync_cache.pop(n.node_id, None)
+            self._sync_packed.pop(n.node_id, None)
+            log.info("node [%s] forgotten: lost for %.0fs", n.node_id, now - n.last_seen)
 
     def _lose(self, nodes: list[NodeRecord], why: str) -> None:
         for n in nodes:
@@ -971,6 +1121,10 @@ class Coordinator:
         if p.deployment_id in self.deployments:
             raise BadRequest("Could not start model deployment because an existing deployment with "
                              f"the same id [{p.deployment_id}] exist")
+        if p.deployment_id in self.store.bad_rows:
+            raise Conflict(f"[deployment_id] [{p.deployment_id}] has a stored record that could not be "
+                           f"loaded ({self.store.bad_rows[p.deployment_id]}); an operator must repair "
+                           f"or delete its row in {self.store.path} first")
         if p.deployment_id != p.model_id and p.deployment_id in self.models:
             raise BadRequest(f"Deployment id [{p.deployment_id}] is the same as an another model which "
                              "is not the model being deployed. Deployment id can be the same as the "
@@ -990,10 +1144,10 @@ class Coordinator:
         if placed < dep.number_of_allocations:
             raise TooManyRequests("Could not start deployment because there are not enough resources "
                                   "to provide all requested allocations")
+        dep.routing_version = self._next_version()
+        self.store.save_deployment(dep)  # the state file first: a failed write leaves nothing behind
         self.deployments[dep.deployment_id] = dep
         self._route_sigs[dep.deployment_id] = ()
-        dep.routing_version = self._next_version()
-        self.store.save_deployment(dep)
         log.info("Started deployment [%s] of model [%s]: %d allocations x %d threads, priority %s",
                  dep.deployment_id, dep.model_id, dep.number_of_allocations,
                  dep.threads_per_allocation, dep.priority)
@@ -1046,8 +1200,7 @@ class Coordinator:
                 n = min(n, hi)
         if n is not None and n != dep.number_of_allocations:
             self._set_allocations(dep, n, f"model deployment [{dep.deployment_id}] updated")
-        dep.adaptive = adaptive
-        self.store.save_deployment(dep)
+        self._commit(dep, adaptive=adaptive)
         return assignment_body(dep, model, self._routes(dep))
 
     def _set_allocations(self, dep: DeploymentRecord, n: int, why: str) -> None:
@@ -1063,17 +1216,17 @@ class Coordinator:
         if n > dep.number_of_allocations and plan.placed(dep.deployment_id) < n:
             raise TooManyRequests("Could not update deployment because there are not enough "
                                   "resources to provide all requested allocations")
+        warm = dep.warm
         if n == 0 and self.cfg.warm_zero_keep_s > 0:
             until = self.clock.wall_ms() + int(self.cfg.warm_zero_keep_s * 1000)
-            dep.warm = {node: until for node in dep.targets}
+            warm = {node: until for node in dep.targets}
         elif n > 0:
             placed = plan.assignments.get(dep.deployment_id, {})
-            dep.warm = {k: v for k, v in dep.warm.items() if k not in placed}
-        log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id,
-                 dep.number_of_allocations, n, why)
-        dep.number_of_allocations = n
+            warm = {k: v for k, v in dep.warm.items() if k not in placed}
+        before = dep.number_of_allocations
+        self._commit(dep, warm=warm, number_of_allocations=n)
+        log.info("deployment [%s]: allocations %d -> %d (%s)", dep.deployment_id, before, n, why)
         self.routing.dirty.add(dep.deployment_id)
-        self.store.save_deployment(dep)
         self._apply(plan, why)
 
     def on_stop(self, ctx: Ctx, msg: m.StopDeployment) -> Any:
@@ -1091,9 +1244,7 @@ class Coordinator:
         if not dep.stopping:
             log.info("stopping deployment [%s] (force=%s, finish_pending_work=%s)",
                      dep.deployment_id, force, finish_pending_work)
-        dep.stopping = True
-        dep.finish_pending_work = finish_pending_work and not force
-        self.store.save_deployment(dep)
+        self._commit(dep, stopping=True, finish_pending_work=finish_pending_work and not force)
         self._stopping.add(dep.deployment_id)
         self.routing.dirty.add(dep.deployment_id)
         self._settle()

@@ -32,6 +32,7 @@ message like ``no space left on device writing <path>: ...`` for a full disk.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -96,6 +97,48 @@ def model_config_with_format(path: str | os.PathLike[str], model_config: dict | 
         raise BadRequest(str(e)) from None
 
 
+class StateFileError(ValueError):
+    """The state file cannot be opened or read (not SQLite, truncated, unreadable): the daemon
+    cannot start; the message names the file and SQLite's reason. A ValueError: the CLI ends with
+    exit code 2 (no restart loop) and this message, no traceback."""
+
+
+def _record_problem(record: object) -> str | None:
+    """Why a stored deployment record cannot be loaded (a missing or unknown field, a value of
+    the wrong type), or None. Fields whose type is not listed here are left to the record."""
+    if not isinstance(record, dict):
+        return f"the record is a {type(record).__name__}, not an object"
+    fields = {f.name: f for f in dataclasses.fields(DeploymentRecord)}
+    unknown = sorted(set(record) - set(fields))
+    if unknown:
+        return f"unknown fields {unknown}"
+    for name, f in fields.items():
+        if name not in record:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                return f"field [{name}] is missing"
+            continue
+        check = _FIELD_CHECKS.get(str(f.type))
+        if check is not None and not check(record[name]):
+            return f"field [{name}] is {record[name]!r:.80}, not a {f.type}"
+    return None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_FIELD_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "bool": lambda v: isinstance(v, bool),
+    "float": lambda v: _is_int(v) or isinstance(v, float),
+    "Optional[str]": lambda v: v is None or isinstance(v, str),
+    "Optional[Adaptive]": lambda v: v is None or isinstance(v, dict),
+    "dict[str, int]": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _is_int(x) for k, x in v.items()),
+}
+
+
 def _storage_error(e: OSError, path: Path, action: str = "writing") -> ServerError:
     clear = disk_error(e, path, action)
     if isinstance(clear, DiskFullError):
@@ -110,10 +153,23 @@ class Store:
         self.uploads_dir = self.root / "uploads"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        self.path = self.root / "state.db"
+        self.bad_rows: dict[str, str] = {}  # deployment id -> why its stored row was not loaded
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StateFileError(f"cannot open the state file {self.path}: {e}") from None
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            problems = [r[0] for r in self.db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(str(p) for p in problems[:5]))
+        except sqlite3.Error as e:
+            self.db.close()
+            raise StateFileError(f"the state file {self.path} is damaged or not a state file ({e}); "
+                                 "restore it from a backup, or move it away to start empty") from None
         # Shared between the loop and Offload threads, under _lock:
         self._lock = threading.Lock()
         self._busy_uploads: set[str] = set()            # uploads being appended to or finished
@@ -121,6 +177,16 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def _write(self, sql: str, args: tuple) -> None:
+        """One committed change. SQLite's failures (``database or disk is full``, an I/O error)
+        become a ServerError (500) naming the state file, so the caller's reply says what to
+        fix; the caller changes its memory only after this returns."""
+        try:
+            self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise ServerError(f"could not write the coordinator's state file {self.root / 'state.db'} "
+                              f"(data dir {self.root}): {e}; nothing was changed") from None
 
     # -- models ----------------------------------------------------------------------------
     def model_path(self, sha256: str) -> Path:
@@ -181,7 +247,7 @@ class Store:
                               f"expected {m.size}; upload the model again")
         if m.tokenizer_sha256 and not self.tokenizer_path(m.tokenizer_sha256).exists():
             raise ServerError(f"tokenizer file for model [{m.model_id}] is missing; upload the model again")
-        self.db.execute(
+        self._write(
             "INSERT INTO models VALUES (?,?,?,?,?,?,?)",
             (m.model_id, m.sha256, m.size, m.task, m.tokenizer_sha256,
              json.dumps(m.model_config) if m.model_config is not None else None, m.create_time_ms))
@@ -189,7 +255,7 @@ class Store:
     def delete_model(self, m: ModelRecord) -> None:
         """Commit the row's deletion, then remove files no other row references (nor an upload
         being finished right now)."""
-        self.db.execute("DELETE FROM models WHERE model_id=?", (m.model_id,))
+        self._write("DELETE FROM models WHERE model_id=?", (m.model_id,))
         for sha, path in ((m.sha256, self.model_path(m.sha256)),
                           (m.tokenizer_sha256, self.tokenizer_path(m.tokenizer_sha256 or ""))):
             if sha and not self.db.execute(
@@ -198,11 +264,29 @@ class Store:
                     if not self._pinned.get(sha):
                         path.unlink(missing_ok=True)
 
+    def _rows(self, sql: str) -> list[tuple]:
+        try:
+            return self.db.execute(sql).fetchall()
+        except sqlite3.Error as e:
+            raise StateFileError(f"cannot read the state file {self.path} ({e}); restore it from a "
+                                 "backup, or move it away to start empty") from None
+
     def load_models(self) -> Iterator[ModelRecord]:
-        for row in self.db.execute("SELECT model_id, sha256, size, task, tokenizer_sha256, "
-                                   "model_config, create_time_ms FROM models"):
-            yield ModelRecord(row[0], row[1], row[2], row[3], row[4],
-                              json.loads(row[5]) if row[5] else None, row[6])
+        """The model rows that can be loaded; one that cannot is logged and left in the file."""
+        for row in self._rows("SELECT model_id, sha256, size, task, tokenizer_sha256, "
+                              "model_config, create_time_ms FROM models"):
+            try:
+                config = json.loads(row[5]) if row[5] else None
+                if config is not None and not isinstance(config, dict):
+                    raise ValueError(f"model_config is a {type(config).__name__}, not an object")
+                if not (isinstance(row[0], str) and isinstance(row[1], str) and _is_int(row[2])
+                        and isinstance(row[3], str) and _is_int(row[6])):
+                    raise ValueError("a column has a value of the wrong type")
+            except ValueError as e:
+                log.error("state file %s: model row [%s] cannot be loaded (%s); it is left in the "
+                          "file for an operator and not served", self.path, str(row[0])[:64], e)
+                continue
+            yield ModelRecord(row[0], row[1], row[2], row[3], row[4], config, row[6])
 
     def check_models(self, remove_orphans: bool = True) -> list[tuple[str, str]]:
         """At start-up, on the loop, before serving: every model row's file must exist with the
@@ -364,15 +448,34 @@ class Store:
 
     # -- deployments -----------------------------------------------------------------------
     def save_deployment(self, d: DeploymentRecord) -> None:
-        self.db.execute("INSERT OR REPLACE INTO deployments VALUES (?,?,?)",
+        self._write("INSERT OR REPLACE INTO deployments VALUES (?,?,?)",
                         (d.deployment_id, d.model_id, json.dumps(d.to_json())))
 
     def delete_deployment(self, deployment_id: str) -> None:
-        self.db.execute("DELETE FROM deployments WHERE deployment_id=?", (deployment_id,))
+        self._write("DELETE FROM deployments WHERE deployment_id=?", (deployment_id,))
 
     def load_deployments(self) -> Iterator[DeploymentRecord]:
-        for (record,) in self.db.execute("SELECT record FROM deployments"):
-            yield DeploymentRecord.from_json(json.loads(record))
+        """The deployment rows that can be loaded. A row that cannot (bad JSON, an unknown or
+        missing field, a value of the wrong type) is logged by id, recorded in ``bad_rows`` and
+        left in the file, untouched, for an operator: never loaded half-way, never deleted."""
+        for deployment_id, record in self._rows("SELECT deployment_id, record FROM deployments"):
+            try:
+                d = json.loads(record)
+                problem = _record_problem(d)
+                if problem is None and d["deployment_id"] != deployment_id:
+                    problem = f"the record's deployment_id is [{d['deployment_id']!s:.64}]"
+                if problem is None:
+                    yield DeploymentRecord.from_json(d)
+                    continue
+            except (ValueError, TypeError) as e:
+                problem = f"{type(e).__name__}: {e}"
+            self.set_aside(str(deployment_id), problem)
+
+    def set_aside(self, deployment_id: str, problem: str) -> None:
+        """A stored deployment that is not loaded: logged; its row stays in the file."""
+        self.bad_rows[deployment_id] = problem
+        log.error("state file %s: deployment row [%s] cannot be loaded (%s); it is left in the file "
+                  "for an operator and not served", self.path, deployment_id[:64], problem)
 
     # -- meta ------------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -380,4 +483,7 @@ class Store:
         return row[0] if row else default
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    def delete_meta(self, key: str) -> None:
+        self._write("DELETE FROM meta WHERE key=?", (key,))

@@ -297,6 +297,7 @@ def _serve_or_exit(start, config) -> None:
     restart in a loop. Once the daemon serves, its loop catches every fault itself: exit code 2
     never means anything that happened after start-up."""
     import dataclasses
+    import sqlite3
 
     import zmq
     if _DRY_RUN["on"]:  # mlfleet config show
@@ -304,7 +305,7 @@ def _serve_or_exit(start, config) -> None:
         return
     try:
         daemon = start(config)
-    except (ValueError, OSError, zmq.ZMQError) as e:
+    except (ValueError, OSError, zmq.ZMQError, sqlite3.Error) as e:  # sqlite3: a damaged state file
         sys.stderr.write(f"mlfleet: cannot start: {e}\n")
         raise typer.Exit(2) from None
     daemon.run()
