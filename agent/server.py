@@ -797,5 +797,9 @@ def start(cfg: AgentConfig) -> Agent:
     agent = Agent(cfg)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
-    agent.bind()
+    try:
+        agent.bind()
+    except BaseException:  # a port in use, a bad address: leave no run dir behind
+        shutil.rmtree(agent.run_dir, ignore_errors=True)
+        raise
     return agent

@@ -12,6 +12,7 @@ Key files are pyzmq's certificate files: ``NAME.key`` holds the secret (and publ
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,20 @@ curve
 {secret}"""
 
 
+KEY_NAME_RULE = "a plain name: letters, digits, '-', '_' or '.', not starting with '.'"
+
+
+def valid_key_name(name: str) -> bool:
+    """Whether ``name`` is a plain file name for NAME.key / NAME.pub (no path, nothing hidden)."""
+    return re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name) is not None
+
+
 def generate_keys(name: str, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write NAME.key (secret, mode 0600 from its creation: no byte is ever readable by others)
-    and NAME.pub, in pyzmq's certificate format. Never overwrites a key."""
+    and NAME.pub, in pyzmq's certificate format. Never overwrites a key. ``name`` must be a plain
+    name (ValueError): the files go in ``out_dir``, nowhere else."""
+    if not valid_key_name(name):
+        raise ValueError(f"key name [{name}] must be {KEY_NAME_RULE}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     secret, public = out / f"{name}.key", out / f"{name}.pub"

@@ -51,7 +51,27 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 
     def norm(d: Any) -> Any:
         return {k.replace("-", "_"): norm(v) for k, v in d.items()} if isinstance(d, dict) else d
+    unknown = _unknown_config_keys(typer.main.get_command(app), data)
+    if unknown:
+        raise typer.BadParameter(f"--config {path}: unknown {', '.join(unknown)} (each table names a "
+                                 "command, each key one of its options, as `mlfleet COMMAND --help` "
+                                 "lists them)")
     return norm(data)
+
+
+def _unknown_config_keys(cmd: Any, table: dict[str, Any], where: str = "") -> list[str]:
+    """The keys and tables of a --config file that name no command or option (a typo would
+    otherwise be ignored without a word)."""
+    params = {p.name for p in cmd.params if p.name}
+    subs = getattr(cmd, "commands", {})  # a group's subcommands
+    out = []
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if key in subs and isinstance(value, dict):
+            out += _unknown_config_keys(subs[key], value, f"{where}{key}.")
+        elif name not in params:
+            out.append(f"{'key' if where else 'key or table'} [{where}{key}]")
+    return out
 
 
 @app.callback()
@@ -77,7 +97,9 @@ def keys_generate(name: str, out: Path = typer.Option(..., "--out", help="Direct
 
     Example: mlfleet keys generate coordinator --out /etc/mlfleet/keys
     """
-    from mlfleet.common.security import generate_keys, load_public
+    from mlfleet.common.security import KEY_NAME_RULE, generate_keys, load_public, valid_key_name
+    if not valid_key_name(name):
+        raise typer.BadParameter(f"[{name}] must be {KEY_NAME_RULE}", param_hint="NAME")
     try:
         secret, public = generate_keys(name, out)
     except (FileExistsError, OSError) as e:
@@ -125,9 +147,40 @@ def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("MLFLEET_LOG_LEVEL", "INFO"), format=fmt, stream=sys.stderr)
 
 
+_ANSWERED = {"any": False}  # whether a server has answered this command's client
+
+
 def _client(coordinator: Optional[str]):
+    """The admin client; a key file it cannot use is a usage error naming where it came from."""
     from mlfleet.common.client import Client
-    return Client(coordinator or DEFAULT_COORDINATOR)
+
+    class CliClient(Client):
+        def _send(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+            rep = super()._send(*args, **kwargs)
+            _ANSWERED["any"] = True
+            return rep
+
+    try:
+        return CliClient(coordinator or DEFAULT_COORDINATOR)
+    except (OSError, ValueError) as e:
+        sys.stderr.write(f"mlfleet: {_key_error(e)}\n")
+        raise typer.Exit(2) from None
+
+
+def _key_error(e: Exception) -> str:
+    """A client key problem, naming the option (and variable) it came from and the rule."""
+    from mlfleet.common.security import load_secret
+    secret = os.environ.get("MLFLEET_SECRET_KEY", "")
+    public = os.environ.get("MLFLEET_COORDINATOR_KEY", "")
+    if not (secret and public):
+        return f"{e} (options --secret-key and --coordinator-key)"
+    try:
+        load_secret(secret)
+        opt, var, path, rule = "--coordinator-key", "MLFLEET_COORDINATOR_KEY", public, "NAME.pub"
+    except (OSError, ValueError):
+        opt, var, path, rule = "--secret-key", "MLFLEET_SECRET_KEY", secret, "NAME.key, mode 600"
+    return (f"{opt} / {var} [{path}]: {e}; it must be a CURVE key file ({rule}), its path absolute "
+            "or relative to the working directory")
 
 
 def _rows(body: dict[str, Any]) -> tuple[str, list[str], list[dict[str, Any]]] | None:
@@ -201,6 +254,10 @@ def _run(fmt: Optional[Format], fn) -> None:
         sys.stderr.write(json.dumps(e.to_body()) + "\n")
         raise typer.Exit(3) from None
     except ApiError as e:
+        from mlfleet.common.errors import BadRequest
+        if isinstance(e, BadRequest) and not _ANSWERED["any"]:  # refused here, before sending
+            sys.stderr.write(f"mlfleet: {e.to_body()['error']['reason']}\n")
+            raise typer.Exit(2) from None
         sys.stderr.write(json.dumps(e.to_body()) + "\n")
         raise typer.Exit(1) from None
     _emit(body, fmt)
@@ -249,7 +306,7 @@ def coordinator(
                                  "is lost after missing heartbeats, not between two of them",
                                  param_hint="--node-timeout")
     _serve_or_exit(start, CoordinatorConfig(
-        listen=listen, data_dir=str(data_dir), ready_file=str(ready_file) if ready_file else None,
+        listen=listen, data_dir=str(data_dir), ready_file=_ready_file(ready_file),
         heartbeat_interval_s=parse_time(heartbeat_interval, "heartbeat_interval"),
         node_timeout_s=parse_time(node_timeout, "node_timeout"),
         adaptive_interval_s=parse_time(adaptive_interval, "adaptive_interval"),
@@ -258,7 +315,8 @@ def coordinator(
         warm_zero_keep_s=parse_time(warm_zero_keep, "warm_zero_keep", allow_zero=True),
         bulk_max_bytes_per_sec=_bytes_option(bulk_max_bytes_per_sec, "bulk_max_bytes_per_sec"),
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
-        authorized_keys=str(authorized_keys) if authorized_keys else None, metrics_listen=metrics_listen,
+        authorized_keys=str(authorized_keys) if authorized_keys else None,
+        metrics_listen=_metrics_listen(metrics_listen),
         **_metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_basic_auth)))
 
 
@@ -289,6 +347,35 @@ def _duration(value: str, name: str, allow_zero: bool = False) -> float:
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}", param_hint=hint)
     return seconds
+
+
+def _metrics_listen(value: Optional[str]) -> Optional[str]:
+    """--metrics-listen [HOST:]PORT with the port in 0-65535; a bad one is a usage error."""
+    if value is None:
+        return None
+    port = value.rpartition(":")[2]
+    if not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise typer.BadParameter(f"[{value}] must be [HOST:]PORT with a port in 0-65535 (0: the OS picks)",
+                                 param_hint="--metrics-listen")
+    return value
+
+
+def _ready_file(path: Optional[Path]) -> Optional[str]:
+    """--ready-file: checked before start-up, so a path that cannot be written is a usage error,
+    not a crash once the daemon serves."""
+    if path is None:
+        return None
+    parent = path.parent
+    if path.is_dir():
+        problem = "is a directory"
+    elif not parent.is_dir():
+        problem = f"its directory {parent} does not exist or is not a directory"
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        problem = f"its directory {parent} is not writable"
+    else:
+        return str(path)
+    raise typer.BadParameter(f"[{path}] {problem}: the file is written once the daemon serves",
+                             param_hint="--ready-file")
 
 
 def _serve_or_exit(start, config) -> None:
@@ -361,9 +448,9 @@ def agent(
         coordinator=coordinator, node_id=node_id, listen=listen, advertise=advertise,
         curve_secret_key=str(curve_secret_key) if curve_secret_key else None,
         coordinator_public_key=str(coordinator_public_key) if coordinator_public_key else None,
-        metrics_listen=metrics_listen, allocated_processors=allocated_processors,
+        metrics_listen=_metrics_listen(metrics_listen), allocated_processors=allocated_processors,
         **_metrics_tls(metrics_tls_cert, metrics_tls_key, metrics_basic_auth),
-        data_dir=str(data_dir) if data_dir else None, ready_file=str(ready_file) if ready_file else None,
+        data_dir=str(data_dir) if data_dir else None, ready_file=_ready_file(ready_file),
         stop_grace_s=_duration(stop_grace, "stop_grace"),
         overrun_grace_s=_duration(overrun_grace, "overrun_grace"),
         queue_max_bytes=max_bytes, load_retries=load_retries, require_sandbox=require_sandbox,
@@ -435,7 +522,10 @@ def up(
     """
     _setup_logging()
     log = logging.getLogger("mlfleet.up")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise typer.BadParameter(f"[{data_dir}] cannot be created: {e}", param_hint="--data-dir") from None
     run = Path(tempfile.mkdtemp(prefix="mlfleet-up-"))
     exe = [sys.executable, "-m", "mlfleet"]
     procs: list[subprocess.Popen] = []
@@ -486,7 +576,8 @@ def up(
             time.sleep(0.2)
     except RuntimeError as e:
         log.error("%s", e)
-        code = 1
+        # a daemon that refused its configuration (exit 2) is ours too: systemd must not loop
+        code = 2 if any(p.poll() == 2 for p in procs) else 1
     finally:
         from mlfleet.common.proc import stop_process
         for p in reversed(procs):
@@ -710,14 +801,12 @@ def deployments_stats(deployment_id: Optional[str] = typer.Argument(None),
                       interval: str = typer.Option("2s", help="Refresh interval with --watch."),
                       coordinator: Optional[str] = CoordOpt, format: Optional[Format] = FormatOpt) -> None:
     """Deployment statistics. Example: mlfleet deployments stats my-model --watch"""
+    period = _duration(interval, "interval") if watch else 0.0
     with _client(coordinator) as c:
         if not watch:
             _run(format, lambda: c.get_stats(deployment_id))
             return
         from rich.live import Live
-
-        from mlfleet.common.units import parse_time
-        period = parse_time(interval, "interval")
         try:
             with Live(refresh_per_second=4) as live:
                 while True:
@@ -742,7 +831,11 @@ def _docs_from_json(text: str) -> list[dict[str, Any]]:
         raise typer.BadParameter("--docs must be a JSON list of objects")
 
     def arr(v: Any) -> Any:
-        a = np.asarray(v)
+        try:
+            a = np.asarray(v)
+        except ValueError as e:  # ragged lists
+            raise typer.BadParameter(f"an input is not an array (are its rows of one length?): {e}",
+                                     param_hint="--docs") from None
         return a.astype(np.float32) if a.dtype == np.float64 else a
 
     out = []
@@ -781,8 +874,16 @@ def nodes_rotate_key(node_id: str,
 
     Example: mlfleet nodes rotate-key host-1 --public-key /etc/mlfleet/keys/host-1-2027.pub
     """
+    key = public_key
+    if len(key) != 40 or os.path.exists(key):  # as the client reads it: z85 text or a file
+        from mlfleet.common.security import load_public
+        try:
+            key = load_public(key).decode()
+        except (OSError, ValueError) as e:
+            raise typer.BadParameter(f"[{public_key}] must be a NAME.pub file or a 40-character z85 "
+                                     f"public key: {e}", param_hint="--public-key") from None
     with _client(coordinator) as c:
-        _run(format, lambda: c.rotate_node_key(node_id, public_key))
+        _run(format, lambda: c.rotate_node_key(node_id, key))
 
 
 config_app = typer.Typer(help="The effective configuration.", no_args_is_help=True)
@@ -800,11 +901,13 @@ def config_show(ctx: typer.Context, daemon: str = typer.Argument(..., help="coor
         raise typer.BadParameter("must be coordinator, agent or gateway", param_hint="DAEMON")
     _DRY_RUN["on"] = True
     try:
-        typer.main.get_command(app).main(args=[daemon, *ctx.args], prog_name="mlfleet",
-                                          default_map=ctx.find_root().default_map,
-                                          auto_envvar_prefix="MLFLEET", standalone_mode=False)
+        code = typer.main.get_command(app).main(args=[daemon, *ctx.args], prog_name="mlfleet",
+                                                 default_map=ctx.find_root().default_map,
+                                                 auto_envvar_prefix="MLFLEET", standalone_mode=False)
     finally:
         _DRY_RUN["on"] = False
+    if isinstance(code, int) and code:  # standalone_mode=False returns a refusal's Exit code
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -19,8 +19,15 @@ import psutil
 
 
 def main() -> int:
-    from mlfleet.common.client import Client
     work = Path(tempfile.mkdtemp(prefix="mlfleet-demo-"))
+    try:
+        return _run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path) -> int:
+    from mlfleet.common.client import Client
     ready = work / "up.json"
     up = subprocess.Popen([sys.executable, "-m", "mlfleet", "up", "--data-dir", str(work / "data"),
                            "--listen", "tcp://127.0.0.1:0", "--ready-file", str(ready)])
@@ -79,7 +86,6 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
-    shutil.rmtree(work, ignore_errors=True)
     left = [pid for pid in descendants if psutil.pid_exists(pid)
             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     print(f"== mlfleet up exited with {up.returncode}; processes left behind: {left or 'none'}")
