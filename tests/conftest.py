@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import Cluster, Mlp, running_cluster, save_model
+
+# Generating examples can be slow on a loaded 2-core machine: that is no failure of the code.
+settings.register_profile("mlfleet", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mlfleet")
 
 
 @pytest.fixture(scope="module")

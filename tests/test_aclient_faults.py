@@ -96,13 +96,11 @@ def test_a_request_delivered_before_a_failed_reconnect_is_failed_as_not_retryabl
             assert decode_request(frames[1]).op == "infer"
             srv.close(0)
             closer.start()
-            t0 = time.monotonic()
-            with pytest.raises(NoAnswer) as ei:
+            with pytest.raises(NoAnswer) as ei:  # at once: wait_for raises otherwise (it has 30s)
                 await asyncio.wait_for(call, 20)
-            assert closer.accepted.is_set() and closer.error is None
+            assert await asyncio.to_thread(closer.accepted.wait, 5) and closer.error is None
             assert not ei.value.retryable, ei.value
             assert "already sent" in str(ei.value) and addr in str(ei.value)
-            assert time.monotonic() - t0 < 20  # said at once, not after the request's 30s
         finally:
             await c.close()
             if closer.is_alive():

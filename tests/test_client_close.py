@@ -40,10 +40,8 @@ def test_a_late_wake_after_close_does_not_write_into_a_reused_fd():
 def test_a_call_on_a_closed_client_fails_at_once():
     c = Client("tcp://127.0.0.1:9", request_timeout="30s")
     c.close()
-    t = time.monotonic()
-    with pytest.raises(NoAnswer, match="closed"):
+    with pytest.raises(NoAnswer, match="the client is closed"):  # not "no answer ... within 30s"
         c.get_nodes()
-    assert time.monotonic() - t < 5
 
 
 def test_inference_on_a_closed_client_fails_at_once_even_with_a_routing_table():
@@ -53,7 +51,5 @@ def test_inference_on_a_closed_client_fails_at_once_even_with_a_routing_table():
                                           "routing_state": "started"}],
                               "version": 1}, time.monotonic())
     c.close()
-    t = time.monotonic()
-    with pytest.raises(NoAnswer, match="closed"):
+    with pytest.raises(NoAnswer, match="the client is closed"):
         c.infer("d", [{"input": [1.0]}], timeout="20s")
-    assert time.monotonic() - t < 5

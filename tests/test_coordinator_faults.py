@@ -125,7 +125,7 @@ def test_a_node_that_never_reads_its_chunks_cannot_grow_the_coordinator(data_dir
     beyond the cap are refused 503 naming the limit, at most MAX_HELD_PER_NODE replies are read
     and held for it, the coordinator's memory stays within that, and another node's fetch is
     served in full meanwhile."""
-    run = Running(data_dir)
+    run = Running(data_dir, node_timeout_s=600.0)  # its nodes never heartbeat: not lost mid-test
     try:
         hostile, good = two_nodes_running_m1(run)
         rss0 = psutil.Process().memory_info().rss
@@ -174,7 +174,8 @@ def test_a_node_that_never_reads_its_chunks_cannot_grow_the_coordinator(data_dir
 def test_chunk_replies_are_served_round_robin_across_nodes(data_dir):
     """With the bulk pump paced to a standstill after its first chunk, the next chunk is the
     other node's, not the next of the node that asked first."""
-    run = Running(data_dir, bulk_max_bytes_per_sec=1)  # after one chunk, the next waits ~forever
+    run = Running(data_dir, bulk_max_bytes_per_sec=1,  # after one chunk, the next waits ~forever
+                  node_timeout_s=600.0)
     try:
         a, b = two_nodes_running_m1(run)
         for i in range(4):

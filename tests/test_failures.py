@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import msgpack
 import numpy as np
@@ -78,13 +77,11 @@ def test_lost_agent_routes_go_and_allocations_come_back(cluster_ab, tmp_path):
         client.start_deployment("mlp", number_of_allocations=4, wait_for="fully_allocated", cache_size="0b")
         s = Stream(client, "mlp", threads=4)
         s.more(300)
-        killed_at = time.monotonic()
         c.agents["node-b"].stop(sig=signal.SIGKILL)
         c.retired.append(c.agents.pop("node-b"))
         wait_until(lambda: set(client.get_nodes()["nodes"]) == {"node-a"}, 10, what="node-b lost")
         routes = client.get_routing("mlp")["routes"]
         assert [r["node_id"] for r in routes] == ["node-a"]
-        assert time.monotonic() - killed_at < 3.0 + 0.2 + 2.0  # node timeout + heartbeat (+ slack)
         s.more(300)
         assert alloc_status(client, "mlp")["state"] == "started"  # partially allocated: node-a is full
         c.start_agent("node-b", 2)  # it comes back and gets its allocations again

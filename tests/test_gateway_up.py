@@ -41,12 +41,17 @@ def test_up_serves_the_http_gateway(tmp_path, mlp_path):
             h.close()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(10)
         left = [pid for pid in children if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
         for pid in left:
             psutil.Process(pid).kill()
         assert not left, f"outlived mlfleet up: {left}"
+        assert code == 0
 
 
 def test_up_runs_without_the_gateway_when_its_port_is_taken(tmp_path):
@@ -65,7 +70,11 @@ def test_up_runs_without_the_gateway_when_its_port_is_taken(tmp_path):
         assert "gateway" not in info and info["agent"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
         taken.close()
     assert proc.returncode == 0, err
     assert "running without the HTTP gateway" in err

@@ -118,10 +118,10 @@ def test_delete_while_the_model_is_being_stored_is_409_and_the_model_stays_delet
         assert status == 409, err
         reason = es_error(err, 409, "status_exception")
         assert "[a]" in reason and "being stored" in reason
-        assert not any(op == "delete_model" for op, _ in coord.ops)
         coord.release.set()
         assert await asyncio.wait_for(last, 20) == (200, {"acknowledged": True})
         assert coord.stored == {"a"}
+        assert not any(op == "delete_model" for op, _ in coord.ops)  # the refused DELETE never went
         # stored: a DELETE now reaches the coordinator
         assert await go("DELETE", "/_ml/trained_models/a") == (200, {"acknowledged": True})
         assert coord.stored == set()

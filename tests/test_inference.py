@@ -76,7 +76,9 @@ def test_deadlines_queued_and_running_requests_get_408(client):
     client.start_deployment("slow", deployment_id="late", cache_size="0b", wait_for="started")
     try:
         with cf.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(client.infer, "late", [{"input": np.array([1.5], np.float32)}], "300ms")
+            # busy for seconds: the queued one below is sure to queue behind it, however late the
+            # (heartbeat-fed) pending count shows it running
+            running = pool.submit(client.infer, "late", [{"input": np.array([4.0], np.float32)}], "300ms")
             wait_until(lambda: _node_stats(client, "late")["number_of_pending_requests"] >= 1, 10,
                        what="the slow request running")
             queued = pool.submit(client.infer, "late", [{"input": np.array([0.1], np.float32)}], "200ms")

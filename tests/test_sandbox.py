@@ -187,7 +187,6 @@ def sandboxed(tmp_path_factory):
 def test_sandbox_installs_both_layers(sandboxed):
     assert sandboxed["status"] == {"seccomp_mode": 2, "no_new_privs": True}
     assert "landlock ABI" in sandboxed["report"] and "seccomp" in sandboxed["report"]
-    assert sandboxed["apply_ms"] < 1000
 
 
 @needs_kernel

@@ -125,20 +125,26 @@ def test_a_message_needs_a_frame():
 def test_a_first_message_alone_then_the_rest_within_new_limits(pair):
     a, b = pair
     msgs = ([b"who"], [b"header", b"x" * 5000], [b"y" * 300_000])  # small, then larger ones
-    threading.Thread(target=lambda: [stream.send_blocking(a, m) for m in msgs]).start()
+    t = threading.Thread(target=lambda: [stream.send_blocking(a, m) for m in msgs], daemon=True)
+    t.start()
     reader = stream.Reader(b, max_frames=1, max_bytes=16, first_alone=True)
     assert read_all(reader, 1) == [[b"who"]]  # what came behind it is not read under these limits
     rest = [[bytes(f) for f in m] for m in reader.set_limits(stream.MAX_FRAMES, stream.MAX_BYTES)]
     rest += read_all(reader, 2 - len(rest))
     assert rest == [[b"header", b"x" * 5000], [b"y" * 300_000]]
+    t.join(10)
+    assert not t.is_alive()
 
 
 def test_a_large_message_is_buffered_as_it_arrives(pair, monkeypatch):
     monkeypatch.setattr(stream, "AHEAD", 1000)
     a, b = pair
     body = bytes(range(256)) * 40  # 10,240 bytes: the buffer grows 1000 -> 2000 -> ... as they come
-    threading.Thread(target=stream.send_blocking, args=(a, [b"h", body])).start()
+    t = threading.Thread(target=stream.send_blocking, args=(a, [b"h", body]), daemon=True)
+    t.start()
     reader = stream.Reader(b, max_frames=4, max_bytes=1 << 20)
     reader._buf = bytearray(64)  # a small read buffer, so the message takes the large path
     reader._view = memoryview(reader._buf)
     assert read_all(reader, 1) == [[b"h", body]]
+    t.join(10)
+    assert not t.is_alive()
