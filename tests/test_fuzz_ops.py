@@ -585,7 +585,8 @@ def test_put_model_of_a_real_upload(live, b):
     if rep.status == 200:
         model_id = b["model_id"]
         for op, body in (("get_models", {"model_id": model_id}),
-                         ("start_deployment", {"model_id": model_id, "wait_for": "started", "timeout": "20s"}),
+                         ("start_deployment", {"model_id": model_id, "wait_for": "started",
+                                               "timeout": "20s"}),
                          ("get_stats", {"deployment_id": model_id}),
                          ("stop_deployment", {"deployment_id": model_id, "force": True}),
                          ("delete_model", {"model_id": model_id})):
