@@ -415,7 +415,7 @@ class Agent:
         """Heartbeats follow the interval the coordinator sets (it may differ from our default).
         None once the agent has asked to leave: the coordinator would answer "reregister", and a
         node on its way out would be given work again."""
-        if self._leave_requested and self._leaving_since is not None:
+        if self._leaving_since is not None:
             return
         now = self.clock.monotonic()
         if now - self._last_heartbeat >= self.heartbeat_interval_s:

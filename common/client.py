@@ -540,11 +540,8 @@ class Client:
     def rotate_node_key(self, node_id: str, public_key: str | os.PathLike[str]) -> dict[str, Any]:
         """Move a node id to another agent key (admin): ``public_key`` is the new key's z85 text
         or its NAME.pub file. The agent running now keeps serving; restart it with the new key."""
-        key = str(public_key)
-        if len(key) != 40 or os.path.exists(key):
-            from mlfleet.common.security import load_public
-            key = load_public(key).decode()
-        return self._call("rotate_node_key", {"node_id": node_id, "public_key": key})
+        from mlfleet.common.security import public_key_text
+        return self._call("rotate_node_key", {"node_id": node_id, "public_key": public_key_text(public_key)})
 
     def get_routing(self, deployment_id: str) -> dict[str, Any]:
         return self._call("get_routing", {"deployment_id": deployment_id})

@@ -90,6 +90,15 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
     return public
 
 
+def public_key_text(key: str | os.PathLike[str]) -> str:
+    """A public key given as its z85 text (40 characters) or as its NAME.pub file: the z85 text.
+    OSError or ValueError when it is a file that holds no key."""
+    text = str(key)
+    if len(text) != 40 or os.path.exists(text):
+        text = load_public(text).decode()
+    return text
+
+
 def load_authorized_keys(path: str | os.PathLike[str]) -> dict[str, str]:
     """``{z85_public_key: role}`` from lines ``ROLE KEY``; lines starting with ``#`` are comments
     (Z85 keys may contain ``#`` themselves, so only a leading one counts)."""

@@ -138,7 +138,7 @@ class Scaler:
             n = 1 if load_lo > 0 else 0
         if n > 0 and load_lo / n > SCALE_UP_THRESHOLD:
             # the fewest allocations with load_lo / n <= the threshold, capped first
-            n = min(cap, max(n, _fewest(load_lo, SCALE_UP_THRESHOLD)))
+            n = max(n, _fewest(load_lo, SCALE_UP_THRESHOLD))
         elif n > 1 and load_hi / (n - 1) < SCALE_DOWN_THRESHOLD:
             # down to the most allocations with load_hi / (n - 1) >= the threshold (or to one)
             n = min(n, _most(load_hi, SCALE_DOWN_THRESHOLD))

@@ -185,7 +185,7 @@ class Store:
         try:
             self.db.execute(sql, args)
         except sqlite3.Error as e:
-            raise ServerError(f"could not write the coordinator's state file {self.root / 'state.db'} "
+            raise ServerError(f"could not write the coordinator's state file {self.path} "
                               f"(data dir {self.root}): {e}; nothing was changed") from None
 
     # -- models ----------------------------------------------------------------------------

@@ -874,14 +874,12 @@ def nodes_rotate_key(node_id: str,
 
     Example: mlfleet nodes rotate-key host-1 --public-key /etc/mlfleet/keys/host-1-2027.pub
     """
-    key = public_key
-    if len(key) != 40 or os.path.exists(key):  # as the client reads it: z85 text or a file
-        from mlfleet.common.security import load_public
-        try:
-            key = load_public(key).decode()
-        except (OSError, ValueError) as e:
-            raise typer.BadParameter(f"[{public_key}] must be a NAME.pub file or a 40-character z85 "
-                                     f"public key: {e}", param_hint="--public-key") from None
+    from mlfleet.common.security import public_key_text
+    try:
+        key = public_key_text(public_key)  # as the client reads it: z85 text or a file
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"[{public_key}] must be a NAME.pub file or a 40-character z85 "
+                                 f"public key: {e}", param_hint="--public-key") from None
     with _client(coordinator) as c:
         _run(format, lambda: c.rotate_node_key(node_id, key))
 

@@ -308,8 +308,7 @@ async def _select(raw_ids: Optional[str], fetch: Callable[[Optional[str]], Await
 async def _get_models(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dict[str, Any]:
     async def fetch(model_id: Optional[str]) -> list[dict]:
         """Stored models, and this gateway's uploads in progress (``fully_defined: false``)."""
-        gw.uploads.expire()
-        pending = {m: up.config_body for m, up in gw.uploads.pending.items()}
+        pending = {m: up.config_body for m, up in gw.uploads.current().items()}
         if model_id is not None and model_id in pending:
             return [pending[model_id]]
         stored = (await gw.client.get_models(model_id))["trained_model_configs"]
@@ -359,8 +358,7 @@ def _stats_names(e: dict[str, Any]) -> tuple[str, str]:
 @handles("ml.delete_trained_model")
 async def _delete_model(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> dict[str, Any]:
     model_id = path["model_id"]
-    gw.uploads.expire()
-    storing = gw.uploads.pending.get(model_id)
+    storing = gw.uploads.current().get(model_id)
     if storing is not None and storing.storing:
         # acknowledging would be a lie: the store under way creates the model anyway
         raise EsError(409, "status_exception",

@@ -102,13 +102,16 @@ class Uploads:
                           f"in progress to [{after}] bytes, over this gateway's limit of [{limit}] bytes; "
                           "finish or delete other uploads first, or try again later")
 
-    def discard(self, model_id: str) -> bool:
+    def current(self) -> dict[str, Pending]:
+        """The uploads in progress, those idle past ``idle_expiry_s`` dropped first."""
         self.expire()
-        return self.pending.pop(model_id, None) is not None
+        return self.pending
+
+    def discard(self, model_id: str) -> bool:
+        return self.current().pop(model_id, None) is not None
 
     def get(self, model_id: str) -> Pending:
-        self.expire()
-        up = self.pending.get(model_id)
+        up = self.current().get(model_id)
         if up is None:
             raise NotFound(f"Could not find trained model [{model_id}]: put its configuration first "
                            f"(PUT /_ml/trained_models/{model_id}) through this gateway")
@@ -159,8 +162,7 @@ async def _put_config(gw: Gateway, path: dict[str, str], p: dict[str, Any]) -> d
         exists = True
     except NotFound:
         exists = False
-    gw.uploads.expire()
-    if exists or model_id in gw.uploads.pending:
+    if exists or model_id in gw.uploads.current():
         raise BadRequest(f"Trained machine learning model [{model_id}] already exists",
                          type="resource_already_exists_exception")
     tokenization = settings.get("tokenization") or {}
